@@ -1,0 +1,10 @@
+"""rlsd-kernels: the fused RLSD (Self-Distilled RLVR) loss.
+
+``rlsd_loss`` / ``RLSDLoss`` / ``token_logprobs`` are the public API (SPEC section 5);
+``rlsd_kernels.reference`` holds the eager ground truth.
+"""
+from ._output import RLSDOutput
+from .api import RLSDLoss, rlsd_loss, token_logprobs
+
+__all__ = ["rlsd_loss", "RLSDLoss", "token_logprobs", "RLSDOutput"]
+__version__ = "0.1.0"

@@ -1,0 +1,201 @@
+"""Validation and normalisation of ``rlsd_loss`` inputs, shared by the reference and the fused op.
+
+Everything here runs before any kernel, raises ``ValueError`` naming the offending argument, and turns the
+user's tensors into flat per-token vectors (length ``N`` = number of label positions). Checks that need the
+tensors' *values* (label range, ``cu_seqlens`` monotonicity) are skipped while ``torch.compile`` traces, because
+they would force a graph break; the kernels never index memory with a label, so an out-of-range label there
+cannot read out of bounds.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+LOSS_TYPES = ("ppo", "cispo")
+AGG_MODES = ("token", "seq", "sum")
+
+
+@dataclass
+class Hyper:
+    lam: float = 1.0
+    eps_w: float = 0.2
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    clip_dual: float = 3.0
+    loss_type: str = "ppo"
+    loss_agg_mode: str = "token"
+    norm: Optional[float] = None
+    temperature: float = 1.0
+    ignore_index: int = -100
+
+
+@dataclass
+class Prepared:
+    """Flat per-token view of one call (all vectors have length N = labels.numel())."""
+
+    labels: torch.Tensor  # int64 [N]; ignore_index kept as is
+    valid: torch.Tensor  # bool [N]: mask AND label != ignore_index
+    advantages: torch.Tensor  # float32 (float64 for float64 logits) [N]
+    old_logprobs: Optional[torch.Tensor]  # [N] or None (on-policy)
+    teacher_logprobs: Optional[torch.Tensor]  # [N] or None
+    seq_ids: Optional[torch.Tensor]  # int64 [N] sequence index of each token, or None
+    num_seqs: int
+    label_shape: torch.Size
+    vocab: int
+
+
+def _is_compiling() -> bool:
+    return bool(torch.compiler.is_compiling())
+
+
+def _check_finite(name: str, value, *, low=None, high=None, low_open=False, high_open=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
+def check_hyper(h: Hyper) -> Hyper:
+    _check_finite("lam", h.lam, low=0.0, high=1.0)
+    _check_finite("eps_w", h.eps_w, low=0.0, high=1.0, high_open=True)
+    _check_finite("clip_low", h.clip_low, low=0.0, high=1.0, high_open=True)
+    _check_finite("clip_high", h.clip_high, low=0.0)
+    _check_finite("clip_dual", h.clip_dual, low=1.0, low_open=True)
+    _check_finite("temperature", h.temperature, low=0.0, low_open=True)
+    if h.loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {h.loss_type!r}")
+    if h.loss_agg_mode not in AGG_MODES:
+        raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {h.loss_agg_mode!r}")
+    if h.loss_agg_mode == "sum":
+        if h.norm is None:
+            raise ValueError("norm must be given when loss_agg_mode='sum'")
+        _check_finite("norm", h.norm, low=0.0, low_open=True)
+    elif h.norm is not None:
+        raise ValueError(f"norm is only used with loss_agg_mode='sum', got loss_agg_mode={h.loss_agg_mode!r}")
+    if isinstance(h.ignore_index, bool) or not isinstance(h.ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {type(h.ignore_index).__name__}")
+    return h
+
+
+def check_logits(name: str, x, *, vocab: Optional[int] = None, shape=None, device=None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in LOGIT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(x.shape)}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device} but student_logits is on {device}")
+
+
+def check_labels(labels, lead_shape, vocab: int, ignore_index: int, device) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(lead_shape):
+        raise ValueError(f"labels must have shape {tuple(lead_shape)} (logits without the vocab dim), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels is on {labels.device} but student_logits is on {device}")
+    if not _is_compiling() and labels.numel():
+        bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+        if bool(bad.any()):
+            first = labels[bad].flatten()[0].item()
+            raise ValueError(f"labels holds {first}, outside [0, {vocab}) and not ignore_index={ignore_index}")
+
+
+def _check_token_tensor(name: str, x, lead_shape, device, *, floating=True) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+    if floating and not x.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if tuple(x.shape) != tuple(lead_shape):
+        raise ValueError(f"{name} must have shape {tuple(lead_shape)} (the shape of labels), got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but student_logits is on {device}")
+
+
+def _seq_ids(lead_shape, cu_seqlens, n: int, device):
+    """Sequence index of each flat token: from cu_seqlens when given, else the last dim is the sequence."""
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError("cu_seqlens must be an int32 or int64 tensor")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+        if cu_seqlens.device != device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but student_logits is on {device}")
+        nonpacked = len(lead_shape) > 2 or (len(lead_shape) == 2 and lead_shape[0] != 1)
+        if nonpacked:
+            raise ValueError(f"cu_seqlens needs a packed layout [1, nnz] or [nnz], got labels of shape {tuple(lead_shape)}")
+        if not _is_compiling():
+            cu = cu_seqlens.tolist()
+            if cu[0] != 0 or cu[-1] != n or any(b < a for a, b in zip(cu, cu[1:])):
+                raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at nnz={n}, got {cu}")
+        pos = torch.arange(n, device=device)
+        ids = torch.searchsorted(cu_seqlens[1:].to(torch.int64), pos, right=True)
+        return ids, cu_seqlens.numel() - 1
+    if len(lead_shape) < 2:
+        return None, 0
+    T = lead_shape[-1]
+    num = n // T if T else 0
+    return torch.arange(n, device=device) // max(T, 1), num
+
+
+def prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
+            cu_seqlens, h: Hyper) -> Prepared:
+    check_hyper(h)
+    check_logits("student_logits", student_logits)
+    device = student_logits.device
+    V = student_logits.shape[-1]
+    lead = student_logits.shape[:-1]
+    if teacher_logits is not None:
+        check_logits("teacher_logits", teacher_logits, shape=student_logits.shape, device=device)
+    if teacher_logits is not None and teacher_logprobs is not None:
+        raise ValueError("pass teacher_logits or teacher_logprobs, not both")
+    check_labels(labels, lead, V, h.ignore_index, device)
+    n = labels.numel()
+    acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+
+    seq_ids, num_seqs = _seq_ids(lead, cu_seqlens, n, device)
+    if h.loss_agg_mode == "seq" and seq_ids is None:
+        raise ValueError("loss_agg_mode='seq' needs labels of shape [B, T] or cu_seqlens for a packed batch")
+
+    if not isinstance(advantages, torch.Tensor):
+        raise ValueError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
+    if not advantages.dtype.is_floating_point:
+        raise ValueError(f"advantages must be a floating-point tensor, got {advantages.dtype}")
+    if advantages.device != device:
+        raise ValueError(f"advantages is on {advantages.device} but student_logits is on {device}")
+    if tuple(advantages.shape) == tuple(lead):
+        adv = advantages.reshape(n)
+    elif advantages.dim() == 1 and seq_ids is not None and advantages.shape[0] == num_seqs:
+        adv = advantages[seq_ids]  # one advantage per sequence, broadcast over its tokens
+    else:
+        want = f"{tuple(lead)} (per token)" + (f" or ({num_seqs},) (per sequence)" if seq_ids is not None else "")
+        raise ValueError(f"advantages must have shape {want}, got {tuple(advantages.shape)}")
+    adv = adv.detach().to(acc)
+
+    if old_logprobs is not None:
+        _check_token_tensor("old_logprobs", old_logprobs, lead, device)
+        old_logprobs = old_logprobs.detach().reshape(n).to(acc)
+    if teacher_logprobs is not None:
+        _check_token_tensor("teacher_logprobs", teacher_logprobs, lead, device)
+        teacher_logprobs = teacher_logprobs.detach().reshape(n).to(acc)
+    flat_labels = labels.reshape(n).to(torch.int64)
+    valid = flat_labels != h.ignore_index
+    if mask is not None:
+        _check_token_tensor("mask", mask, lead, device, floating=False)
+        valid = valid & (mask.reshape(n) != 0)
+    return Prepared(flat_labels, valid, adv, old_logprobs, teacher_logprobs, seq_ids, num_seqs, labels.shape, V)

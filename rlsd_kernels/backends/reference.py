@@ -1,0 +1,73 @@
+"""Eager backend: the reference math over blocks of rows, so its scratch memory is O(rows_per_block * V)
+rather than O(N * V). Used on CPU when the C++ extension cannot be built, and on devices Triton does not serve."""
+from __future__ import annotations
+
+import torch
+
+# 64 MiB of float32 scratch per block: large enough to amortise per-op overhead, small next to any real model.
+_SCRATCH_ELEMS = 16 * 1024 * 1024
+
+
+def _rows_per_block(V: int) -> int:
+    return max(1, _SCRATCH_ELEMS // max(V, 1))
+
+
+def _row_blocks(x3):
+    B, T, V = x3.shape
+    flat = x3.reshape(B * T, V) if x3.is_contiguous() else None
+    step = _rows_per_block(V)
+    for r0 in range(0, B * T, step):
+        r1 = min(B * T, r0 + step)
+        if flat is not None:
+            yield r0, r1, flat[r0:r1]
+        else:  # strided view: gather just this block of rows
+            idx = torch.arange(r0, r1, device=x3.device)
+            yield r0, r1, x3[idx // T, idx % T]
+
+
+def _lse_target(block, labels, temperature, ignore_index):
+    x = block.to(torch.float32) / temperature
+    lse = torch.logsumexp(x, dim=-1)
+    ignored = labels == ignore_index
+    idx = torch.where(ignored, 0, labels).clamp(0, x.shape[-1] - 1)
+    tgt = x.gather(1, idx[:, None]).squeeze(1)
+    return x, lse, torch.where(ignored, 0.0, tgt - lse)
+
+
+def forward(student, teacher, labels, temperature, ignore_index, want_entropy):
+    n = labels.numel()
+    dev = student.device
+    logp_s = torch.empty(n, dtype=torch.float32, device=dev)
+    lse_s = torch.empty_like(logp_s)
+    logp_t = torch.empty_like(logp_s) if teacher is not None else None
+    ent = torch.empty_like(logp_s) if want_entropy else None
+    with torch.no_grad():
+        for r0, r1, blk in _row_blocks(student):
+            lab = labels[r0:r1]
+            x, lse, lp = _lse_target(blk, lab, temperature, ignore_index)
+            logp_s[r0:r1] = lp
+            lse_s[r0:r1] = lse
+            if want_entropy:
+                p = torch.exp(x - lse[:, None])
+                ent[r0:r1] = lse - torch.where(p > 0, p * x, 0.0).sum(-1)
+        if teacher is not None:
+            for r0, r1, blk in _row_blocks(teacher):
+                logp_t[r0:r1] = _lse_target(blk, labels[r0:r1], temperature, ignore_index)[2]
+    return logp_s, logp_t, lse_s, ent
+
+
+def backward(grad_logp, student, labels, lse, temperature, out):
+    B, T, V = student.shape
+    with torch.no_grad():
+        for r0, r1, blk in _row_blocks(student):
+            x = blk.to(torch.float32) / temperature
+            p = torch.exp(x - lse[r0:r1, None])
+            g = -p
+            lab = labels[r0:r1]
+            hit = (lab >= 0) & (lab < V)
+            rows = torch.nonzero(hit).squeeze(1)
+            # target term 1 - p[y] formed in float32 before any cast (bf16 cancellation near p = 1)
+            g[rows, lab[rows]] += 1.0
+            g *= (grad_logp[r0:r1] / temperature)[:, None]
+            idx = torch.arange(r0, r1, device=out.device)
+            out[idx // T, idx % T] = g.to(out.dtype)

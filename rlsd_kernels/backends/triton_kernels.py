@@ -1,0 +1,178 @@
+"""Triton backend: the vocabulary-chunked forward and backward of SPEC section 4.
+
+Forward: one program per row walks the vocabulary once in ``BLOCK_V`` chunks, reading the student and the teacher
+chunk together and keeping an online (running max, running sum) log-sum-exp for each, the target logit and, when
+asked, the running sum of ``p * x`` for the student entropy. Nothing of size ``N x V`` is written.
+
+Backward: a 2-D grid (row, vocabulary chunk). The forward saved ``lse_s`` so every chunk is independent:
+``grad = coef * (onehot - exp(x / T - lse)) / T``, formed in float32 and cast once on store. This re-reads the
+student logits once and writes the gradient once, optionally into the logits buffer itself.
+
+Offsets: the row base ``b * stride_b + t * stride_t`` is formed in int64 (``N * V`` exceeds 2^31 at real sizes);
+column offsets stay int32 when the vocabulary dimension is contiguous (``V < 2^31``) and are widened otherwise.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Launch parameters.
+# Forward: 4096 columns per chunk x 2 tensors in float32 is 32 KiB of live values per program, which 8 warps
+# (256 threads, 32 values/thread) keep in registers; chunks this long keep the loop overhead negligible and give
+# 16-byte vector loads. Small vocabularies use one power-of-two chunk covering the row.
+_FWD_BLOCK_V = 4096
+_FWD_WARPS = 8
+# Backward: 2-D grid, so chunks only need to be long enough for full-width vector stores; 4096 columns with 8 warps
+# gives ~38 programs per row at V=151936, plenty of parallelism even for short batches.
+_BWD_BLOCK_V = 4096
+_BWD_WARPS = 8
+
+
+@triton.jit
+def _fused_logprobs_fwd(
+    S, TCH, LABELS, LOGP_S, LOGP_T, LSE_S, ENT,
+    seq_len, V,
+    s_sb, s_st, s_sv, t_sb, t_st, t_sv,
+    inv_temp, ignore_index,
+    HAS_TEACHER: tl.constexpr, WANT_ENT: tl.constexpr, CONTIG: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // seq_len
+    t = row % seq_len
+    s_row = S + b * s_sb + t * s_st
+    t_row = TCH + b * t_sb + t * t_st
+    label = tl.load(LABELS + row)
+    cols0 = tl.arange(0, BLOCK_V)
+    NEG_INF: tl.constexpr = float("-inf")
+
+    m_s = tl.full((), NEG_INF, tl.float32)
+    d_s = tl.zeros((), tl.float32)
+    e_s = tl.zeros((), tl.float32)
+    tgt_s = tl.zeros((), tl.float32)
+    m_t = tl.full((), NEG_INF, tl.float32)
+    d_t = tl.zeros((), tl.float32)
+    tgt_t = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        inb = cols < V
+        if CONTIG:
+            s_off = cols
+            t_off = cols
+        else:
+            s_off = cols.to(tl.int64) * s_sv
+            t_off = cols.to(tl.int64) * t_sv
+        is_tgt = cols == label
+        x = tl.load(s_row + s_off, mask=inb, other=NEG_INF).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m_s, tl.max(x, axis=0))
+        # A chunk (or row prefix) of only -inf: shift by 0 instead of -inf so exp() gives 0, not nan.
+        m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+        alpha = tl.exp(m_s - m_safe)
+        p = tl.exp(x - m_safe)
+        d_s = d_s * alpha + tl.sum(p, axis=0)
+        if WANT_ENT:
+            e_s = e_s * alpha + tl.sum(p * tl.where(p > 0, x, 0.0), axis=0)
+        tgt_s += tl.sum(tl.where(is_tgt, x, 0.0), axis=0)
+        m_s = m_new
+        if HAS_TEACHER:
+            y = tl.load(t_row + t_off, mask=inb, other=NEG_INF).to(tl.float32) * inv_temp
+            mt_new = tl.maximum(m_t, tl.max(y, axis=0))
+            mt_safe = tl.where(mt_new == NEG_INF, 0.0, mt_new)
+            d_t = d_t * tl.exp(m_t - mt_safe) + tl.sum(tl.exp(y - mt_safe), axis=0)
+            tgt_t += tl.sum(tl.where(is_tgt, y, 0.0), axis=0)
+            m_t = mt_new
+
+    lse_s = m_s + tl.log(d_s)
+    ignored = label == ignore_index
+    tl.store(LSE_S + row, lse_s)
+    tl.store(LOGP_S + row, tl.where(ignored, 0.0, tgt_s - lse_s))
+    if WANT_ENT:
+        tl.store(ENT + row, lse_s - e_s / d_s)
+    if HAS_TEACHER:
+        lse_t = m_t + tl.log(d_t)
+        tl.store(LOGP_T + row, tl.where(ignored, 0.0, tgt_t - lse_t))
+
+
+@triton.jit
+def _fused_logprobs_bwd(
+    S, OUT, GRAD, LABELS, LSE,
+    seq_len, V,
+    s_sb, s_st, s_sv, o_sb, o_st, o_sv,
+    inv_temp,
+    CONTIG: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    b = row // seq_len
+    t = row % seq_len
+    cols = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
+    inb = cols < V
+    if CONTIG:
+        s_off = cols
+        o_off = cols
+    else:
+        s_off = cols.to(tl.int64) * s_sv
+        o_off = cols.to(tl.int64) * o_sv
+    coef = tl.load(GRAD + row) * inv_temp
+    lse = tl.load(LSE + row)
+    label = tl.load(LABELS + row)
+    x = tl.load(S + b * s_sb + t * s_st + s_off, mask=inb, other=float("-inf")).to(tl.float32) * inv_temp
+    # A row of only -inf has lse = -inf: its softmax is undefined, give it zero gradient rather than nan.
+    p = tl.where(lse == float("-inf"), 0.0, tl.exp(x - lse))
+    # Target term 1 - p[y] is formed in float32 before the cast (bf16 cancellation near p = 1).
+    g = coef * tl.where(cols == label, 1.0 - p, -p)
+    tl.store(OUT + b * o_sb + t * o_st + o_off, g.to(OUT.dtype.element_ty), mask=inb)
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if x.device.type == "cpu" and not triton.knobs.runtime.interpret:
+        raise RuntimeError(
+            "the Triton backend got CPU tensors but TRITON_INTERPRET=1 was not set when rlsd_kernels was imported;"
+            " set it, or use RLSD_BACKEND=cpp|reference"
+        )
+
+
+def _contig(*xs) -> bool:
+    return all(x.stride(-1) == 1 for x in xs)
+
+
+def forward(student, teacher, labels, temperature, ignore_index, want_entropy):
+    _check_device(student)
+    B, T, V = student.shape
+    n = B * T
+    dev = student.device
+    logp_s = torch.empty(n, dtype=torch.float32, device=dev)
+    lse_s = torch.empty_like(logp_s)
+    logp_t = torch.empty_like(logp_s) if teacher is not None else None
+    ent = torch.empty_like(logp_s) if want_entropy else None
+    if n == 0:
+        return logp_s, logp_t, lse_s, ent
+    tch = teacher if teacher is not None else student  # dummy pointer, never read (HAS_TEACHER=False)
+    block = min(_FWD_BLOCK_V, triton.next_power_of_2(V))
+    _fused_logprobs_fwd[(n,)](
+        student, tch, labels, logp_s, logp_t if logp_t is not None else logp_s, lse_s,
+        ent if ent is not None else logp_s,
+        T, V,
+        *student.stride(), *tch.stride(),
+        1.0 / temperature, ignore_index,
+        HAS_TEACHER=teacher is not None, WANT_ENT=want_entropy, CONTIG=_contig(student, tch),
+        BLOCK_V=block, num_warps=_FWD_WARPS,
+    )
+    return logp_s, logp_t, lse_s, ent
+
+
+def backward(grad_logp, student, labels, lse, temperature, out):
+    _check_device(student)
+    B, T, V = student.shape
+    n = B * T
+    if n == 0:
+        return
+    block = min(_BWD_BLOCK_V, triton.next_power_of_2(V))
+    grid = (n, triton.cdiv(V, block))
+    _fused_logprobs_bwd[grid](
+        student, out, grad_logp.contiguous(), labels, lse,
+        T, V,
+        *student.stride(), *out.stride(),
+        1.0 / temperature,
+        CONTIG=_contig(student, out), BLOCK_V=block, num_warps=_BWD_WARPS,
+    )

@@ -1,0 +1,234 @@
+"""Eager PyTorch reference of the RLSD loss (SPEC sections 2, 2b and 3): the single source of truth.
+
+Every fused backend is tested against these functions evaluated in float64. They are also the "eager baseline"
+of the benchmarks: full-vocabulary ``log_softmax`` for student and teacher, gather, weights, PPO loss, autograd.
+
+The per-token algebra (``token_weights``, ``policy_loss``, ``aggregate``) works on N-vectors of log-probs; the
+fused op reuses it unchanged on the log-probs its kernels produce, so the math of section 2 exists once.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._inputs import Hyper, Prepared, check_hyper, check_labels, check_logits, prepare
+from ._output import RLSDOutput
+
+__all__ = [
+    "rlsd_loss",
+    "token_logprobs",
+    "opsd_loss",
+    "token_weights",
+    "policy_loss",
+    "aggregate",
+    "loss_from_logprobs",
+]
+
+
+# ----------------------------------------------------------------------------------------------- log-probs
+def _compute_dtype(logits: torch.Tensor, compute_dtype: Optional[torch.dtype]) -> torch.dtype:
+    if compute_dtype is not None:
+        return compute_dtype
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _eager_logprobs(logits, labels_flat, temperature, ignore_index, compute_dtype, want_entropy):
+    """Full-vocabulary log_softmax + gather: the N x V way every RL framework does it today."""
+    V = logits.shape[-1]
+    logp_all = torch.log_softmax(logits.to(compute_dtype) / temperature, dim=-1).reshape(-1, V)
+    ignored = labels_flat == ignore_index
+    idx = torch.where(ignored, 0, labels_flat).clamp(0, V - 1)
+    logp = logp_all.gather(1, idx[:, None]).squeeze(1)
+    acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    logp = torch.where(ignored, 0.0, logp.to(acc))
+    entropy = None
+    if want_entropy:
+        with torch.no_grad():
+            p = logp_all.exp()
+            # p * logp is 0 * -inf = nan for -inf logits: those terms contribute 0 to the entropy.
+            entropy = -torch.where(p > 0, p * logp_all, 0.0).sum(-1).to(acc)
+    return logp, entropy
+
+
+def token_logprobs(logits, labels, temperature: float = 1.0, return_entropy: bool = False, *,
+                   ignore_index: int = -100, compute_dtype: Optional[torch.dtype] = None):
+    """Log-prob of ``labels`` under ``softmax(logits / temperature)``; 0 where ``labels == ignore_index``."""
+    check_hyper(Hyper(temperature=temperature, ignore_index=ignore_index))
+    check_logits("logits", logits)
+    check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index, logits.device)
+    logp, ent = _eager_logprobs(logits, labels.reshape(-1).long(), temperature, ignore_index,
+                                _compute_dtype(logits, compute_dtype), return_entropy)
+    logp = logp.reshape(labels.shape)
+    return (logp, ent.reshape(labels.shape)) if return_entropy else logp
+
+
+# ------------------------------------------------------------------------------------------ token algebra
+def token_weights(logp_s, logp_t, advantages, lam: float, eps_w: float):
+    """Evidence weight of SPEC section 2. Returns (g, w, delta), all detached."""
+    with torch.no_grad():
+        delta = logp_t - logp_s
+        sign = torch.sign(advantages)
+        # sign(0) = 0 gives w = 1 even where delta is infinite (0 * inf would be nan).
+        w = torch.exp(torch.where(sign == 0, 0.0, sign * delta))
+        w_clip = w.clamp(1.0 - eps_w, 1.0 + eps_w)
+        g = (1.0 - lam) + lam * w_clip
+    return g, w, delta
+
+
+def policy_loss(logp_s, old_logp, a_hat, h: Hyper):
+    """Per-token PPO (DAPO asymmetric + dual clip) or CISPO loss on the weighted advantage ``a_hat``.
+
+    Returns (loss_t, clipped, dual_clipped, log_ratio); the masks are detached booleans for the metrics.
+    """
+    if old_logp is None:
+        old_logp = logp_s.detach()
+    log_ratio = logp_s - old_logp
+    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
+    ratio_c = torch.exp(log_ratio.clamp(math.log(1.0 - h.clip_low), math.log(1.0 + h.clip_high)))
+    if h.loss_type == "cispo":
+        loss_t = -a_hat * ratio_c.detach() * logp_s
+        with torch.no_grad():
+            clipped = ratio_c != ratio
+            dual = torch.zeros_like(clipped)
+        return loss_t, clipped, dual, log_ratio.detach()
+    l1 = -a_hat * ratio
+    l2 = -a_hat * ratio_c
+    l3 = -a_hat * h.clip_dual
+    l_hi = torch.maximum(l1, l2)
+    loss_t = torch.where(a_hat < 0, torch.minimum(l_hi, l3), l_hi)
+    with torch.no_grad():
+        clipped = l2 > l1
+        dual = (a_hat < 0) & (l_hi > l3)
+    return loss_t, clipped, dual, log_ratio.detach()
+
+
+def aggregate(loss_t, valid, h: Hyper, seq_ids=None, num_seqs: int = 0):
+    """token / seq / sum aggregation; an all-masked batch gives exactly 0 (and zero gradients)."""
+    m = valid.to(loss_t.dtype)
+    masked = torch.where(valid, loss_t, 0.0)
+    if h.loss_agg_mode == "token":
+        return masked.sum() / m.sum().clamp(min=1.0)
+    if h.loss_agg_mode == "sum":
+        return masked.sum() / h.norm
+    # "seq": mean over sequences (those with at least one valid token) of each sequence's token mean.
+    sums = torch.zeros(num_seqs, dtype=loss_t.dtype, device=loss_t.device).index_add(0, seq_ids, masked)
+    counts = torch.zeros(num_seqs, dtype=loss_t.dtype, device=loss_t.device).index_add(0, seq_ids, m)
+    has = counts > 0
+    per_seq = torch.where(has, sums / counts.clamp(min=1.0), 0.0)
+    return per_seq.sum() / has.to(loss_t.dtype).sum().clamp(min=1.0)
+
+
+def _masked_mean(x, valid, count):
+    return torch.where(valid, x.to(count.dtype), 0.0).sum() / count
+
+
+def loss_from_logprobs(logp_s, logp_t, prep: Prepared, h: Hyper, entropy=None) -> RLSDOutput:
+    """Section 2 from per-token log-probs (flat [N]); ``logp_s`` carries the gradient, ``logp_t`` none."""
+    valid = prep.valid
+    raw_logp_s = logp_s
+    # Positions outside the mask may hold -inf log-probs (padding); zero them so no inf/nan reaches the sums
+    # or the gradient (torch.where sends exactly zero gradient to the unselected branch).
+    logp_s = torch.where(valid, logp_s, 0.0)
+    old = None if prep.old_logprobs is None else torch.where(valid, prep.old_logprobs, 0.0)
+    adv = prep.advantages
+    if logp_t is not None:
+        lt = torch.where(valid, logp_t.detach().to(logp_s.dtype), 0.0)
+        g, w, delta = token_weights(logp_s.detach(), lt, adv, h.lam, h.eps_w)
+    else:  # no teacher: plain GRPO, whatever lam is
+        g = torch.ones_like(adv)
+        w = g
+        delta = torch.zeros_like(adv)
+    a_hat = adv * g
+    loss_t, clipped, dual, log_ratio = policy_loss(logp_s, old, a_hat, h)
+    loss = aggregate(loss_t, valid, h, prep.seq_ids, prep.num_seqs)
+    with torch.no_grad():
+        count = valid.to(torch.float32).sum().clamp(min=1.0)
+        metrics = {
+            "pg_clipfrac": _masked_mean(clipped, valid, count),
+            "pg_clipfrac_lower": _masked_mean(dual, valid, count),
+            "ppo_kl": _masked_mean(-log_ratio, valid, count),
+            "weight_clip_low_frac": _masked_mean(w < 1.0 - h.eps_w, valid, count),
+            "weight_clip_high_frac": _masked_mean(w > 1.0 + h.eps_w, valid, count),
+            "delta_mean": _masked_mean(delta, valid, count),
+            "weight_mean": _masked_mean(g, valid, count),
+        }
+    shape = prep.label_shape
+    return RLSDOutput(
+        loss=loss,
+        logprobs=raw_logp_s.detach().reshape(shape),
+        teacher_logprobs=None if logp_t is None else logp_t.detach().reshape(shape),
+        weights=g.reshape(shape),
+        entropy=None if entropy is None else entropy.detach().reshape(shape),
+        metric_tensors=metrics,
+    )
+
+
+# ------------------------------------------------------------------------------------------ full losses
+def rlsd_loss(student_logits, teacher_logits, labels, advantages, old_logprobs=None, mask=None, *,
+              teacher_logprobs=None, lam=1.0, eps_w=0.2, clip_low=0.2, clip_high=0.28, clip_dual=3.0,
+              loss_type="ppo", loss_agg_mode="token", norm=None, cu_seqlens=None, temperature=1.0,
+              ignore_index=-100, return_entropy=False, inplace_backward=False,
+              compute_dtype: Optional[torch.dtype] = None) -> RLSDOutput:
+    """Eager RLSD loss with the signature of :func:`rlsd_kernels.rlsd_loss`.
+
+    ``compute_dtype`` picks the dtype of the full-vocabulary log_softmax (default: float32, or float64 for
+    float64 logits); ``inplace_backward`` is accepted for signature parity and ignored.
+    """
+    h = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index)
+    prep = prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
+                   cu_seqlens, h)
+    cd = _compute_dtype(student_logits, compute_dtype)
+    logp_s, ent = _eager_logprobs(student_logits, prep.labels, temperature, ignore_index, cd, return_entropy)
+    logp_t = prep.teacher_logprobs
+    if teacher_logits is not None:
+        with torch.no_grad():
+            logp_t, _ = _eager_logprobs(teacher_logits.detach(), prep.labels, temperature, ignore_index, cd, False)
+    if logp_t is not None:
+        logp_t = logp_t.to(logp_s.dtype)
+    return loss_from_logprobs(logp_s, logp_t, prep, h, ent)
+
+
+OPSD_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def opsd_loss(student_logits, teacher_logits, labels, mask=None, *, divergence="forward_kl", beta=0.5,
+              clip=None, loss_agg_mode="token", norm=None, cu_seqlens=None, temperature=1.0, ignore_index=-100):
+    """Pure on-policy self-distillation (SPEC section 2b): per-token divergence of full distributions.
+
+    Gradient flows only into ``student_logits``. Returns ``(loss, per_token_divergence)``.
+    """
+    if divergence not in OPSD_DIVERGENCES:
+        raise ValueError(f"divergence must be one of {OPSD_DIVERGENCES}, got {divergence!r}")
+    if divergence == "jsd" and not (0.0 < float(beta) < 1.0):
+        raise ValueError(f"beta must be in (0, 1) for jsd, got {beta}")
+    if teacher_logits is None:
+        raise ValueError("teacher_logits is required for OPSD")
+    h = Hyper(loss_agg_mode=loss_agg_mode, norm=norm, temperature=temperature, ignore_index=ignore_index)
+    dummy_adv = torch.zeros(labels.shape, device=student_logits.device)
+    prep = prepare(student_logits, teacher_logits, labels, dummy_adv, None, mask, None, cu_seqlens, h)
+    if clip is not None:
+        clip = float(clip)
+        if not math.isfinite(clip) or clip <= 0:
+            raise ValueError(f"clip must be a positive finite number, got {clip}")
+    V = student_logits.shape[-1]
+    cd = _compute_dtype(student_logits, None)
+    ls = torch.log_softmax(student_logits.to(cd) / temperature, -1).reshape(-1, V)
+    lt = torch.log_softmax(teacher_logits.detach().to(cd) / temperature, -1).reshape(-1, V)
+
+    def kl(lp, lq):  # KL(p || q) from log-probs, 0 * log 0 = 0
+        p = lp.exp()
+        return torch.where(p > 0, p * (lp - lq), 0.0).sum(-1)
+
+    if divergence == "forward_kl":
+        d = kl(lt, ls)
+    elif divergence == "reverse_kl":
+        d = kl(ls, lt)
+    else:
+        lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log(1 - beta)]), dim=0)
+        d = beta * kl(lt, lm) + (1 - beta) * kl(ls, lm)
+    if clip is not None:
+        d = torch.clamp(d, max=clip)  # beyond clip: value clip, zero gradient
+    loss = aggregate(d, prep.valid, h, prep.seq_ids, prep.num_seqs)
+    return loss, d.detach().reshape(labels.shape)

@@ -1,0 +1,33 @@
+"""Packaging for rlsd-kernels.
+
+torch is deliberately *not* a build requirement: the C++ CPU backend is compiled on first use with
+torch.utils.cpp_extension, so `pip install -e .` works with build isolation and no torch in the build env.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="rlsd-kernels",
+    version="0.1.0",
+    description="Fused RLSD (Self-Distilled RLVR) loss: Triton GPU kernels, C++ CPU backend, eager reference, trainer",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["rlsd_kernels", "rlsd_kernels.*", "bench", "bench.*"]),
+    install_requires=[
+        # No version floor that 2.13.0 fails: an unpinned resolve would pull CUDA wheels on CPU machines.
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy",
+        "transformers>=4.40",
+        "tokenizers",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    entry_points={
+        "console_scripts": [
+            "rlsd-train=rlsd_kernels.train.cli:main",
+            "rlsd-bench=bench.__main__:main",
+        ]
+    },
+)
