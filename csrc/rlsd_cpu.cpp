@@ -1,0 +1,383 @@
+// C++ CPU backend of the fused RLSD log-prob pass (SPEC sections 3-4).
+//
+// forward:  one pass over each row's vocabulary, reading the student and (optionally) the teacher chunk by chunk
+//           with an online (running max, running sum) log-sum-exp for each, picking up the target logits and,
+//           when asked, the student entropy (one more running sum). Outputs per row: logp_s, logp_t, lse_s, H.
+// backward: one pass over each row writing grad = coef * (onehot - exp(x / T - lse)) / T, formed in float32 and
+//           cast once on store; the output may alias the student logits (in-place backward).
+//
+// Rows are split over threads with at::parallel_for. Each row is walked in chunks of kChunk elements that are
+// converted to float32 (and scaled by 1/T) into a small per-thread buffer, so the arithmetic loops run on
+// contiguous float32 data whatever the input dtype and strides. Those loops are written so that GCC/Clang
+// vectorise them (`#pragma omp simd`, a branch-free polynomial exp); no -ffast-math is used, so -inf and nan
+// keep IEEE semantics. Inputs may be float32, bfloat16, float16 or float64 (float64 is computed in float32),
+// student and teacher dtypes may differ, and any strides are accepted (fast path for unit vocabulary stride).
+// All offsets are int64.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+
+namespace {
+
+constexpr int64_t kChunk = 2048;  // 8 KiB of float32 per buffer: a student and a teacher chunk stay in L1
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// exp(x) for x <= 0 (the only arguments used here: x - max and x - lse), branch-free so loops vectorise.
+// Cephes expf polynomial after a two-constant ln2 range reduction: <= 2 ulp on [-87.3, 0]. Below -87.3 the true
+// result is subnormal (< 1.2e-38) and 0 is returned, which also gives exp(-inf) = 0 exactly. nan propagates.
+inline float exp_neg(float x) {
+  constexpr float kLo = -87.3365447504f;
+  constexpr float kHi = 88.0f;
+  float xc = x < kLo ? kLo : x;
+  xc = xc > kHi ? kHi : xc;
+  constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float t = xc * 1.44269504088896341f + kShift;
+  const float n = t - kShift;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const int32_t ni = static_cast<int32_t>(float_to_bits(t)) - 0x4B400000;  // the integer n
+  const float scale = bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
+  const float y = p * scale;
+  return x < kLo ? 0.0f : y;
+}
+
+// ------------------------------------------------------------------------------------ dtype conversions
+enum class DT { F32, BF16, F16, F64 };
+
+DT dt_of(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return DT::F32;
+    case at::kBFloat16: return DT::BF16;
+    case at::kHalf: return DT::F16;
+    case at::kDouble: return DT::F64;
+    default: TORCH_CHECK(false, "rlsd_cpu: unsupported dtype ", x.scalar_type());
+  }
+}
+
+inline int64_t elem_size(DT dt) {
+  switch (dt) {
+    case DT::F32: return 4;
+    case DT::F64: return 8;
+    default: return 2;
+  }
+}
+
+template <typename T> inline float to_f(T v);
+template <> inline float to_f<float>(float v) { return v; }
+template <> inline float to_f<double>(double v) { return static_cast<float>(v); }
+template <> inline float to_f<c10::BFloat16>(c10::BFloat16 v) { return bits_to_float(static_cast<uint32_t>(v.x) << 16); }
+template <> inline float to_f<c10::Half>(c10::Half v) { return c10::detail::fp16_ieee_to_fp32_value(v.x); }
+
+template <typename T> inline T from_f(float v);
+template <> inline float from_f<float>(float v) { return v; }
+template <> inline double from_f<double>(float v) { return v; }
+template <> inline c10::BFloat16 from_f<c10::BFloat16>(float v) {
+  // round to nearest even, nan stays nan (same as c10::BFloat16(float), written branch-free)
+  const uint32_t u = float_to_bits(v);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+template <> inline c10::Half from_f<c10::Half>(float v) {
+  return c10::Half(c10::detail::fp16_ieee_from_fp32_value(v), c10::Half::from_bits());
+}
+
+// Converts n elements (element stride sv) to float32 * scale into out; returns their max (-inf if all are).
+template <typename T>
+float load_t(const T* p, int64_t sv, int64_t n, float scale, float* __restrict out) {
+  float m = kNegInf;
+  if (sv == 1) {
+#pragma omp simd reduction(max : m)
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = to_f<T>(p[i]) * scale;
+      out[i] = v;
+      m = v > m ? v : m;
+    }
+  } else {
+#pragma omp simd reduction(max : m)
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = to_f<T>(p[i * sv]) * scale;
+      out[i] = v;
+      m = v > m ? v : m;
+    }
+  }
+  return m;
+}
+
+float load_chunk(const char* p, DT dt, int64_t sv, int64_t n, float scale, float* out) {
+  switch (dt) {
+    case DT::F32: return load_t(reinterpret_cast<const float*>(p), sv, n, scale, out);
+    case DT::BF16: return load_t(reinterpret_cast<const c10::BFloat16*>(p), sv, n, scale, out);
+    case DT::F16: return load_t(reinterpret_cast<const c10::Half*>(p), sv, n, scale, out);
+    default: return load_t(reinterpret_cast<const double*>(p), sv, n, scale, out);
+  }
+}
+
+template <typename T>
+void store_t(T* p, int64_t sv, int64_t n, const float* __restrict g) {
+  if (sv == 1) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) p[i] = from_f<T>(g[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) p[i * sv] = from_f<T>(g[i]);
+  }
+}
+
+void store_chunk(char* p, DT dt, int64_t sv, int64_t n, const float* g) {
+  switch (dt) {
+    case DT::F32: return store_t(reinterpret_cast<float*>(p), sv, n, g);
+    case DT::BF16: return store_t(reinterpret_cast<c10::BFloat16*>(p), sv, n, g);
+    case DT::F16: return store_t(reinterpret_cast<c10::Half*>(p), sv, n, g);
+    default: return store_t(reinterpret_cast<double*>(p), sv, n, g);
+  }
+}
+
+template <typename T>
+void zero_t(T* p, int64_t sv, int64_t n) {
+  if (sv == 1) {
+    std::memset(static_cast<void*>(p), 0, static_cast<size_t>(n) * sizeof(T));
+  } else {
+    for (int64_t i = 0; i < n; ++i) p[i * sv] = from_f<T>(0.0f);
+  }
+}
+
+void zero_row(char* p, DT dt, int64_t sv, int64_t n) {
+  switch (dt) {
+    case DT::F32: return zero_t(reinterpret_cast<float*>(p), sv, n);
+    case DT::BF16: return zero_t(reinterpret_cast<c10::BFloat16*>(p), sv, n);
+    case DT::F16: return zero_t(reinterpret_cast<c10::Half*>(p), sv, n);
+    default: return zero_t(reinterpret_cast<double*>(p), sv, n);
+  }
+}
+
+// ------------------------------------------------------------------------------------ online statistics
+// Running log-sum-exp state relative to the running max m: d = sum exp(x - m), e = sum exp(x - m) * (x - m).
+// Keeping e relative to m (instead of sum p * x) avoids the cancellation lse - sum(p x)/sum(p) when |x| is large:
+// the entropy is H = log(d) - e / d.
+struct Stats {
+  float m = kNegInf;
+  float d = 0.0f;
+  float e = 0.0f;
+};
+
+template <bool kEntropy>
+inline void accumulate(Stats& st, const float* __restrict x, int64_t n, float chunk_max) {
+  const float m_new = std::max(st.m, chunk_max);
+  if (m_new == kNegInf) return;  // only -inf so far: nothing to add (and no -inf - -inf = nan)
+  float s = 0.0f, es = 0.0f;
+  if (kEntropy) {
+#pragma omp simd reduction(+ : s, es)
+    for (int64_t i = 0; i < n; ++i) {
+      const float y = x[i] - m_new;
+      const float p = exp_neg(y);
+      s += p;
+      es += p > 0.0f ? p * y : 0.0f;  // -inf entries contribute 0, not 0 * -inf
+    }
+  } else {
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) s += exp_neg(x[i] - m_new);
+  }
+  if (st.m == kNegInf) {
+    st.d = s;
+    st.e = es;
+  } else {
+    const float shift = st.m - m_new;  // <= 0
+    const float a = std::exp(shift);
+    st.e = a * (st.e + shift * st.d) + es;
+    st.d = a * st.d + s;
+  }
+  st.m = m_new;
+}
+
+struct View3 {
+  const char* base;
+  char* mbase;
+  DT dt;
+  int64_t esize, T, V, sb, st, sv;
+
+  explicit View3(const at::Tensor& x) {
+    TORCH_CHECK(x.dim() == 3, "rlsd_cpu: expected a [B, T, V] view, got ", x.dim(), " dims");
+    TORCH_CHECK(x.device().is_cpu(), "rlsd_cpu: expected a CPU tensor");
+    dt = dt_of(x);
+    esize = elem_size(dt);
+    mbase = static_cast<char*>(x.data_ptr());  // includes the storage offset
+    base = mbase;
+    T = x.size(1);
+    V = x.size(2);
+    sb = x.stride(0);
+    st = x.stride(1);
+    sv = x.stride(2);
+  }
+  int64_t row_offset(int64_t r) const {  // bytes, int64
+    return ((r / T) * sb + (r % T) * st) * esize;
+  }
+};
+
+int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1)); }
+
+template <bool kEntropy>
+void forward_rows(const View3& s, const View3* t, const int64_t* labels, float inv_temp, int64_t ignore_index,
+                  float* logp_s, float* logp_t, float* lse_s, float* ent, int64_t n_rows) {
+  const int64_t V = s.V;
+  at::parallel_for(0, n_rows, grain_rows(V), [&](int64_t r0, int64_t r1) {
+    alignas(64) float bs[kChunk];
+    alignas(64) float bt[kChunk];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t label = labels[r];
+      const char* srow = s.base + s.row_offset(r);
+      const char* trow = t ? t->base + t->row_offset(r) : nullptr;
+      Stats ss, ts;
+      float tgt_s = 0.0f, tgt_t = 0.0f;
+      for (int64_t start = 0; start < V; start += kChunk) {
+        const int64_t n = std::min(kChunk, V - start);
+        // the target logit is picked from the chunk buffer: a label is never used to address memory
+        const bool has_tgt = label >= start && label < start + n;
+        const float ms = load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, n, inv_temp, bs);
+        if (has_tgt) tgt_s = bs[label - start];
+        accumulate<kEntropy>(ss, bs, n, ms);
+        if (t) {
+          const float mt = load_chunk(trow + start * t->sv * t->esize, t->dt, t->sv, n, inv_temp, bt);
+          if (has_tgt) tgt_t = bt[label - start];
+          accumulate<false>(ts, bt, n, mt);
+        }
+      }
+      const bool ignored = label == ignore_index;
+      const float log_d = std::log(ss.d);
+      const float lse = ss.m + log_d;
+      lse_s[r] = lse;
+      logp_s[r] = ignored ? 0.0f : tgt_s - lse;
+      if (kEntropy) ent[r] = log_d - ss.e / ss.d;
+      if (t) {
+        const float lse_t = ts.m + std::log(ts.d);
+        logp_t[r] = ignored ? 0.0f : tgt_t - lse_t;
+      }
+    }
+  });
+}
+
+void check_vec(const at::Tensor& x, at::ScalarType dtype, int64_t n, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == dtype && x.is_contiguous() && x.numel() == n,
+              "rlsd_cpu: ", name, " must be a contiguous CPU ", dtype, " vector of ", n, " elements");
+}
+
+void forward(const at::Tensor& student, const std::optional<at::Tensor>& teacher, const at::Tensor& labels,
+             double temperature, int64_t ignore_index, at::Tensor& logp_s, const std::optional<at::Tensor>& logp_t,
+             at::Tensor& lse_s, const std::optional<at::Tensor>& entropy) {
+  const View3 s(student);
+  const int64_t n = student.size(0) * student.size(1);
+  check_vec(labels, at::kLong, n, "labels");
+  check_vec(logp_s, at::kFloat, n, "logp_s");
+  check_vec(lse_s, at::kFloat, n, "lse_s");
+  std::optional<View3> t;
+  float* lt = nullptr;
+  if (teacher.has_value()) {
+    TORCH_CHECK(teacher->sizes() == student.sizes(), "rlsd_cpu: teacher and student shapes differ");
+    TORCH_CHECK(logp_t.has_value(), "rlsd_cpu: logp_t output missing");
+    check_vec(*logp_t, at::kFloat, n, "logp_t");
+    t.emplace(*teacher);
+    lt = logp_t->data_ptr<float>();
+  }
+  float* ent = nullptr;
+  if (entropy.has_value()) {
+    check_vec(*entropy, at::kFloat, n, "entropy");
+    ent = entropy->data_ptr<float>();
+  }
+  if (n == 0) return;
+  const float inv_temp = static_cast<float>(1.0 / temperature);
+  const View3* tp = t ? &*t : nullptr;
+  if (ent) {
+    forward_rows<true>(s, tp, labels.data_ptr<int64_t>(), inv_temp, ignore_index, logp_s.data_ptr<float>(), lt,
+                       lse_s.data_ptr<float>(), ent, n);
+  } else {
+    forward_rows<false>(s, tp, labels.data_ptr<int64_t>(), inv_temp, ignore_index, logp_s.data_ptr<float>(), lt,
+                        lse_s.data_ptr<float>(), nullptr, n);
+  }
+}
+
+void backward(const at::Tensor& grad_logp, const at::Tensor& student, const at::Tensor& labels,
+              const at::Tensor& lse, double temperature, at::Tensor& out) {
+  const View3 s(student);
+  View3 o(out);
+  TORCH_CHECK(out.sizes() == student.sizes(), "rlsd_cpu: out and student shapes differ");
+  TORCH_CHECK(out.scalar_type() == student.scalar_type(), "rlsd_cpu: out must have the dtype of student");
+  const int64_t n = student.size(0) * student.size(1);
+  check_vec(grad_logp, at::kFloat, n, "grad_logp");
+  check_vec(labels, at::kLong, n, "labels");
+  check_vec(lse, at::kFloat, n, "lse");
+  if (n == 0) return;
+  const float inv_temp = static_cast<float>(1.0 / temperature);
+  const float* g = grad_logp.data_ptr<float>();
+  const float* l = lse.data_ptr<float>();
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  const int64_t V = s.V;
+  at::parallel_for(0, n, grain_rows(V), [&](int64_t r0, int64_t r1) {
+    alignas(64) float buf[kChunk];
+    for (int64_t r = r0; r < r1; ++r) {
+      const char* srow = s.base + s.row_offset(r);
+      char* orow = o.mbase + o.row_offset(r);
+      const float coef = g[r] * inv_temp;
+      const float row_lse = l[r];
+      // zero coefficient (ignored / masked rows) or a row of only -inf logits (lse = -inf): zero gradient
+      if (coef == 0.0f || row_lse == kNegInf) {
+        zero_row(orow, o.dt, o.sv, V);
+        continue;
+      }
+      const int64_t label = lab[r];
+      const float neg_coef = -coef;
+      for (int64_t start = 0; start < V; start += kChunk) {
+        const int64_t cn = std::min(kChunk, V - start);
+        // the whole chunk is read into buf before any of it is written: safe when out aliases student
+        load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, cn, inv_temp, buf);
+        const bool has_tgt = label >= start && label < start + cn;
+        const float x_tgt = has_tgt ? buf[label - start] : 0.0f;
+#pragma omp simd
+        for (int64_t i = 0; i < cn; ++i) buf[i] = neg_coef * exp_neg(buf[i] - row_lse);
+        // target term 1 - p[y] formed in float32 before the cast (bf16 cancellation near p = 1)
+        if (has_tgt) buf[label - start] = coef * (1.0f - exp_neg(x_tgt - row_lse));
+        store_chunk(orow + start * o.sv * o.esize, o.dt, o.sv, cn, buf);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rlsd_kernels C++ CPU backend: fused log-prob forward/backward over [B, T, V] strided views";
+  m.def("forward", &forward, "fused log-prob forward (outputs preallocated, float32 [B*T])", py::arg("student"),
+        py::arg("teacher"), py::arg("labels"), py::arg("temperature"), py::arg("ignore_index"), py::arg("logp_s"),
+        py::arg("logp_t"), py::arg("lse_s"), py::arg("entropy"), py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &backward, "fused log-prob backward into out (may alias student)", py::arg("grad_logp"),
+        py::arg("student"), py::arg("labels"), py::arg("lse"), py::arg("temperature"), py::arg("out"),
+        py::call_guard<py::gil_scoped_release>());
+}
