@@ -12,7 +12,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["rlsd_kernels", "rlsd_kernels.*", "bench", "bench.*"]),
+    packages=find_packages(include=["rlsd_kernels", "rlsd_kernels.*", "bench", "bench.*"]) + ["rlsd_kernels.csrc"],
+    # The C++ CPU backend's sources live in the top-level csrc/ and ship inside the package as rlsd_kernels/csrc,
+    # where rlsd_kernels.backends.cpp looks for them in an installed package (a checkout uses csrc/ directly).
+    package_dir={"rlsd_kernels.csrc": "csrc"},
+    package_data={"rlsd_kernels.csrc": ["*.cpp", "*.h"]},
     install_requires=[
         # No version floor that 2.13.0 fails: an unpinned resolve would pull CUDA wheels on CPU machines.
         "torch>=2.4",
