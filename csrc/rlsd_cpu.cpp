@@ -32,6 +32,9 @@
 namespace {
 
 constexpr int64_t kChunk = 2048;  // 8 KiB of float32 per buffer: a student and a teacher chunk stay in L1
+// |lse| above which the backward recomputes the row's (max, sum) instead of trusting the rounded float32 lse:
+// at 32 the ulp of lse is 3.8e-6, a relative error of p below 2e-6.
+constexpr float kPreciseLse = 32.0f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline float bits_to_float(uint32_t u) {
@@ -273,14 +276,12 @@ void forward_rows(const View3& s, const View3* t, const int64_t* labels, float i
       }
       const bool ignored = label == ignore_index;
       const float log_d = std::log(ss.d);
-      const float lse = ss.m + log_d;
-      lse_s[r] = lse;
-      logp_s[r] = ignored ? 0.0f : tgt_s - lse;
+      lse_s[r] = ss.m + log_d;
+      // (tgt - m) - log(d), not tgt - lse: with logits ~1e4 the float32 lse has an ulp of 1e-3, but tgt - m is
+      // exact and log(d) is small, so the log-prob keeps full float32 precision
+      logp_s[r] = ignored ? 0.0f : (tgt_s - ss.m) - log_d;
       if (kEntropy) ent[r] = log_d - ss.e / ss.d;
-      if (t) {
-        const float lse_t = ts.m + std::log(ts.d);
-        logp_t[r] = ignored ? 0.0f : tgt_t - lse_t;
-      }
+      if (t) logp_t[r] = ignored ? 0.0f : (tgt_t - ts.m) - std::log(ts.d);
     }
   });
 }
@@ -301,7 +302,10 @@ void forward(const at::Tensor& student, const std::optional<at::Tensor>& teacher
   std::optional<View3> t;
   float* lt = nullptr;
   if (teacher.has_value()) {
-    TORCH_CHECK(teacher->sizes() == student.sizes(), "rlsd_cpu: teacher and student shapes differ");
+    // the teacher may be split into [B', T', V] differently from the student (as_rows3d merges each tensor's
+    // leading dims by its own strides): each view maps row r through its own T, only N and V must agree
+    TORCH_CHECK(teacher->dim() == 3 && teacher->size(0) * teacher->size(1) == n && teacher->size(2) == student.size(2),
+                "rlsd_cpu: teacher must have as many rows and the same vocabulary as student");
     TORCH_CHECK(logp_t.has_value(), "rlsd_cpu: logp_t output missing");
     check_vec(*logp_t, at::kFloat, n, "logp_t");
     t.emplace(*teacher);
@@ -328,7 +332,8 @@ void backward(const at::Tensor& grad_logp, const at::Tensor& student, const at::
               const at::Tensor& lse, double temperature, at::Tensor& out) {
   const View3 s(student);
   View3 o(out);
-  TORCH_CHECK(out.sizes() == student.sizes(), "rlsd_cpu: out and student shapes differ");
+  TORCH_CHECK(out.size(0) * out.size(1) == student.size(0) * student.size(1) && out.size(2) == student.size(2),
+              "rlsd_cpu: out must have as many rows and the same vocabulary as student");
   TORCH_CHECK(out.scalar_type() == student.scalar_type(), "rlsd_cpu: out must have the dtype of student");
   const int64_t n = student.size(0) * student.size(1);
   check_vec(grad_logp, at::kFloat, n, "grad_logp");
@@ -354,17 +359,45 @@ void backward(const at::Tensor& grad_logp, const at::Tensor& student, const at::
       }
       const int64_t label = lab[r];
       const float neg_coef = -coef;
+      // p = exp((x - shift) - log_d) with shift + log_d = lse. The saved float32 lse is rounded to its ulp
+      // (1e-3 at |lse| ~ 1e4), which would become a relative error of p; for rows with |lse| > kPreciseLse
+      // the row's max and sum are recomputed in one extra pass so that the split (max, log sum) is exact.
+      float shift = row_lse, log_d = 0.0f;
+      if (std::fabs(row_lse) > kPreciseLse) {
+        Stats st;
+        for (int64_t start = 0; start < V; start += kChunk) {
+          const int64_t cn = std::min(kChunk, V - start);
+          const float cm = load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, cn, inv_temp, buf);
+          accumulate<false>(st, buf, cn, cm);
+        }
+        shift = st.m;
+        log_d = std::log(st.d);
+      }
+      // The target term 1 - p[y] is formed in float32 before the cast (bf16 cancellation near p = 1), and not as
+      // 1 - p[y] at all: as (sum of p over v != y) / (sum of p over all v). The numerator has no cancellation
+      // when p[y] ~ 1, and the ratio cancels the rounding of the saved lse (the sum is exp(lse_true - lse)).
+      // The target element is written with -coef * p[y] in its chunk and overwritten once the row is done.
+      float total = 0.0f, others = 0.0f;
       for (int64_t start = 0; start < V; start += kChunk) {
         const int64_t cn = std::min(kChunk, V - start);
         // the whole chunk is read into buf before any of it is written: safe when out aliases student
         load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, cn, inv_temp, buf);
-        const bool has_tgt = label >= start && label < start + cn;
-        const float x_tgt = has_tgt ? buf[label - start] : 0.0f;
-#pragma omp simd
-        for (int64_t i = 0; i < cn; ++i) buf[i] = neg_coef * exp_neg(buf[i] - row_lse);
-        // target term 1 - p[y] formed in float32 before the cast (bf16 cancellation near p = 1)
-        if (has_tgt) buf[label - start] = coef * (1.0f - exp_neg(x_tgt - row_lse));
+        const int64_t j = label - start;  // the target's index in this chunk, if 0 <= j < cn
+        float cs = 0.0f, co = 0.0f;
+#pragma omp simd reduction(+ : cs, co)
+        for (int64_t i = 0; i < cn; ++i) {
+          const float p = exp_neg((buf[i] - shift) - log_d);
+          cs += p;
+          co += i == j ? 0.0f : p;
+          buf[i] = neg_coef * p;
+        }
+        total += cs;
+        others += co;
         store_chunk(orow + start * o.sv * o.esize, o.dt, o.sv, cn, buf);
+      }
+      if (label >= 0 && label < V) {
+        const float g_tgt = coef * (others / total);
+        store_chunk(orow + label * o.sv * o.esize, o.dt, 1, 1, &g_tgt);
       }
     }
   });
