@@ -27,11 +27,14 @@ def _row_blocks(x3):
 
 def _lse_target(block, labels, temperature, ignore_index):
     x = block.to(torch.float32) / temperature
-    lse = torch.logsumexp(x, dim=-1)
+    m = x.amax(dim=-1)
+    m = torch.where(torch.isinf(m), 0.0, m)  # rows of only -inf (or +inf): shift by 0, never inf - inf
+    log_d = torch.log(torch.exp(x - m[:, None]).sum(-1))
     ignored = labels == ignore_index
     idx = torch.where(ignored, 0, labels).clamp(0, x.shape[-1] - 1)
     tgt = x.gather(1, idx[:, None]).squeeze(1)
-    return x, lse, torch.where(ignored, 0.0, tgt - lse)
+    # (x_y - m) - log d keeps float32 accuracy at large |logits| (see triton_kernels.py)
+    return x, m + log_d, torch.where(ignored, 0.0, (tgt - m) - log_d)
 
 
 def forward(student, teacher, labels, temperature, ignore_index, want_entropy):

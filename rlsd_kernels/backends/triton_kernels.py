@@ -82,15 +82,17 @@ def _fused_logprobs_fwd(
             tgt_t += tl.sum(tl.where(is_tgt, y, 0.0), axis=0)
             m_t = mt_new
 
-    lse_s = m_s + tl.log(d_s)
+    # logp = (x_y - m) - log(d) rather than x_y - (m + log d): x_y - m is exact for logits of similar size, which
+    # keeps float32 log-probs accurate at |logits| ~ 1e4 where m + log(d) would round away ~1e-3.
+    log_d = tl.log(d_s)
+    lse_s = m_s + log_d
     ignored = label == ignore_index
     tl.store(LSE_S + row, lse_s)
-    tl.store(LOGP_S + row, tl.where(ignored, 0.0, tgt_s - lse_s))
+    tl.store(LOGP_S + row, tl.where(ignored, 0.0, (tgt_s - m_s) - log_d))
     if WANT_ENT:
         tl.store(ENT + row, lse_s - e_s / d_s)
     if HAS_TEACHER:
-        lse_t = m_t + tl.log(d_t)
-        tl.store(LOGP_T + row, tl.where(ignored, 0.0, tgt_t - lse_t))
+        tl.store(LOGP_T + row, tl.where(ignored, 0.0, (tgt_t - m_t) - tl.log(d_t)))
 
 
 @triton.jit
