@@ -1,8 +1,9 @@
 """Triton backend: the vocabulary-chunked forward and backward of SPEC section 4.
 
 Forward: one program per row walks the vocabulary once in ``BLOCK_V`` chunks, reading the student and the teacher
-chunk together and keeping an online (running max, running sum) log-sum-exp for each, the target logit and, when
-asked, the running sum of ``p * x`` for the student entropy. Nothing of size ``N x V`` is written.
+chunk together and keeping an online (running max, running sum) log-sum-exp for each and, when asked, the running
+sum of ``p * (x - max)`` for the student entropy; the target logits are two scalar loads. Nothing of size ``N x V``
+is written.
 
 Backward: a 2-D grid (row, vocabulary chunk). The forward saved ``lse_s`` so every chunk is independent:
 ``grad = coef * (onehot - exp(x / T - lse)) / T``, formed in float32 and cast once on store. This re-reads the
@@ -32,7 +33,7 @@ _BWD_WARPS = 8
 @triton.jit
 def _fused_logprobs_fwd(
     S, TCH, LABELS, LOGP_S, LOGP_T, LSE_S, ENT,
-    seq_len, V,
+    seq_len, t_seq_len, V,
     s_sb, s_st, s_sv, t_sb, t_st, t_sv,
     inv_temp, ignore_index,
     HAS_TEACHER: tl.constexpr, WANT_ENT: tl.constexpr, CONTIG: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -41,18 +42,25 @@ def _fused_logprobs_fwd(
     b = row // seq_len
     t = row % seq_len
     s_row = S + b * s_sb + t * s_st
-    t_row = TCH + b * t_sb + t * t_st
+    # the teacher may split the same rows differently ([B, T] vs [1, B*T] when only one is contiguous)
+    t_row = TCH + (row // t_seq_len) * t_sb + (row % t_seq_len) * t_st
     label = tl.load(LABELS + row)
     cols0 = tl.arange(0, BLOCK_V)
     NEG_INF: tl.constexpr = float("-inf")
+    # The target logit is one masked scalar load: an out-of-range label (possible only when validation was skipped
+    # under torch.compile) reads nothing instead of out of bounds.
+    has_tgt = (label >= 0) & (label < V)
+    lbl = tl.where(has_tgt, label, 0)
+    tgt_s = tl.load(s_row + lbl * s_sv, mask=has_tgt, other=0.0).to(tl.float32) * inv_temp
 
     m_s = tl.full((), NEG_INF, tl.float32)
     d_s = tl.zeros((), tl.float32)
     e_s = tl.zeros((), tl.float32)
-    tgt_s = tl.zeros((), tl.float32)
     m_t = tl.full((), NEG_INF, tl.float32)
     d_t = tl.zeros((), tl.float32)
     tgt_t = tl.zeros((), tl.float32)
+    if HAS_TEACHER:
+        tgt_t = tl.load(t_row + lbl * t_sv, mask=has_tgt, other=0.0).to(tl.float32) * inv_temp
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         inb = cols < V
@@ -62,35 +70,37 @@ def _fused_logprobs_fwd(
         else:
             s_off = cols.to(tl.int64) * s_sv
             t_off = cols.to(tl.int64) * t_sv
-        is_tgt = cols == label
         x = tl.load(s_row + s_off, mask=inb, other=NEG_INF).to(tl.float32) * inv_temp
         m_new = tl.maximum(m_s, tl.max(x, axis=0))
         # A chunk (or row prefix) of only -inf: shift by 0 instead of -inf so exp() gives 0, not nan.
         m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
         alpha = tl.exp(m_s - m_safe)
         p = tl.exp(x - m_safe)
-        d_s = d_s * alpha + tl.sum(p, axis=0)
         if WANT_ENT:
-            e_s = e_s * alpha + tl.sum(p * tl.where(p > 0, x, 0.0), axis=0)
-        tgt_s += tl.sum(tl.where(is_tgt, x, 0.0), axis=0)
+            # e = sum exp(x - m) * (x - m), kept relative to the running max so that H = log d - e / d never
+            # subtracts two numbers of the size of the logits (|x| ~ 1e4 would lose every digit in float32).
+            shift = tl.where(d_s == 0.0, 0.0, m_s - m_safe)
+            e_s = alpha * (e_s + shift * d_s) + tl.sum(p * tl.where(p > 0, x - m_safe, 0.0), axis=0)
+        d_s = d_s * alpha + tl.sum(p, axis=0)
         m_s = m_new
         if HAS_TEACHER:
             y = tl.load(t_row + t_off, mask=inb, other=NEG_INF).to(tl.float32) * inv_temp
             mt_new = tl.maximum(m_t, tl.max(y, axis=0))
             mt_safe = tl.where(mt_new == NEG_INF, 0.0, mt_new)
             d_t = d_t * tl.exp(m_t - mt_safe) + tl.sum(tl.exp(y - mt_safe), axis=0)
-            tgt_t += tl.sum(tl.where(is_tgt, y, 0.0), axis=0)
             m_t = mt_new
 
-    lse_s = m_s + tl.log(d_s)
+    # logp = (x_y - m) - log(d) rather than x_y - (m + log d): x_y - m is exact for logits of similar size, which
+    # keeps float32 log-probs accurate at |logits| ~ 1e4 where m + log(d) would round away ~1e-3.
+    log_d = tl.log(d_s)
+    lse_s = m_s + log_d
     ignored = label == ignore_index
     tl.store(LSE_S + row, lse_s)
-    tl.store(LOGP_S + row, tl.where(ignored, 0.0, tgt_s - lse_s))
+    tl.store(LOGP_S + row, tl.where(ignored, 0.0, (tgt_s - m_s) - log_d))
     if WANT_ENT:
-        tl.store(ENT + row, lse_s - e_s / d_s)
+        tl.store(ENT + row, log_d - e_s / d_s)
     if HAS_TEACHER:
-        lse_t = m_t + tl.log(d_t)
-        tl.store(LOGP_T + row, tl.where(ignored, 0.0, tgt_t - lse_t))
+        tl.store(LOGP_T + row, tl.where(ignored, 0.0, (tgt_t - m_t) - tl.log(d_t)))
 
 
 @triton.jit
@@ -152,7 +162,7 @@ def forward(student, teacher, labels, temperature, ignore_index, want_entropy):
     _fused_logprobs_fwd[(n,)](
         student, tch, labels, logp_s, logp_t if logp_t is not None else logp_s, lse_s,
         ent if ent is not None else logp_s,
-        T, V,
+        T, tch.shape[1], V,
         *student.stride(), *tch.stride(),
         1.0 / temperature, ignore_index,
         HAS_TEACHER=teacher is not None, WANT_ENT=want_entropy, CONTIG=_contig(student, tch),
