@@ -8,6 +8,9 @@ For each shape ``N x V`` and dtype it measures, per implementation:
   O(N) vectors; the gradient buffer (``N x V`` in the logits dtype) is part of the forward+backward peak of every
   out-of-place implementation and is reported next to it.
 
+Forward+backward ends with ``torch.autograd.grad(loss, logits)``, i.e. the gradient w.r.t. the logits as the
+lm_head backward would receive it.
+
 Implementations: ``eager`` (``rlsd_kernels.reference.rlsd_loss``: full-vocabulary float32 log_softmax of student
 and teacher, gather, weights, PPO loss, autograd), ``cpp`` (``rlsd_kernels.rlsd_loss`` with the C++ backend) and
 ``cpp_inplace`` (the same with ``inplace_backward=True``: the gradient is written into the logits buffer).
@@ -88,13 +91,14 @@ def _case(impl: str, N: int, V: int, dtype_name: str, reps: int) -> dict:
         return loss_fn(x)
 
     def fwd_bwd():
+        # torch.autograd.grad hands back the logits' gradient as the lm_head backward would consume it. (.backward()
+        # on a leaf would add AccumulateGrad's work: a clone into .grad of a gradient that aliases the leaf, i.e.
+        # of the in-place one, and a sum into any .grad left from the previous step.)
         x = student.requires_grad_(True)
-        x.grad = None
-        loss_fn(x).backward()
-        if not inplace:
-            x.grad = None  # drop the gradient, as an optimizer step would consume it
-        # in place, the logits now hold their gradient: later reps run on those values, which changes nothing
-        # in the work done (no data-dependent shortcut for finite values)
+        (grad,) = torch.autograd.grad(loss_fn(x), x)
+        # in place, grad *is* the logits buffer: later reps run on those values, which changes nothing in the work
+        # done (no data-dependent shortcut for finite values)
+        return grad
 
     def timed(fn):
         fn()  # warm-up (extension load, allocator, thread pool)

@@ -376,7 +376,7 @@ void advise_huge_pages(const at::Tensor& out) {
 }
 
 void backward(const at::Tensor& grad_logp, const at::Tensor& student, const at::Tensor& labels,
-              const at::Tensor& lse, double temperature, at::Tensor& out) {
+              const at::Tensor& lse, double temperature, at::Tensor& out, bool use_thp) {
   const View3 s(student);
   View3 o(out);
   TORCH_CHECK(out.size(0) * out.size(1) == student.size(0) * student.size(1) && out.size(2) == student.size(2),
@@ -387,7 +387,7 @@ void backward(const at::Tensor& grad_logp, const at::Tensor& student, const at::
   check_vec(labels, at::kLong, n, "labels");
   check_vec(lse, at::kFloat, n, "lse");
   if (n == 0) return;
-  if (out.data_ptr() != student.data_ptr()) advise_huge_pages(out);
+  if (use_thp && out.data_ptr() != student.data_ptr()) advise_huge_pages(out);
   const float inv_temp = static_cast<float>(1.0 / temperature);
   const float* g = grad_logp.data_ptr<float>();
   const float* l = lse.data_ptr<float>();
@@ -462,5 +462,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logp_t"), py::arg("lse_s"), py::arg("entropy"), py::call_guard<py::gil_scoped_release>());
   m.def("backward", &backward, "fused log-prob backward into out (may alias student)", py::arg("grad_logp"),
         py::arg("student"), py::arg("labels"), py::arg("lse"), py::arg("temperature"), py::arg("out"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("use_thp") = true, py::call_guard<py::gil_scoped_release>());
 }

@@ -9,7 +9,8 @@ returns False after a single warning and the dispatcher falls back to the refere
 
 Pre-build (e.g. in a Docker image): ``python -m rlsd_kernels.backends.cpp --build``.
 Environment: ``RLSD_CPP_NATIVE=0`` builds without ``-march=native`` (portable binary, slower);
-``RLSD_CPP_VERBOSE=1`` shows the compiler output.
+``RLSD_CPP_VERBOSE=1`` shows the compiler output; ``RLSD_CPP_THP=0`` stops the backward from advising transparent huge
+pages for a fresh gradient buffer (fewer page faults on its first write; see csrc/rlsd_cpu.cpp).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Optional
 import torch
 
 _SOURCE = "rlsd_cpu.cpp"
+_USE_THP = os.environ.get("RLSD_CPP_THP", "1") != "0"
 _lock = threading.Lock()
 _module = None
 _error: Optional[str] = None
@@ -120,7 +122,7 @@ def forward(student, teacher, labels, temperature, ignore_index, want_entropy):
 
 
 def backward(grad_logp, student, labels, lse, temperature, out):
-    load().backward(grad_logp, student, labels, lse, float(temperature), out)
+    load().backward(grad_logp, student, labels, lse, float(temperature), out, _USE_THP)
 
 
 def main(argv=None) -> int:
