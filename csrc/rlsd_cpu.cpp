@@ -222,12 +222,16 @@ struct Stats {
 
 // x: a chunk buffer of n elements padded with -inf to a multiple of kLanes.
 template <bool kEntropy>
-inline void accumulate(Stats& st, const float* __restrict x, int64_t n, float chunk_max) {
+// pf: the next chunk to be loaded (or nullptr), prefetched one cache line per iteration (pf_step = its element size):
+// the arithmetic here would otherwise leave the memory system idle between the loads of two chunks.
+inline void accumulate(Stats& st, const float* __restrict x, int64_t n, float chunk_max, const char* pf,
+                       int64_t pf_step) {
   const float m_new = std::max(st.m, chunk_max);
   if (m_new == kNegInf) return;  // only -inf so far: nothing to add (and no -inf - -inf = nan)
   vf vs{}, ves{};
   const vf vm = vsplat(m_new);
   for (int64_t i = 0; i < n; i += kLanes) {
+    if (pf) __builtin_prefetch(pf + i * pf_step);
     const vf y = vload(x + i) - vm;
     const vf p = exp_neg(y);
     vs += p;
@@ -269,6 +273,12 @@ struct View3 {
   int64_t row_offset(int64_t r) const {  // bytes, int64
     return ((r / T) * sb + (r % T) * st) * esize;
   }
+  // The chunk after (row r, column start) within rows [.., r_end), for prefetching; nullptr if none or strided.
+  const char* next_chunk(int64_t r, int64_t start, int64_t r_end) const {
+    if (sv != 1) return nullptr;
+    if (start + kChunk < V) return base + row_offset(r) + (start + kChunk) * esize;
+    return r + 1 < r_end ? base + row_offset(r + 1) : nullptr;
+  }
 };
 
 int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1)); }
@@ -292,11 +302,11 @@ void forward_rows(const View3& s, const View3* t, const int64_t* labels, float i
         const bool has_tgt = label >= start && label < start + n;
         const float ms = load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, n, inv_temp, bs);
         if (has_tgt) tgt_s = bs[label - start];
-        accumulate<kEntropy>(ss, bs, n, ms);
+        accumulate<kEntropy>(ss, bs, n, ms, s.next_chunk(r, start, r1), s.esize);
         if (t) {
           const float mt = load_chunk(trow + start * t->sv * t->esize, t->dt, t->sv, n, inv_temp, bt);
           if (has_tgt) tgt_t = bt[label - start];
-          accumulate<false>(ts, bt, n, mt);
+          accumulate<false>(ts, bt, n, mt, t->next_chunk(r, start, r1), t->esize);
         }
       }
       const bool ignored = label == ignore_index;
@@ -416,7 +426,7 @@ void backward(const at::Tensor& grad_logp, const at::Tensor& student, const at::
         for (int64_t start = 0; start < V; start += kChunk) {
           const int64_t cn = std::min(kChunk, V - start);
           const float cm = load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, cn, inv_temp, buf);
-          accumulate<false>(st, buf, cn, cm);
+          accumulate<false>(st, buf, cn, cm, s.next_chunk(r, start, r1), s.esize);
         }
         shift = st.m;
         log_d = std::log(st.d);
@@ -437,7 +447,9 @@ void backward(const at::Tensor& grad_logp, const at::Tensor& student, const at::
         }
         const vf vshift = vsplat(shift), vlog_d = vsplat(log_d);
         vf vo{};
+        const char* pf = s.next_chunk(r, start, r1);
         for (int64_t i = 0; i < padded; i += kLanes) {
+          if (pf) __builtin_prefetch(pf + i * s.esize);
           const vf p = exp_neg((vload(buf + i) - vshift) - vlog_d);
           vo += p;
           vstore(buf + i, p * neg_coef);
