@@ -214,7 +214,8 @@ def main(argv=None) -> int:
 
     meta = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "reps": args.reps,
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+            "thp": os.environ.get("RLSD_CPP_THP", "1") != "0"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
