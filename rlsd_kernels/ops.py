@@ -81,6 +81,7 @@ def _setup_context(ctx, inputs, output):
     student, teacher, labels, temperature, ignore_index, want_entropy, inplace_backward = inputs
     ctx.save_for_backward(student, labels, output[2])
     ctx.temperature = temperature
+    ctx.ignore_index = ignore_index
     ctx.inplace = inplace_backward
 
 
@@ -88,6 +89,8 @@ def _backward(ctx, grad_logp, grad_logp_t, grad_lse, grad_ent):
     student, labels, lse = ctx.saved_tensors
     if grad_logp is None:
         return None, None, None, None, None, None, None
+    # log-probs at ignore_index labels are the constant 0: no gradient, whatever the caller weighted them with
+    grad_logp = torch.where(labels == ctx.ignore_index, 0.0, grad_logp)
     if ctx.inplace:
         fused_logprobs_backward_inplace(grad_logp, student, labels, lse, ctx.temperature)
         grad = student

@@ -55,3 +55,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# tests/helpers.py is imported as a plain module by tests in sub-folders too.
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))

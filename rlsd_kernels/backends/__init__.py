@@ -1,7 +1,8 @@
 """Backends of the fused log-prob pass. Each module exposes the same two functions:
 
 ``forward(student, teacher, labels, temperature, ignore_index, want_entropy)``
-    ``student``/``teacher``: ``[B, T, V]`` strided views (teacher may be None), ``labels``: int64 ``[B*T]``.
+    ``student``/``teacher``: ``[B, T, V]`` strided views (teacher may be None, and may split the same
+    ``B*T`` rows differently, e.g. ``[1, B*T]`` when only one of them is contiguous), ``labels``: int64 ``[B*T]``.
     Returns float32 ``[B*T]`` vectors ``(logp_s, logp_t | None, lse_s, entropy | None)`` where
     ``lse_s = logsumexp(student / temperature)`` and log-probs are 0 at ``ignore_index`` labels.
 

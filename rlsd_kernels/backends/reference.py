@@ -34,7 +34,7 @@ def _lse_target(block, labels, temperature, ignore_index):
     idx = torch.where(ignored, 0, labels).clamp(0, x.shape[-1] - 1)
     tgt = x.gather(1, idx[:, None]).squeeze(1)
     # (x_y - m) - log d keeps float32 accuracy at large |logits| (see triton_kernels.py)
-    return x, m + log_d, torch.where(ignored, 0.0, (tgt - m) - log_d)
+    return x, m, log_d, torch.where(ignored, 0.0, (tgt - m) - log_d)
 
 
 def forward(student, teacher, labels, temperature, ignore_index, want_entropy):
@@ -47,15 +47,17 @@ def forward(student, teacher, labels, temperature, ignore_index, want_entropy):
     with torch.no_grad():
         for r0, r1, blk in _row_blocks(student):
             lab = labels[r0:r1]
-            x, lse, lp = _lse_target(blk, lab, temperature, ignore_index)
+            x, m, log_d, lp = _lse_target(blk, lab, temperature, ignore_index)
             logp_s[r0:r1] = lp
-            lse_s[r0:r1] = lse
+            lse_s[r0:r1] = m + log_d
             if want_entropy:
-                p = torch.exp(x - lse[:, None])
-                ent[r0:r1] = lse - torch.where(p > 0, p * x, 0.0).sum(-1)
+                # relative to the max, so |logits| ~ 1e4 do not cancel catastrophically
+                xs = x - m[:, None]
+                p = torch.exp(xs - log_d[:, None])
+                ent[r0:r1] = log_d - torch.where(p > 0, p * xs, 0.0).sum(-1)
         if teacher is not None:
             for r0, r1, blk in _row_blocks(teacher):
-                logp_t[r0:r1] = _lse_target(blk, labels[r0:r1], temperature, ignore_index)[2]
+                logp_t[r0:r1] = _lse_target(blk, labels[r0:r1], temperature, ignore_index)[3]
     return logp_s, logp_t, lse_s, ent
 
 
@@ -64,7 +66,9 @@ def backward(grad_logp, student, labels, lse, temperature, out):
     with torch.no_grad():
         for r0, r1, blk in _row_blocks(student):
             x = blk.to(torch.float32) / temperature
-            p = torch.exp(x - lse[r0:r1, None])
+            lse_b = lse[r0:r1, None]
+            # a row of only -inf has lse = -inf: zero gradient rather than nan (as the Triton kernel)
+            p = torch.where(torch.isinf(lse_b), 0.0, torch.exp(x - lse_b))
             g = -p
             lab = labels[r0:r1]
             hit = (lab >= 0) & (lab < V)

@@ -32,7 +32,7 @@ _BWD_WARPS = 8
 @triton.jit
 def _fused_logprobs_fwd(
     S, TCH, LABELS, LOGP_S, LOGP_T, LSE_S, ENT,
-    seq_len, V,
+    seq_len, t_seq_len, V,
     s_sb, s_st, s_sv, t_sb, t_st, t_sv,
     inv_temp, ignore_index,
     HAS_TEACHER: tl.constexpr, WANT_ENT: tl.constexpr, CONTIG: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -41,7 +41,8 @@ def _fused_logprobs_fwd(
     b = row // seq_len
     t = row % seq_len
     s_row = S + b * s_sb + t * s_st
-    t_row = TCH + b * t_sb + t * t_st
+    # the teacher may split the same rows differently ([B, T] vs [1, B*T] when only one is contiguous)
+    t_row = TCH + (row // t_seq_len) * t_sb + (row % t_seq_len) * t_st
     label = tl.load(LABELS + row)
     cols0 = tl.arange(0, BLOCK_V)
     NEG_INF: tl.constexpr = float("-inf")
@@ -69,9 +70,12 @@ def _fused_logprobs_fwd(
         m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
         alpha = tl.exp(m_s - m_safe)
         p = tl.exp(x - m_safe)
-        d_s = d_s * alpha + tl.sum(p, axis=0)
         if WANT_ENT:
-            e_s = e_s * alpha + tl.sum(p * tl.where(p > 0, x, 0.0), axis=0)
+            # e = sum exp(x - m) * (x - m), kept relative to the running max so that H = log d - e / d never
+            # subtracts two numbers of the size of the logits (|x| ~ 1e4 would lose every digit in float32).
+            shift = tl.where(d_s == 0.0, 0.0, m_s - m_safe)
+            e_s = alpha * (e_s + shift * d_s) + tl.sum(p * tl.where(p > 0, x - m_safe, 0.0), axis=0)
+        d_s = d_s * alpha + tl.sum(p, axis=0)
         tgt_s += tl.sum(tl.where(is_tgt, x, 0.0), axis=0)
         m_s = m_new
         if HAS_TEACHER:
@@ -90,7 +94,7 @@ def _fused_logprobs_fwd(
     tl.store(LSE_S + row, lse_s)
     tl.store(LOGP_S + row, tl.where(ignored, 0.0, (tgt_s - m_s) - log_d))
     if WANT_ENT:
-        tl.store(ENT + row, lse_s - e_s / d_s)
+        tl.store(ENT + row, log_d - e_s / d_s)
     if HAS_TEACHER:
         tl.store(LOGP_T + row, tl.where(ignored, 0.0, (tgt_t - m_t) - tl.log(d_t)))
 
@@ -154,7 +158,7 @@ def forward(student, teacher, labels, temperature, ignore_index, want_entropy):
     _fused_logprobs_fwd[(n,)](
         student, tch, labels, logp_s, logp_t if logp_t is not None else logp_s, lse_s,
         ent if ent is not None else logp_s,
-        T, V,
+        T, tch.shape[1], V,
         *student.stride(), *tch.stride(),
         1.0 / temperature, ignore_index,
         HAS_TEACHER=teacher is not None, WANT_ENT=want_entropy, CONTIG=_contig(student, tch),

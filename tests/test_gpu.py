@@ -1,0 +1,77 @@
+"""Real-size checks of the Triton kernels on a GPU (skipped without CUDA): accuracy and peak memory."""
+import pytest
+import torch
+
+from helpers import LOW_PREC_SLACK
+from rlsd_kernels import reference, rlsd_loss
+from rlsd_kernels.dispatch import force_backend
+
+pytestmark = pytest.mark.gpu
+N, V = 4096, 151936
+
+
+def _inputs(dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    s = (torch.randn(N, V, generator=g, device="cuda") * 3).to(dtype)
+    t = (s.float() + torch.randn(N, V, generator=g, device="cuda")).to(dtype)
+    labels = torch.randint(0, V, (N,), generator=g, device="cuda")
+    labels[::17] = -100
+    adv = torch.randn(N, generator=g, device="cuda")
+    old = torch.full((N,), -12.0, device="cuda")
+    return s, t, labels, adv, old
+
+
+def _reference_rows(x, labels, rows):
+    return reference.token_logprobs(x[rows].double(), labels[rows])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_real_size_accuracy(dtype):
+    s, t, labels, adv, old = _inputs(dtype)
+    with force_backend("triton"):
+        out = rlsd_loss(s, t, labels, adv, old, lam=0.5, return_entropy=True)
+    rows = torch.arange(0, N, 61, device="cuda")
+    ref_s, ref_t = _reference_rows(s, labels, rows), _reference_rows(t, labels, rows)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.logprobs[rows].double(), ref_s, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.teacher_logprobs[rows].double(), ref_t, rtol=1e-5, atol=1e-6)
+    else:
+        eager = reference.token_logprobs(s[rows], labels[rows], compute_dtype=dtype)
+        budget = (eager.double() - ref_s).abs().max().item() + LOW_PREC_SLACK
+        assert (out.logprobs[rows].double() - ref_s).abs().max().item() <= budget
+    # gradient on a slice of rows, against the float64 reference of the same rows
+    sub = slice(0, 256)
+    x = s[sub].clone().requires_grad_()
+    with force_backend("triton"):
+        loss = rlsd_loss(x, t[sub], labels[sub], adv[sub], old[sub], lam=0.5).loss
+    (g,) = torch.autograd.grad(loss, x)
+    x64 = s[sub].double().requires_grad_()
+    loss64 = reference.rlsd_loss(x64, t[sub].double(), labels[sub], adv[sub].double(), old[sub].double(), lam=0.5).loss
+    (g64,) = torch.autograd.grad(loss64, x64)
+    if dtype == torch.float32:
+        torch.testing.assert_close(g.double(), g64, rtol=1e-5, atol=1e-6)
+    else:
+        xe = s[sub].clone().requires_grad_()
+        le = reference.rlsd_loss(xe, t[sub], labels[sub], adv[sub], old[sub], lam=0.5, compute_dtype=dtype).loss
+        (ge,) = torch.autograd.grad(le, xe)
+        assert (g.double() - g64).abs().max() <= (ge.double() - g64).abs().max() + LOW_PREC_SLACK
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_real_size_peak_memory(inplace):
+    s, t, labels, adv, old = _inputs()
+    s.requires_grad_()
+    logits_bytes = 2 * s.numel() * s.element_size()
+    grad_bytes = 0 if inplace else s.numel() * s.element_size()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with force_backend("triton"):
+        out = rlsd_loss(s, t, labels, adv, old, lam=0.5, inplace_backward=inplace)
+        (g,) = torch.autograd.grad(out.loss, s)
+    torch.cuda.synchronize()
+    peak_extra = torch.cuda.max_memory_allocated() - base
+    # peak (logits + gradient + scratch) must stay below logits + gradient + 5%
+    assert peak_extra + logits_bytes <= 1.05 * (logits_bytes + grad_bytes), (peak_extra, logits_bytes, grad_bytes)
+    if inplace:
+        assert g.data_ptr() == s.data_ptr()
