@@ -102,6 +102,7 @@ def _setup_context(ctx, inputs, output):
     hidden, weight, bias, teacher_hidden, labels, temperature, ignore_index, want_entropy = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, output[2])
     ctx.temperature = temperature
+    ctx.ignore_index = ignore_index
     ctx.has_bias = bias is not None
 
 
@@ -110,6 +111,8 @@ def _backward(ctx, grad_logp, grad_logp_t, grad_lse, grad_ent):
     need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     if grad_logp is None or not (need_h or need_w or need_b):
         return None, None, None, None, None, None, None, None
+    # log-probs at ignore_index labels are the constant 0: no gradient, whatever the caller weighted them with
+    grad_logp = torch.where(labels.reshape(grad_logp.shape) == ctx.ignore_index, 0.0, grad_logp)
     dh, dw, db = fused_linear_logprobs_backward(grad_logp, hidden, weight, bias, labels, lse, ctx.temperature,
                                                 bool(need_h), bool(need_w), bool(need_b and ctx.has_bias))
     return (dh if need_h else None, dw if need_w else None, db if (need_b and ctx.has_bias) else None,
