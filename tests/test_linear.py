@@ -293,3 +293,33 @@ def test_gpu_real_size_memory(V_):
     z = (h.detach()[idx].float() @ w.detach().float().T)
     want = reference.token_logprobs(z, labels[idx])
     torch.testing.assert_close(out.logprobs[idx], want, rtol=0, atol=2e-2)
+
+
+def test_compile_fullgraph():
+    inp = _inputs(seed=9)
+    h0, w0, b0, th = (inp[k].float() for k in ("h", "w", "b", "th"))
+
+    def f(h, w, b):
+        out = rlsd_linear_loss(h, w, inp["labels"], inp["adv"], None, inp["mask"], teacher_hidden=th,
+                               lm_head_bias=b, lam=0.5, loss_agg_mode="seq", return_entropy=True)
+        return out.loss, out.logprobs, out.entropy
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    xs = [_leaf(x) for x in (h0, w0, b0)]
+    loss, lp, ent = compiled(*xs)
+    g = torch.autograd.grad(loss, xs)
+    ys = [_leaf(x) for x in (h0, w0, b0)]
+    loss2, lp2, ent2 = f(*ys)
+    g2 = torch.autograd.grad(loss2, ys)
+    torch.testing.assert_close(loss, loss2)
+    torch.testing.assert_close(ent, ent2)
+    for a, b in zip(g, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_opcheck():
+    inp = _inputs(seed=10)
+    h, w, b = (_leaf(inp[k].float().reshape(-1, H) if k == "h" else inp[k].float()) for k in ("h", "w", "b"))
+    th = inp["th"].float().reshape(-1, H)
+    torch.library.opcheck(torch.ops.rlsd_kernels.fused_linear_logprobs.default,
+                          (h, w, b, th, inp["labels"].reshape(-1), 1.0, -100, True))
