@@ -200,7 +200,7 @@ def test_compile_fullgraph():
         out = rlsd_kernels.rlsd_loss(s, t, labels, adv, old, mask, lam=0.5, loss_agg_mode="seq", return_entropy=True)
         return out.loss, out.logprobs, out.weights, out.entropy
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(f, fullgraph=True)  # default (inductor) backend, as users call it
     s = inputs["student_logits"].clone().requires_grad_()
     args = (inputs["teacher_logits"], inputs["labels"], inputs["advantages"], inputs["old_logprobs"], inputs["mask"])
     loss, lp, w, ent = compiled(s, *args)

@@ -1,8 +1,9 @@
 """Triton backend: the vocabulary-chunked forward and backward of SPEC section 4.
 
 Forward: one program per row walks the vocabulary once in ``BLOCK_V`` chunks, reading the student and the teacher
-chunk together and keeping an online (running max, running sum) log-sum-exp for each, the target logit and, when
-asked, the running sum of ``p * x`` for the student entropy. Nothing of size ``N x V`` is written.
+chunk together and keeping an online (running max, running sum) log-sum-exp for each and, when asked, the running
+sum of ``p * (x - max)`` for the student entropy; the target logits are two scalar loads. Nothing of size ``N x V``
+is written.
 
 Backward: a 2-D grid (row, vocabulary chunk). The forward saved ``lse_s`` so every chunk is independent:
 ``grad = coef * (onehot - exp(x / T - lse)) / T``, formed in float32 and cast once on store. This re-reads the
@@ -46,14 +47,20 @@ def _fused_logprobs_fwd(
     label = tl.load(LABELS + row)
     cols0 = tl.arange(0, BLOCK_V)
     NEG_INF: tl.constexpr = float("-inf")
+    # The target logit is one masked scalar load: an out-of-range label (possible only when validation was skipped
+    # under torch.compile) reads nothing instead of out of bounds.
+    has_tgt = (label >= 0) & (label < V)
+    lbl = tl.where(has_tgt, label, 0)
+    tgt_s = tl.load(s_row + lbl * s_sv, mask=has_tgt, other=0.0).to(tl.float32) * inv_temp
 
     m_s = tl.full((), NEG_INF, tl.float32)
     d_s = tl.zeros((), tl.float32)
     e_s = tl.zeros((), tl.float32)
-    tgt_s = tl.zeros((), tl.float32)
     m_t = tl.full((), NEG_INF, tl.float32)
     d_t = tl.zeros((), tl.float32)
     tgt_t = tl.zeros((), tl.float32)
+    if HAS_TEACHER:
+        tgt_t = tl.load(t_row + lbl * t_sv, mask=has_tgt, other=0.0).to(tl.float32) * inv_temp
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         inb = cols < V
@@ -63,7 +70,6 @@ def _fused_logprobs_fwd(
         else:
             s_off = cols.to(tl.int64) * s_sv
             t_off = cols.to(tl.int64) * t_sv
-        is_tgt = cols == label
         x = tl.load(s_row + s_off, mask=inb, other=NEG_INF).to(tl.float32) * inv_temp
         m_new = tl.maximum(m_s, tl.max(x, axis=0))
         # A chunk (or row prefix) of only -inf: shift by 0 instead of -inf so exp() gives 0, not nan.
@@ -76,14 +82,12 @@ def _fused_logprobs_fwd(
             shift = tl.where(d_s == 0.0, 0.0, m_s - m_safe)
             e_s = alpha * (e_s + shift * d_s) + tl.sum(p * tl.where(p > 0, x - m_safe, 0.0), axis=0)
         d_s = d_s * alpha + tl.sum(p, axis=0)
-        tgt_s += tl.sum(tl.where(is_tgt, x, 0.0), axis=0)
         m_s = m_new
         if HAS_TEACHER:
             y = tl.load(t_row + t_off, mask=inb, other=NEG_INF).to(tl.float32) * inv_temp
             mt_new = tl.maximum(m_t, tl.max(y, axis=0))
             mt_safe = tl.where(mt_new == NEG_INF, 0.0, mt_new)
             d_t = d_t * tl.exp(m_t - mt_safe) + tl.sum(tl.exp(y - mt_safe), axis=0)
-            tgt_t += tl.sum(tl.where(is_tgt, y, 0.0), axis=0)
             m_t = mt_new
 
     # logp = (x_y - m) - log(d) rather than x_y - (m + log d): x_y - m is exact for logits of similar size, which
