@@ -65,6 +65,10 @@ def _positions(name, response_mask, attention_mask, shape):
     return sel
 
 
+def _pos(position_ids):
+    return {} if position_ids is None else {"position_ids": position_ids}
+
+
 def _scatter(values, sel, fill):
     if values is None:
         return None
@@ -75,7 +79,8 @@ def _scatter(values, sel, fill):
 
 def rlsd_linear_loss_hf(model, input_ids, attention_mask, response_mask, advantages, old_logprobs=None, *,
                         teacher_input_ids=None, teacher_attention_mask=None, teacher_response_mask=None,
-                        teacher_model=None, teacher_logprobs=None, **loss_kwargs) -> RLSDOutput:
+                        teacher_model=None, teacher_logprobs=None, position_ids=None, teacher_position_ids=None,
+                        **loss_kwargs) -> RLSDOutput:
     """RLSD loss of ``model`` on a rollout batch via the fused linear op (hidden states + LM head, no logits).
 
     model: a ``transformers`` causal LM (``get_decoder()`` backbone + ``nn.Linear`` LM head, tied or not).
@@ -88,6 +93,7 @@ def rlsd_linear_loss_hf(model, input_ids, attention_mask, response_mask, advanta
     precomputed ``teacher_logprobs`` ``[B, T - 1]``; or nothing for plain GRPO.
     loss_kwargs: the hyper-parameters of :func:`rlsd_kernels.rlsd_loss` (lam, eps_w, clip_*, loss_type,
     loss_agg_mode, norm, temperature, return_entropy). Per-token outputs come back as ``[B, T - 1]``.
+    position_ids / teacher_position_ids: passed to the backbones (left-padded batches, as ``model(...)`` would get).
     """
     for bad in ("mask", "cu_seqlens", "teacher_hidden", "labels"):
         if bad in loss_kwargs:
@@ -136,7 +142,8 @@ def rlsd_linear_loss_hf(model, input_ids, attention_mask, response_mask, advanta
             raise ValueError("the teacher batch must hold the same response tokens as the student batch, row by row")
         teacher = model if teacher_model is None else teacher_model
         with torch.no_grad():
-            th = causal_lm_hidden(teacher, teacher_input_ids, teacher_attention_mask)[:, :-1][t_sel]
+            th = causal_lm_hidden(teacher, teacher_input_ids, teacher_attention_mask,
+                                  **_pos(teacher_position_ids))[:, :-1][t_sel]
             t_weight, t_bias = lm_head_of(teacher)
             same_head = t_weight is weight and t_bias is bias
             if not same_head:  # a synced copy with its own weights: score it with its own head
@@ -145,7 +152,7 @@ def rlsd_linear_loss_hf(model, input_ids, attention_mask, response_mask, advanta
             else:
                 teacher_hidden = th[None]
 
-    hidden = causal_lm_hidden(model, input_ids, attention_mask)[:, :-1][sel][None]  # [1, nnz, H]
+    hidden = causal_lm_hidden(model, input_ids, attention_mask, **_pos(position_ids))[:, :-1][sel][None]  # [1, nnz, H]
     if hidden.dtype != weight.dtype:  # e.g. autocast: project in the activations' dtype, as F.linear would
         weight = weight.to(hidden.dtype)
         bias = None if bias is None else bias.to(hidden.dtype)

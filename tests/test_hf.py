@@ -129,3 +129,35 @@ def test_hf_helper_teacher_copy_and_errors():
         rlsd_linear_loss_hf(model, bt["input_ids"], bt["attention_mask"], bt["response_mask"], torch.zeros(7))
     with pytest.raises(ValueError, match="cu_seqlens"):
         rlsd_linear_loss_hf(model, *args, cu_seqlens=None)
+
+
+def test_hf_helper_left_padded_with_position_ids():
+    """Left-padded prompts with explicit position ids (the layout of rlsd_kernels.train.rollout.pack)."""
+    model = _model("qwen2-tied")
+    bt = _batch(seed=2)
+    # turn the right-padded batch into a left-padded one: roll each row so that its padding comes first
+    for k, mk in (("input_ids", "attention_mask"), ("teacher_input_ids", "teacher_attention_mask")):
+        rm = "response_mask" if k == "input_ids" else "teacher_response_mask"
+        pad = (bt[mk] == 0).sum(1)
+        for b in range(len(pad)):
+            for key in (k, mk, rm):
+                bt[key][b] = torch.roll(bt[key][b], int(pad[b]))
+    pos = (bt["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    tpos = (bt["teacher_attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=bt["input_ids"], attention_mask=bt["attention_mask"], position_ids=pos).logits
+    sel = (bt["response_mask"][:, 1:] != 0) & (bt["attention_mask"][:, 1:] != 0)
+    with torch.no_grad():
+        tl = model(input_ids=bt["teacher_input_ids"], attention_mask=bt["teacher_attention_mask"],
+                   position_ids=tpos).logits
+        tsel = (bt["teacher_response_mask"][:, 1:] != 0) & (bt["teacher_attention_mask"][:, 1:] != 0)
+        aligned = torch.zeros_like(logits[:, :-1])
+        aligned[sel] = tl[:, :-1][tsel]
+    ref = reference.rlsd_loss(logits[:, :-1].double(), aligned.double(), bt["input_ids"][:, 1:], bt["advantages"],
+                              None, sel, lam=0.5)
+    out = rlsd_linear_loss_hf(model, bt["input_ids"], bt["attention_mask"], bt["response_mask"], bt["advantages"],
+                              teacher_input_ids=bt["teacher_input_ids"],
+                              teacher_attention_mask=bt["teacher_attention_mask"],
+                              teacher_response_mask=bt["teacher_response_mask"], position_ids=pos,
+                              teacher_position_ids=tpos, lam=0.5)
+    torch.testing.assert_close(out.loss.double(), ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.teacher_logprobs[sel].double(), ref.teacher_logprobs[sel], rtol=1e-5, atol=1e-5)
