@@ -22,7 +22,6 @@ Backend choice (:func:`linear_backend`), derived from ``dispatch.backend_name``:
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -46,8 +45,7 @@ def linear_backend(device, dtype=torch.float32) -> str:
     if device.type == "cuda":
         return "triton"
     if device.type == "cpu":
-        explicit = dispatch._forced == "triton" or os.environ.get("RLSD_BACKEND", "").strip().lower() == "triton"
-        return "triton" if explicit else "chunked"
+        return "triton" if dispatch.explicit_backend() == "triton" else "chunked"
     return "chunked"
 
 
