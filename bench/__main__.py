@@ -46,7 +46,11 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     p.add_argument("--backends", "--contenders", dest="backends", default=DEFAULT_CONTENDERS,
                    help="comma list of contenders: rlsd (= every backend of the op for the device), rlsd[triton], "
-                        "rlsd[cpp], rlsd[reference], eager, compile, liger (default: %(default)s)")
+                        "rlsd[cpp], rlsd[reference], eager, compile, liger; a +inplace suffix selects the in-place backward "
+                        "(default: %(default)s)")
+    p.add_argument("--inplace", action="store_true",
+                   help="also time the in-place-backward variant (gradient written into the logits) of every "
+                        "contender that has one: rlsd[...]+inplace, liger+inplace")
     p.add_argument("--shapes", default=None, help='comma list of NxV, e.g. "4096x32000,16384x151936"')
     p.add_argument("--n", default=None, help="comma list of N (rows); product with --v")
     p.add_argument("--v", default=None, help="comma list of V (vocabulary)")
@@ -147,7 +151,7 @@ def main(argv=None):
     reps = 10 if args.reps is None else args.reps
     warmup = 2 if args.warmup is None else args.warmup
     shapes = shapes_from(args, device)
-    names = contenders.expand(args.backends.split(","), device)
+    names = contenders.expand(args.backends.split(","), device, args.inplace)
     peak_bw = args.peak_bw_tbs * 1e12 if args.peak_bw_tbs else devices.peak_bandwidth(device)
     slug = devices.device_slug(device)
     stem = args.name or (slug + ("-quick" if args.quick else ""))
@@ -176,13 +180,29 @@ def main(argv=None):
     if args.threads:
         results["host"]["torch_threads"] = args.threads
     done = {}
+    plan = {(n, N, V, args.dtype, args.lam) for (N, V) in shapes for n in names}
     if args.resume and json_path.exists():
+        # Merge: finished cases of the existing file are kept and not re-run; cases outside this invocation's plan
+        # (e.g. an earlier invocation's N) are carried over unchanged, so a sweep can be split across commands.
         old = json.loads(json_path.read_text())
         for c in old.get("cases", []):
-            if c["status"] in ("ok", "wrong", "oom"):
-                done[(c["contender"], c["N"], c["V"], c["dtype"], c.get("lam"))] = c
+            key = (c["contender"], c["N"], c["V"], c["dtype"], c.get("lam"))
+            if key not in plan:
+                results["cases"].append(c)
+            elif c["status"] in ("ok", "wrong", "oom"):
+                done[key] = c
+        for s in old.get("config", {}).get("shapes", []):
+            if tuple(s) not in {tuple(x) for x in results["config"]["shapes"]}:
+                results["config"]["shapes"].insert(0, s)
+        for n in old.get("config", {}).get("contenders", []):
+            if n not in results["config"]["contenders"]:
+                results["config"]["contenders"].append(n)
+        results["command"] = old.get("command", "") + " ; " + results["command"]
 
     def write():
+        order = {n: i for i, n in enumerate(results["config"]["contenders"])}
+        results["cases"].sort(key=lambda c: (c["N"], c["V"], order.get(c["contender"], 99)))
+        results["config"]["shapes"].sort()
         report.add_ratios(results["cases"])
         json_path.write_text(json.dumps(results, indent=1))
         (out_dir / f"{stem}.md").write_text(report.markdown(results))

@@ -42,6 +42,12 @@ class Runner:
     leaf: torch.Tensor  # differentiate w.r.t. this
     loss: Callable[[], torch.Tensor]
     grad_view: Callable[[torch.Tensor], torch.Tensor]  # leaf-shaped grad -> [B, T, V] grad of the student logits
+    inplace: bool = False  # the backward overwrites the student logits with the gradient
+
+
+def split(name: str):
+    """``"rlsd[cpp]+inplace"`` -> ``("rlsd[cpp]", True)``."""
+    return (name[: -len("+inplace")], True) if name.endswith("+inplace") else (name, False)
 
 
 def _hyper(w: Workload) -> dict:
@@ -51,6 +57,9 @@ def _hyper(w: Workload) -> dict:
 # ------------------------------------------------------------------------------------------------ availability
 def availability(name: str, device: torch.device) -> Optional[str]:
     """``None`` if ``name`` can run on ``device``; otherwise why it is skipped."""
+    name, inplace = split(name)
+    if inplace and not (name.startswith("rlsd[") or name == "liger"):
+        return f"{name} has no in-place backward"
     if name.startswith("rlsd[") and name.endswith("]"):
         be = name[5:-1]
         if be not in RLSD_BACKENDS:
@@ -93,30 +102,36 @@ def availability(name: str, device: torch.device) -> Optional[str]:
     return f"unknown contender {name!r}"
 
 
-def expand(names: List[str], device: torch.device) -> List[str]:
-    """``rlsd`` means every backend of the op that can serve ``device``."""
+def expand(names: List[str], device: torch.device, inplace: bool = False) -> List[str]:
+    """``rlsd`` means every backend of the op that can serve ``device``; a ``+inplace`` suffix selects the in-place
+    backward (``inplace_backward=True`` / Liger's ``inplace=True``); ``inplace=True`` adds that variant after every
+    contender that has one."""
     out: List[str] = []
     for n in names:
-        n = n.strip()
+        n, ip = split(n.strip())
+        sfx = "+inplace" if ip else ""
         if not n:
             continue
         if n == "rlsd":
             bes = ["triton"] if device.type == "cuda" else ["cpp", "reference"]
-            out += [f"rlsd[{b}]" for b in bes]
+            out += [f"rlsd[{b}]{sfx}" for b in bes]
         elif n in RLSD_BACKENDS:
-            out.append(f"rlsd[{n}]")
+            out.append(f"rlsd[{n}]{sfx}")
         else:
-            out.append(n)
+            out.append(n + sfx)
+    if inplace:
+        out = [v for n in out for v in ([n, n + "+inplace"] if (n.startswith("rlsd[") or n == "liger")
+                                       and not n.endswith("+inplace") else [n])]
     seen = set()
     return [n for n in out if not (n in seen or seen.add(n))]
 
 
 def layout(name: str) -> str:
-    return "liger" if name == "liger" else "plain"
+    return "liger" if split(name)[0] == "liger" else "plain"
 
 
 # ------------------------------------------------------------------------------------------------ factories
-def _make_rlsd(backend: str):
+def _make_rlsd(backend: str, inplace: bool):
     def make(inp: Inputs, w: Workload) -> Runner:
         from rlsd_kernels import rlsd_loss
         from rlsd_kernels.dispatch import force_backend
@@ -126,9 +141,10 @@ def _make_rlsd(backend: str):
 
         def loss():
             with force_backend(backend):
-                return rlsd_loss(zs, inp.teacher, inp.labels, inp.advantages, inp.old_logprobs, **hyp).loss
+                return rlsd_loss(zs, inp.teacher, inp.labels, inp.advantages, inp.old_logprobs,
+                                 inplace_backward=inplace, **hyp).loss
 
-        return Runner(zs, loss, lambda g: g)
+        return Runner(zs, loss, lambda g: g, inplace)
 
     return make
 
@@ -156,7 +172,7 @@ def _make_compile(inp: Inputs, w: Workload) -> Runner:
     return Runner(zs, lambda: f(zs, inp.teacher, inp.labels, inp.advantages, inp.old_logprobs), lambda g: g)
 
 
-def _make_liger(inp: Inputs, w: Workload) -> Runner:
+def _make_liger(inp: Inputs, w: Workload, inplace: bool = False) -> Runner:
     from liger_kernel.ops.grpo_loss import fused_selective_log_softmax
     from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
@@ -182,15 +198,18 @@ def _make_liger(inp: Inputs, w: Workload) -> Runner:
         else:
             factor = abs_adv
         per_tok, _, _ = triton_grpo_loss(sbuf, old, None, labels, seq_sign, None, temperature=1.0, beta=0.0,
-                                         eps_low=0.2, eps_high=0.28, inplace=False, loss_type="bnpo",
+                                         eps_low=0.2, eps_high=0.28, inplace=inplace, loss_type="bnpo",
                                          reduce=False)
         return (per_tok * factor).sum() / n_tok
 
     T = inp.student.shape[1]
-    return Runner(sbuf, loss, lambda g: g[:, :T])
+    return Runner(sbuf, loss, lambda g: g[:, :T], inplace)
 
 
 def factory(name: str):
+    name, inplace = split(name)
     if name.startswith("rlsd["):
-        return _make_rlsd(name[5:-1])
-    return {"eager": _make_eager, "compile": _make_compile, "liger": _make_liger}[name]
+        return _make_rlsd(name[5:-1], inplace)
+    if name == "liger":
+        return lambda inp, w: _make_liger(inp, w, inplace)
+    return {"eager": _make_eager, "compile": _make_compile}[name]

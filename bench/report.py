@@ -19,10 +19,21 @@ def add_ratios(cases: List[dict]) -> None:
                                         if em and em["peak_mem_bytes"] > 0 and st["peak_mem_bytes"] >= 0 else None)
 
 
+def _num(x: float) -> str:
+    """3 significant digits without exponents: 6190, 442, 95.3, 0.125."""
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    if x >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
 def _ms(st):
     if not st:
         return "-"
-    return f"{st['median_ms']:.3g} [{st['p25_ms']:.3g}-{st['p75_ms']:.3g}]"
+    return f"{_num(st['median_ms'])} [{_num(st['p25_ms'])}-{_num(st['p75_ms'])}]"
 
 
 def _x(v):
@@ -30,7 +41,7 @@ def _x(v):
 
 
 def _mib(st):
-    return "-" if not st or st["peak_mem_bytes"] < 0 else f"{st['peak_mem_bytes'] / 2**20:.3g}"
+    return "-" if not st or st["peak_mem_bytes"] < 0 else _num(st["peak_mem_bytes"] / 2**20)
 
 
 def rows(results: dict) -> List[List[str]]:
@@ -39,13 +50,12 @@ def rows(results: dict) -> List[List[str]]:
         ms = c.get("modes", {})
         f, fb = ms.get("fwd"), ms.get("fwd+bwd")
         if c["status"] != "ok":
-            status = c["status"] + (f": {c['reason']}" if c.get("reason") else "")
-            out.append([f"{c['N']}x{c['V']}", c["contender"], status[:90]] + ["-"] * 6)
+            out.append([f"{c['N']}x{c['V']}", c["contender"], c["status"]] + ["-"] * 6)
             continue
-        bw = "-"
         last = fb or f
+        bw = f"{_num(last['achieved_gbps'])} GB/s" if last else "-"
         if last and last.get("bw_frac") is not None:
-            bw = f"{100 * last['bw_frac']:.0f}%"
+            bw += f" ({100 * last['bw_frac']:.0f}%)"
         out.append([
             f"{c['N']}x{c['V']}", c["contender"], "ok",
             _ms(f), _ms(fb),
@@ -58,14 +68,34 @@ def rows(results: dict) -> List[List[str]]:
 
 
 HEADER = ["shape NxV", "contender", "status", "fwd ms (median [IQR])", "fwd+bwd ms (median [IQR])",
-          "speed-up vs eager fwd / f+b", "peak MiB fwd / f+b", "mem vs eager (f+b)", "% peak BW (f+b)"]
+          "speed-up vs eager fwd / f+b", "peak MiB fwd / f+b", "mem vs eager (f+b)", "bandwidth f+b (% of peak)"]
+
+
+def not_timed(results: dict) -> List[str]:
+    """One line per distinct (contender, status, reason) of the cases that were not timed."""
+    out, seen = [], set()
+    for c in results["cases"]:
+        if c["status"] == "ok":
+            continue
+        key = (c["contender"], c["status"], c.get("reason"))
+        if key in seen:
+            continue
+        seen.add(key)
+        shapes = [f"{d['N']}x{d['V']}" for d in results["cases"]
+                  if (d["contender"], d["status"], d.get("reason")) == key]
+        where = "all shapes" if len(shapes) == len({(d["N"], d["V"]) for d in results["cases"]}) else ", ".join(shapes)
+        out.append(f"{c['contender']} {c['status']} ({where}): {c.get('reason')}")
+    return out
 
 
 def text_table(results: dict) -> str:
     rs = [HEADER] + rows(results)
     widths = [max(len(r[i]) for r in rs) for i in range(len(HEADER))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rs]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rs]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    nt = not_timed(results)
+    if nt:
+        lines += ["", "not timed:"] + ["  " + x for x in nt]
     return "\n".join(lines)
 
 
@@ -87,16 +117,9 @@ def markdown(results: dict) -> str:
         out.append(f"- torch threads: {results['host'].get('torch_threads')}, cpu count {results['host'].get('cpu_count')}")
     out += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     out += ["| " + " | ".join(r) + " |" for r in rows(results)]
-    notes = [c for c in results["cases"] if c["status"] not in ("ok",)]
-    if notes:
-        out += ["", "Not timed:", ""]
-        seen = set()
-        for c in notes:
-            key = (c["contender"], c["status"], c.get("reason"))
-            if key in seen:
-                continue
-            seen.add(key)
-            out.append(f"- `{c['contender']}` {c['status']}: {c.get('reason')}")
+    nt = not_timed(results)
+    if nt:
+        out += ["", "Not timed:", ""] + [f"- {x}" for x in nt]
     return "\n".join(out) + "\n"
 
 

@@ -71,6 +71,18 @@ def _gen(seed: int, device) -> torch.Generator:
     return g
 
 
+def _student_row(w: Workload, b: int) -> torch.Tensor:
+    g = _gen(w.seed * 1_000_003 + 2 * b + 11, w.device)
+    return torch.randn((w.T, w.V), generator=g, device=w.device) * w.scale
+
+
+def refill_student(inp: Inputs, w: Workload) -> None:
+    """Rewrite the student logits (after an in-place backward overwrote them with the gradient)."""
+    with torch.no_grad():
+        for b in range(w.B):
+            inp.student[b].copy_(_student_row(w, b))
+
+
 def make_inputs(w: Workload, layout: str = "plain") -> Inputs:
     """Build the inputs; ``layout="liger"`` allocates ``[B, T + 1, V]`` logits (causal-LM output incl. the last
     position, as Liger's GRPO kernels expect) and returns ``[:, :T]`` views of them as ``student``/``teacher``."""
@@ -87,9 +99,7 @@ def make_inputs(w: Workload, layout: str = "plain") -> Inputs:
     old = torch.empty((B, T), dtype=torch.float32, device=dev)
     with torch.no_grad():
         for b in range(B):
-            g = _gen(w.seed * 1_000_003 + 2 * b + 11, dev)
-            x = torch.randn((T, V), generator=g, device=dev) * w.scale
-            student[b].copy_(x)
+            student[b].copy_(_student_row(w, b))
             g = _gen(w.seed * 1_000_003 + 2 * b + 12, dev)
             x = student[b].float() + torch.randn((T, V), generator=g, device=dev) * (0.5 * w.scale)
             teacher[b].copy_(x)
