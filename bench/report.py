@@ -37,7 +37,7 @@ def _ms(st):
 
 
 def _x(v):
-    return "-" if v is None else f"{v:.2f}x"
+    return "-" if v is None else (f"{v:.2f}x" if v >= 0.01 else f"{v:.2g}x")
 
 
 def _mib(st):
