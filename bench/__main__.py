@@ -34,6 +34,8 @@ CPU_V = (32000, 151936)
 QUICK_SHAPES = ((128, 8192), (256, 32000))
 DEFAULT_CONTENDERS = "rlsd,eager,compile,liger"
 ROOT = Path(__file__).resolve().parent.parent
+# bench/results of the source checkout; an installed package writes to ./bench-results instead of site-packages.
+DEFAULT_OUT = ROOT / "bench" / "results" if (ROOT / "setup.py").exists() else Path.cwd() / "bench-results"
 
 
 def _ints(s: str):
@@ -61,10 +63,12 @@ def parse_args(argv=None):
     p.add_argument("--lam", type=float, default=0.5, help="RLSD lam (0 = plain GRPO)")
     p.add_argument("--seqs", type=int, default=8, help="sequences per batch (N = seqs * T)")
     p.add_argument("--quick", action="store_true", help=f"small shapes {QUICK_SHAPES}, 3 reps: seconds on CPU")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="output directory (default %(default)s)")
+    p.add_argument("--out", default=str(DEFAULT_OUT),
+                   help="output directory (default: bench/results of the checkout)")
     p.add_argument("--name", default=None, help="file stem of the outputs (default: device slug, +-quick)")
     p.add_argument("--resume", action="store_true",
-                   help="keep finished cases of an existing results file with the same stem and run only the rest")
+                   help="merge into an existing results file with the same stem: its finished cases are kept and "
+                        "not re-run (a sweep can be split across commands)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads in each case")
     p.add_argument("--peak-bw-tbs", type=float, default=None, help="override the device's peak bandwidth (TB/s)")
     p.add_argument("--case-timeout", type=float, default=1800.0, help="seconds per case before it is killed")
@@ -109,8 +113,9 @@ def versions() -> dict:
 def run_subprocess(spec: dict, timeout: float) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    if spec["device"] == "cpu":
-        env.pop("TRITON_INTERPRET", None)  # nothing Triton is timed on CPU
+    # Never time Triton's interpreter: on CPU nothing Triton is timed, and on CUDA TRITON_INTERPRET=1 (as CI sets it)
+    # would run rlsd[triton] and Liger through the interpreter.
+    env.pop("TRITON_INTERPRET", None)
     with tempfile.TemporaryDirectory(prefix="rlsd-bench-") as d:
         sp, rp = Path(d, "spec.json"), Path(d, "result.json")
         sp.write_text(json.dumps(spec))
