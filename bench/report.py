@@ -147,10 +147,10 @@ def plot(results: dict, path: str) -> None:
         i = ns.index(n) % len(styles)
         kw = dict(color=colors[name], linestyle=styles[i], marker=markers[i], label=f"{name} N={n}")
         ax_t.plot(vs, [p[1]["median_ms"] for p in pts], **kw)
-        ax_m.plot(vs, [max(p[1]["peak_mem_bytes"], 0) / 2**20 for p in pts], **kw)
+        ax_m.plot(vs, [max(p[1]["peak_mem_bytes"] / 2**20, 0.01) for p in pts], **kw)  # log axis: floor 0.01 MiB
     mode = "fwd+bwd" if results["config"]["mode"] != "fwd" else "fwd"
     ax_t.set(xlabel="vocabulary V", ylabel=f"{mode} median time (ms)", yscale="log", title="time")
-    ax_m.set(xlabel="vocabulary V", ylabel=f"{mode} peak memory above inputs (MiB)", yscale="log", title="memory")
+    ax_m.set(xlabel="vocabulary V", ylabel=f"{mode} peak memory above inputs (MiB, floor 0.01)", yscale="log", title="memory")
     for ax in (ax_t, ax_m):
         ax.grid(True, which="both", alpha=0.3)
     ax_t.legend(fontsize=7)
