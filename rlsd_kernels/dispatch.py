@@ -39,12 +39,18 @@ def _cpp_available() -> bool:
     return cpp.available()
 
 
-def backend_name(device) -> str:
+def explicit_backend() -> Optional[str]:
+    """The backend forced by ``force_backend`` or ``RLSD_BACKEND``, or None when the choice is automatic."""
     if _forced is not None:
         return _forced
     env = os.environ.get("RLSD_BACKEND", "").strip().lower()
-    if env:
-        return _check(env, "RLSD_BACKEND")
+    return _check(env, "RLSD_BACKEND") if env else None
+
+
+def backend_name(device) -> str:
+    explicit = explicit_backend()
+    if explicit is not None:
+        return explicit
     if device.type == "cuda":
         return "triton"
     if device.type == "cpu":

@@ -1,0 +1,9 @@
+"""Benchmark suite of the fused RLSD loss (SPEC section 8).
+
+``python -m bench`` (or ``rlsd-bench``) times the fused op against the eager reference, ``torch.compile`` of the
+eager reference and, on CUDA, Liger-Kernel's Triton GRPO loss, after checking that every contender gives the
+reference's loss and gradient on the benchmark inputs. See ``bench/README.md`` for the method.
+
+Modules: ``workload`` (inputs, byte model), ``contenders`` (who is timed and how), ``worker`` (one case, one
+process), ``devices`` (device names, peak bandwidths), ``report`` (table, markdown, plot), ``__main__`` (CLI).
+"""

@@ -1,0 +1,211 @@
+"""Benchmark of the fused linear RLSD loss (hidden states + LM head, no logits) against materialising the logits.
+
+Rows, each on the same inputs (student + teacher hidden states, one LM-head weight, RLSD with lam = 0.5):
+- ``eager``:       ``z = h @ W.T`` (student, with grad) and ``th @ W.T`` (teacher), then the eager reference loss
+                   (``rlsd_kernels.reference.rlsd_loss``: full-vocabulary log_softmax, gather, PPO, autograd);
+- ``logits_op``:   the same explicit matmuls, then our fused logits-level op ``rlsd_kernels.rlsd_loss``;
+- ``fused_linear``: ``rlsd_kernels.rlsd_linear_loss(h, W, ..., teacher_hidden=th)``: logits never materialised.
+
+Each (row, shape) runs in its own subprocess, so that peak memory is that case's alone: on CPU, the growth of the
+peak resident set (``ru_maxrss``) over the resident set once the inputs exist; on GPU,
+``torch.cuda.max_memory_allocated`` over the allocation once the inputs exist. Times are medians of ``--reps``
+runs after one warm-up: forward (loss only, no graph kept) and forward + backward (gradients for h, W).
+
+Usage::
+
+    python -m bench.linear                    # CPU: small shapes; CUDA: the GPU shapes below
+    python -m bench.linear --shapes 2048x256x32000 --dtype float32 --reps 3
+    python -m bench.linear --device cuda      # N x H x V in {4096, 16384} x 4096 x {128256, 151936}, bf16
+
+Results go to ``bench/results/linear-<device>.json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROWS = ("eager", "logits_op", "fused_linear")
+CPU_SHAPES = ["2048x256x32000", "512x128x151936"]
+GPU_SHAPES = [f"{n}x4096x{v}" for v in (128256, 151936) for n in (4096, 16384)]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _case(row: str, shape: str, dtype_name: str, device: str, reps: int) -> dict:
+    """Runs in the child process: one row on one shape; returns times and peak memory."""
+    import torch
+
+    import rlsd_kernels
+    from rlsd_kernels import reference
+    from rlsd_kernels.dispatch import backend_name
+    from rlsd_kernels.linear import linear_backend
+
+    N, H, V = (int(x) for x in shape.split("x"))
+    dt = getattr(torch, dtype_name)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def make(N, H, V):
+        g = torch.Generator(device=dev).manual_seed(0)
+        # created directly in their dtype (no float32 temporaries that would inflate the CPU peak before the baseline)
+        h = torch.randn(N, H, device=dev, dtype=dt, generator=g).requires_grad_()
+        th = torch.randn(N, H, device=dev, dtype=dt, generator=g)
+        w = (torch.randn(V, H, device=dev, dtype=dt, generator=g) * H ** -0.5).requires_grad_()
+        labels = torch.randint(0, V, (N,), device=dev, generator=g)
+        adv = torch.randn(N, device=dev, generator=g)
+        kw = dict(lam=0.5)
+
+        def loss():
+            if row == "fused_linear":
+                return rlsd_kernels.rlsd_linear_loss(h, w, labels, adv, teacher_hidden=th, **kw).loss
+            z = h @ w.T
+            with torch.no_grad():
+                zt = th @ w.T
+            fn = reference.rlsd_loss if row == "eager" else rlsd_kernels.rlsd_loss
+            return fn(z, zt, labels, adv, **kw).loss
+
+        def fwd():
+            with torch.no_grad():
+                loss()
+
+        def fwd_bwd():
+            h.grad = w.grad = None
+            loss().backward()
+            h.grad = w.grad = None
+
+        return fwd, fwd_bwd
+
+    # warm-up on a tiny copy of the case: lazy imports, op registration, kernel compilation happen before the baseline
+    for f in make(32, min(H, 64), min(V, 512)):
+        f()
+    fwd, fwd_bwd = make(N, H, V)
+    # warm-up of the runtime itself (thread pools, allocator, BLAS buffers) before the memory baseline
+    (torch.ones(64, 64, device=dev) @ torch.ones(64, 64, device=dev)).sum().item()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+        floor = _maxrss_bytes()
+    fwd_bwd()  # first call: measured for memory (also the warm-up of the timings)
+    sync()
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _maxrss_bytes() - base
+
+    def median(fn):
+        ts = []
+        for _ in range(reps):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t0)
+        return sorted(ts)[len(ts) // 2]
+
+    t_fwd = median(fwd)
+    t_fb = median(fwd_bwd)
+    out = dict(row=row, shape=shape, N=N, H=H, V=V, dtype=dtype_name, device=device,
+               fwd_ms=t_fwd * 1e3, fwd_bwd_ms=t_fb * 1e3, peak_mem_mib=peak / 2 ** 20,
+               logits_mib=N * V * torch.tensor([], dtype=dt).element_size() / 2 ** 20,
+               logits_backend=backend_name(dev), linear_backend=linear_backend(dev, dt))
+    if not cuda:  # ru_maxrss never decreases: a case peaking below this floor is over-estimated, never under-
+        out["rss_floor_mib"] = max(0, floor - base) / 2 ** 20
+    return out
+
+
+def _device_slug(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        name = torch.cuda.get_device_name(torch.device(device))
+        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return "cpu"
+
+
+def _markdown(results: list, device: str, slug: str) -> str:
+    lines = [f"# Fused linear RLSD benchmark ({slug})", "",
+             f"`python -m bench.linear --device {device}`; {platform.platform()}; torch threads as default.", "",
+             "N x H x V | dtype | row | fwd ms | fwd+bwd ms | peak extra MiB | N x V logits MiB | backends",
+             "---|---|---|---|---|---|---|---"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['shape']} | {r['dtype']} | {r['row']} | error: {r['error'][:80]} | | | |")
+            continue
+        lines.append(f"{r['shape']} | {r['dtype']} | {r['row']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | "
+                     f"{r['peak_mem_mib']:.0f} | {r['logits_mib']:.0f} | "
+                     f"logits={r['logits_backend']}, linear={r['linear_backend']}")
+    lines += ["", "peak extra: CPU = growth of peak RSS over the RSS with the inputs allocated (one fwd+bwd); "
+              "GPU = max_memory_allocated over the allocation with the inputs.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--shapes", nargs="*", default=None, help="NxHxV ... (default: per device)")
+    ap.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: cpu float32, cuda bf16)")
+    ap.add_argument("--rows", nargs="*", default=list(ROWS), choices=ROWS)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--_child", nargs=5, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._child:
+        row, shape, dtype, device, reps = args._child
+        print("RESULT " + json.dumps(_case(row, shape, dtype, device, int(reps))))
+        return 0
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.startswith("cuda")
+    shapes = args.shapes or (GPU_SHAPES if gpu else CPU_SHAPES)
+    dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    reps = args.reps or (10 if gpu else 3)
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # real kernels only; the interpreter is for tests
+    root = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    results = []
+    for shape in shapes:
+        for row in args.rows:
+            cmd = [sys.executable, "-m", "bench.linear", "--_child", row, shape, dtype, device, str(reps)]
+            p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+            found = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+            if p.returncode == 0 and found:
+                r = json.loads(found[-1][len("RESULT "):])
+            else:  # e.g. out of memory: record it and go on
+                tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["?"]
+                r = dict(row=row, shape=shape, dtype=dtype, device=device, error=tail[0])
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    slug = _device_slug(device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"linear-{slug}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / f"linear-{slug}.md").write_text(_markdown(results, device, slug))
+    print(f"wrote {out / f'linear-{slug}.json'} and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""Fused linear RLSD (hidden states + LM-head weight): against the float64 reference on materialised logits."""
+import pytest
+import torch
+
+import rlsd_kernels
+from rlsd_kernels import reference, rlsd_linear_loss, token_logprobs_linear
+from rlsd_kernels.backends import linear_chunked
+from rlsd_kernels.dispatch import force_backend
+from rlsd_kernels.linear import linear_backend
+
+from conftest import DEVICE, available_backends
+
+PATHS = ["chunked"] + (["triton"] if "triton" in available_backends() else [])
+B, T, H, V = 3, 5, 40, 1003  # odd V and H: no dimension is a multiple of any block
+
+
+@pytest.fixture(params=PATHS)
+def path(request):
+    """``chunked``: the token-chunked path over the logits op (reference/C++); ``triton``: the tile kernels."""
+    name = request.param
+    forced = "triton" if name == "triton" else ("cpp" if "cpp" in available_backends() else "reference")
+    with force_backend(forced):
+        assert linear_backend(DEVICE) == ("triton" if name == "triton" else "chunked")
+        yield name
+
+
+def _inputs(seed=0, dtype=torch.float64, bias=True, teacher=True, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * scale
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    th = (h + 0.5 * torch.randn(B, T, H, generator=g, dtype=torch.float64)) if teacher else None
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, 1] = -100
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[2, 3:] = False
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    adv[1] = 0.0
+    old = None
+    cast = lambda x: None if x is None else x.to(DEVICE, dtype)  # noqa: E731
+    return dict(h=cast(h), w=cast(w), b=cast(b), th=cast(th), labels=labels.to(DEVICE), mask=mask.to(DEVICE),
+                adv=adv.to(DEVICE, torch.float32), old=old)
+
+
+def _leaf(x):
+    return None if x is None else x.detach().clone().requires_grad_()
+
+
+def _truth(inp, **kw):
+    """Float64 eager reference on materialised logits, with gradients for hidden, weight and bias."""
+    h, w, b = (_leaf(None if inp[k] is None else inp[k].double()) for k in ("h", "w", "b"))
+    z = h @ w.T + (b if b is not None else 0.0)
+    zt = None
+    if inp["th"] is not None:
+        zt = (inp["th"].double() @ w.T + (b if b is not None else 0.0)).detach()
+    out = reference.rlsd_loss(z, zt, inp["labels"], inp["adv"].double(), inp["old"], inp["mask"], **kw)
+    out.loss.backward()
+    return out, [None if x is None else x.grad for x in (h, w, b)]
+
+
+def _fused(inp, dtype, **kw):
+    h, w, b = (_leaf(None if inp[k] is None else inp[k].to(dtype)) for k in ("h", "w", "b"))
+    th = None if inp["th"] is None else inp["th"].to(dtype)
+    out = rlsd_linear_loss(h, w, inp["labels"], inp["adv"], inp["old"], inp["mask"], teacher_hidden=th,
+                           lm_head_bias=b, **kw)
+    out.loss.backward()
+    return out, [None if x is None else x.grad for x in (h, w, b)]
+
+
+def _close(a, b, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
+
+
+def test_default_dispatch_is_chunked_on_cpu():
+    if DEVICE.type == "cpu":
+        assert linear_backend(DEVICE) == "chunked"  # TRITON_INTERPRET=1 alone does not pick the interpreter
+        with force_backend("triton"):
+            assert linear_backend(DEVICE) == "triton"
+            assert linear_backend(DEVICE, torch.float64) == "chunked"
+    else:
+        assert linear_backend(DEVICE) == "triton"
+
+
+@pytest.mark.parametrize("teacher", ["hidden", "logprobs", None])
+def test_float32_matches_float64_reference(path, teacher):
+    inp = _inputs(teacher=teacher is not None)
+    kw = dict(lam=0.7, return_entropy=True)
+    ref, ref_g = _truth(inp, **kw)
+    if teacher == "logprobs":  # the teacher scored elsewhere, e.g. with token_logprobs_linear
+        inp = dict(inp, th=None)
+        kw["teacher_logprobs"] = ref.teacher_logprobs
+    out, g = _fused(inp, torch.float32, **kw)
+    _close(out.loss, ref.loss)
+    _close(out.logprobs, ref.logprobs)
+    _close(out.entropy, ref.entropy)
+    _close(out.weights, ref.weights)
+    if teacher is not None:
+        _close(out.teacher_logprobs, ref.teacher_logprobs)
+    for got, want in zip(g, ref_g):
+        _close(got, want)
+    for k, v in ref.metrics.items():
+        assert abs(out.metrics[k] - v) <= 1e-5 + 1e-5 * abs(v), k
+
+
+@pytest.mark.parametrize("kw", [
+    dict(loss_type="cispo", lam=0.5),
+    dict(loss_agg_mode="seq", temperature=0.7, clip_high=0.1),
+    dict(loss_agg_mode="sum", norm=7.0, eps_w=0.05),
+], ids=["cispo", "seq-temp", "sum"])
+def test_loss_variants_with_old_logprobs(path, kw):
+    inp = _inputs(seed=1)
+    g = torch.Generator().manual_seed(5)
+    # off-policy: old log-probs near the current ones so that some tokens clip and some do not
+    z = inp["h"] @ inp["w"].T + inp["b"]
+    cur = reference.token_logprobs(z, inp["labels"], temperature=kw.get("temperature", 1.0))
+    inp["old"] = (cur + 0.3 * torch.randn(cur.shape, generator=g, dtype=cur.dtype)).float()
+    ref, ref_g = _truth(inp, **kw)
+    out, got_g = _fused(inp, torch.float32, **kw)
+    _close(out.loss, ref.loss)
+    _close(out.logprobs, ref.logprobs)
+    for got, want in zip(got_g, ref_g):
+        _close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_eager_error(path, dtype):
+    inp = _inputs(seed=2)
+    q = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k in ("h", "w", "b", "th")
+             else v) for k, v in inp.items()}
+    # truth: float64 on the same (rounded) inputs; eager: logits computed in `dtype`, then the eager loss
+    ref, ref_g = _truth(q, lam=0.7)
+    h, w, b = (_leaf(q[k]) for k in ("h", "w", "b"))
+    eager = reference.rlsd_loss(h @ w.T + b, (q["th"] @ w.T + b).detach(), q["labels"], q["adv"], None, q["mask"],
+                                lam=0.7)
+    eager.loss.backward()
+    eager_g = [x.grad for x in (h, w, b)]
+    out, got_g = _fused(q, dtype, lam=0.7)
+
+    def err(a, b):
+        return (a.double() - b.double()).abs().max().item()
+
+    assert err(out.loss, ref.loss) <= err(eager.loss, ref.loss) + 1e-3
+    assert err(out.logprobs, ref.logprobs) <= err(eager.logprobs, ref.logprobs) + 1e-3
+    for got, ea, want in zip(got_g, eager_g, ref_g):
+        assert got.dtype == dtype
+        assert err(got, want) <= err(ea, want) + 1e-3  # SPEC section 7 (absolute, as tests/helpers.py)
+        # and, stricter, relative to the gradient's scale: at most twice eager's error + 1e-3
+        scale = want.abs().max().item()
+        assert err(got, want) / scale <= 2 * err(ea, want) / scale + 1e-3
+
+
+def test_tied_embeddings(path):
+    """lm_head weight = input embedding: the op's weight gradient adds to the embedding-lookup gradient."""
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3
+    ids = torch.randint(0, V, (B, T), generator=g)
+    labels = torch.roll(ids, -1, 1)
+    adv = torch.randn(B, generator=g)
+    proj = torch.randn(H, H, generator=g, dtype=torch.float64) / H ** 0.5
+
+    def run(fused):
+        e = emb.to(DEVICE, torch.float64 if not fused else torch.float32).clone().requires_grad_()
+        hid = torch.tanh(e[ids.to(DEVICE)] @ proj.to(e.dtype))
+        if fused:
+            loss = rlsd_linear_loss(hid, e, labels.to(DEVICE), adv.to(DEVICE)).loss
+        else:
+            loss = reference.rlsd_loss(hid @ e.T, None, labels.to(DEVICE), adv.to(DEVICE).double()).loss
+        loss.backward()
+        return loss, e.grad
+
+    l_ref, g_ref = run(False)
+    l_f, g_f = run(True)
+    _close(l_f, l_ref)
+    _close(g_f, g_ref)
+
+
+def test_token_logprobs_linear(path):
+    inp = _inputs(seed=4, teacher=False)
+    h, w, b = (_leaf(inp[k]) for k in ("h", "w", "b"))
+    want, want_ent = reference.token_logprobs(h @ w.T + b, inp["labels"], 0.8, True)
+    (want * torch.linspace(-1, 1, want.numel(), dtype=want.dtype).view(want.shape)).sum().backward()
+    want_g = [x.grad for x in (h, w, b)]
+    hf, wf, bf = (_leaf(inp[k].float()) for k in ("h", "w", "b"))
+    got, ent = token_logprobs_linear(hf, wf, inp["labels"], bf, 0.8, True)
+    assert got.shape == inp["labels"].shape and got.dtype == torch.float32
+    (got * torch.linspace(-1, 1, got.numel()).view(got.shape)).sum().backward()
+    _close(got, want)
+    _close(ent, want_ent)
+    for x, y in zip((hf, wf, bf), want_g):
+        _close(x.grad, y)
+
+
+def test_fully_masked_batch(path):
+    inp = _inputs(seed=5)
+    inp["mask"] = torch.zeros_like(inp["mask"])
+    out, g = _fused(inp, torch.float32)
+    assert out.loss.item() == 0.0
+    for x in g:
+        assert torch.isfinite(x).all() and not x.any()
+
+
+def test_frozen_head_and_no_bias(path):
+    inp = _inputs(seed=6, bias=False, teacher=False)
+    ref, ref_g = _truth(inp)
+    h = _leaf(inp["h"].float())
+    w = inp["w"].float()  # frozen: no weight gradient is computed
+    out = rlsd_linear_loss(h, w, inp["labels"], inp["adv"], None, inp["mask"])
+    out.loss.backward()
+    assert w.grad is None
+    _close(h.grad, ref_g[0])
+
+
+def test_chunked_many_chunks(monkeypatch):
+    """Several chunks (the budget shrunk to 3 rows), including float32 accumulation of a bf16 weight gradient."""
+    monkeypatch.setattr(linear_chunked, "CHUNK_BUDGET_BYTES", 3 * 4 * V)
+    with force_backend("cpp" if "cpp" in available_backends() else "reference"):
+        inp = _inputs(seed=7)
+        ref, ref_g = _truth(inp, lam=0.6, return_entropy=True)
+        out, g = _fused(inp, torch.float32, lam=0.6, return_entropy=True)
+        _close(out.loss, ref.loss)
+        _close(out.entropy, ref.entropy)
+        for got, want in zip(g, ref_g):
+            _close(got, want)
+        out16, g16 = _fused(inp, torch.bfloat16, lam=0.6)
+        assert g16[1].dtype == torch.bfloat16
+        assert (g16[1].double() - ref_g[1]).abs().max() <= 0.05 * ref_g[1].abs().max()
+
+
+def test_triton_backward_is_deterministic():
+    if "triton" not in available_backends():
+        pytest.skip("no triton")
+    inp = _inputs(seed=8)
+    with force_backend("triton"):
+        g1 = _fused(inp, torch.float32)[1]
+        g2 = _fused(inp, torch.float32)[1]
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_validation_errors():
+    h = torch.randn(2, 3, 8)
+    w = torch.randn(11, 8)
+    lab = torch.zeros(2, 3, dtype=torch.long)
+    adv = torch.zeros(2)
+
+    def raises(match, *args, **kw):
+        with pytest.raises(ValueError, match=match):
+            rlsd_linear_loss(*args, **kw)
+
+    raises("lm_head_weight must have shape", h, torch.randn(11, 8, 1), lab, adv)
+    raises("lm_head_weight has H=7", h, torch.randn(11, 7), lab, adv)
+    raises("lm_head_weight is torch.bfloat16", h, w.bfloat16(), lab, adv)
+    raises("student_hidden must be float32", h.long(), w, lab, adv)
+    raises("student_hidden must be a torch.Tensor", [1.0], w, lab, adv)
+    raises("lm_head_weight is on meta", h, w.to("meta"), lab, adv)
+    raises(r"lm_head_bias must have shape \(11,\)", h, w, lab, adv, lm_head_bias=torch.zeros(10))
+    raises("teacher_hidden must have shape", h, w, lab, adv, teacher_hidden=torch.randn(2, 3, 7))
+    raises("not both", h, w, lab, adv, teacher_hidden=h, teacher_logprobs=torch.zeros(2, 3))
+    raises("labels holds 11", h, w, lab + 11, adv)
+    raises("labels must have shape", h, w, lab[:, :2], adv)
+    raises("advantages must have shape", h, w, lab, torch.zeros(5))
+    raises("clip_dual", h, w, lab, adv, clip_dual=0.5)
+    with pytest.raises(ValueError, match="weight has H=7"):
+        token_logprobs_linear(h, torch.randn(11, 7), lab)
+    assert rlsd_kernels.rlsd_linear_loss is rlsd_linear_loss
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("V_", [128256, 151936])
+def test_gpu_real_size_memory(V_):
+    """N=4096, H=4096, bf16: no N x V logits (1 GiB+) or their gradient may exist at any point."""
+    torch.manual_seed(0)
+    N, H_ = 4096, 4096
+    dev = torch.device("cuda")
+    h = (torch.randn(N, H_, device=dev) * 0.5).bfloat16().requires_grad_()
+    th = (torch.randn(N, H_, device=dev) * 0.5).bfloat16()
+    w = (torch.randn(V_, H_, device=dev) * 0.02).bfloat16().requires_grad_()
+    labels = torch.randint(0, V_, (N,), device=dev)
+    adv = torch.randn(N, device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = rlsd_linear_loss(h, w, labels, adv, teacher_hidden=th, lam=0.5)
+    out.loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    logits_bytes = N * V_ * 2
+    grads = (N * H_ + V_ * H_) * (2 + 4)  # bf16 gradients + their float32 accumulators
+    assert peak < grads + logits_bytes // 4, (peak, logits_bytes)
+    assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    # accuracy spot check against eager on a slice of rows
+    idx = torch.arange(0, N, 64, device=dev)
+    z = (h.detach()[idx].float() @ w.detach().float().T)
+    want = reference.token_logprobs(z, labels[idx])
+    torch.testing.assert_close(out.logprobs[idx], want, rtol=0, atol=2e-2)
+
+
+def test_compile_fullgraph():
+    inp = _inputs(seed=9)
+    h0, w0, b0, th = (inp[k].float() for k in ("h", "w", "b", "th"))
+
+    def f(h, w, b):
+        out = rlsd_linear_loss(h, w, inp["labels"], inp["adv"], None, inp["mask"], teacher_hidden=th,
+                               lm_head_bias=b, lam=0.5, loss_agg_mode="seq", return_entropy=True)
+        return out.loss, out.logprobs, out.entropy
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    xs = [_leaf(x) for x in (h0, w0, b0)]
+    loss, lp, ent = compiled(*xs)
+    g = torch.autograd.grad(loss, xs)
+    ys = [_leaf(x) for x in (h0, w0, b0)]
+    loss2, lp2, ent2 = f(*ys)
+    g2 = torch.autograd.grad(loss2, ys)
+    torch.testing.assert_close(loss, loss2)
+    torch.testing.assert_close(ent, ent2)
+    for a, b in zip(g, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_opcheck():
+    inp = _inputs(seed=10)
+    h, w, b = (_leaf(inp[k].float().reshape(-1, H) if k == "h" else inp[k].float()) for k in ("h", "w", "b"))
+    th = inp["th"].float().reshape(-1, H)
+    torch.library.opcheck(torch.ops.rlsd_kernels.fused_linear_logprobs.default,
+                          (h, w, b, th, inp["labels"].reshape(-1), 1.0, -100, True))
