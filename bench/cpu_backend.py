@@ -18,7 +18,8 @@ and teacher, gather, weights, PPO loss, autograd), ``cpp`` (``rlsd_kernels.rlsd_
     python -m bench.cpu_backend                       # N in {1024, 4096} x V in {32000, 151936}, fp32 + bf16
     python -m bench.cpu_backend --shapes 1024x32000 --dtypes float32 --reps 3     # a short sanity run
 
-Results: a markdown table on stdout and ``bench/results/cpu_backend.{json,md}``. ``run(shapes, dtypes, reps)``
+Results: a markdown table on stdout and ``bench/results/cpu_backend.{json,md}`` (``./bench-results/`` for an installed
+package; ``--out`` to choose). ``run(shapes, dtypes, reps)``
 returns the rows as a list of dicts for the general benchmark suite.
 """
 from __future__ import annotations
@@ -39,7 +40,9 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
 DEFAULT_SHAPES = [(1024, 32000), (1024, 151936), (4096, 32000), (4096, 151936)]
 DEFAULT_DTYPES = ["float32", "bfloat16"]
 IMPLS = ["eager", "cpp", "cpp_inplace"]
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_ROOT = Path(__file__).resolve().parent.parent
+# bench/results of a source checkout; an installed package writes to ./bench-results instead of site-packages
+RESULTS_DIR = _ROOT / "bench" / "results" if (_ROOT / "setup.py").exists() else Path.cwd() / "bench-results"
 _MIB = 1024 * 1024
 
 
