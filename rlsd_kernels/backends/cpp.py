@@ -54,10 +54,13 @@ def _cpu_signature() -> str:
     return platform.machine() + platform.processor()
 
 
-def _flags():
+def _flag_sets():
+    """Compiler/linker flags to try in order: tuned (OpenMP, -march=native), then portable (no OpenMP, where the
+    compiler lacks it: rows then run on one thread; no -march=native: SSE2 on x86-64)."""
     native = os.environ.get("RLSD_CPP_NATIVE", "1") != "0"
-    cflags = ["-O3", "-fopenmp", "-fno-math-errno"] + (["-march=native"] if native else [])
-    return cflags, ["-fopenmp"]
+    tuned = (["-O3", "-fopenmp", "-fno-math-errno"] + (["-march=native"] if native else []), ["-fopenmp"])
+    portable = (["-O3", "-fno-math-errno"], [])
+    return [tuned, portable]
 
 
 def _ext_name(src: bytes, cflags) -> str:
@@ -69,19 +72,32 @@ def _ext_name(src: bytes, cflags) -> str:
     return f"rlsd_cpu_{h.hexdigest()[:16]}"
 
 
-def _build():
+def _build_one(src: Path, cflags, ldflags):
     from torch.utils import cpp_extension
 
-    src = source_dir() / _SOURCE
-    cflags, ldflags = _flags()
     name = _ext_name(src.read_bytes(), cflags)
-    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     verbose = os.environ.get("RLSD_CPP_VERBOSE", "0") == "1"
-    if not any(build_dir.glob(f"{name}*.so")) and not any(build_dir.glob(f"{name}*.pyd")):
-        print(f"rlsd_kernels: compiling the C++ CPU backend (once, about a minute; cached in {build_dir})",
+    try:
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        built = any(build_dir.glob(f"{name}*.so")) or any(build_dir.glob(f"{name}*.pyd"))
+    except Exception:  # private torch helper: if it changes, just always print the message
+        build_dir, built = "~/.cache/torch_extensions", False
+    if not built:
+        print(f"rlsd_kernels: compiling the C++ CPU backend (once, 10-60 s; cached in {build_dir})",
               file=sys.stderr, flush=True)
     return cpp_extension.load(name=name, sources=[str(src)], extra_cflags=cflags, extra_ldflags=ldflags,
-                              build_directory=str(build_dir), verbose=verbose)
+                              verbose=verbose)
+
+
+def _build():
+    src = source_dir() / _SOURCE
+    errors = []
+    for cflags, ldflags in _flag_sets():
+        try:
+            return _build_one(src, cflags, ldflags)
+        except Exception as exc:
+            errors.append(exc)
+    raise errors[0]
 
 
 def load():
