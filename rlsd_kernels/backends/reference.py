@@ -75,6 +75,6 @@ def backward(grad_logp, student, labels, lse, temperature, out):
             rows = torch.nonzero(hit).squeeze(1)
             # target term 1 - p[y] formed in float32 before any cast (bf16 cancellation near p = 1)
             g[rows, lab[rows]] += 1.0
-            g *= (grad_logp[r0:r1] / temperature)[:, None]
+            g *= torch.where(torch.isinf(lse_b), 0.0, grad_logp[r0:r1, None] / temperature)
             idx = torch.arange(r0, r1, device=out.device)
             out[idx // T, idx % T] = g.to(out.dtype)

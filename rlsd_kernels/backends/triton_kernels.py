@@ -127,7 +127,8 @@ def _fused_logprobs_bwd(
     lse = tl.load(LSE + row)
     label = tl.load(LABELS + row)
     x = tl.load(S + b * s_sb + t * s_st + s_off, mask=inb, other=float("-inf")).to(tl.float32) * inv_temp
-    # A row of only -inf has lse = -inf: its softmax is undefined, give it zero gradient rather than nan.
+    # A row of only -inf has lse = -inf: its softmax is undefined, give the whole row zero gradient, never nan.
+    coef = tl.where(lse == float("-inf"), 0.0, coef)
     p = tl.where(lse == float("-inf"), 0.0, tl.exp(x - lse))
     # Target term 1 - p[y] is formed in float32 before the cast (bf16 cancellation near p = 1).
     g = coef * tl.where(cols == label, 1.0 - p, -p)
