@@ -7,7 +7,8 @@ Examples::
     python -m bench --device cuda                             # the full SPEC grid, bf16 (see bench/gpu_sweep.sh)
 
 Each (contender, shape) case runs in a fresh subprocess (``bench.worker``), is first checked against the float32
-reference, then timed; results go to ``<out>/<device-slug>.{json,md,png}`` (``-quick`` appended for ``--quick``).
+reference, then timed; results go to ``<out>/<device-slug>.{json,md,png}`` (``-fp32``/``-fp16`` appended for those dtypes, ``-quick`` for
+``--quick``).
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help=f"small shapes {QUICK_SHAPES}, 3 reps: seconds on CPU")
     p.add_argument("--out", default=str(DEFAULT_OUT),
                    help="output directory (default: bench/results of the checkout)")
-    p.add_argument("--name", default=None, help="file stem of the outputs (default: device slug, +-quick)")
+    p.add_argument("--name", default=None, help="file stem of the outputs (default: device slug, +-<dtype> unless bf16, +-quick)")
     p.add_argument("--resume", action="store_true",
                    help="merge into an existing results file with the same stem: its finished cases are kept and "
                         "not re-run (a sweep can be split across commands)")
@@ -159,7 +160,8 @@ def main(argv=None):
     names = contenders.expand(args.backends.split(","), device, args.inplace)
     peak_bw = args.peak_bw_tbs * 1e12 if args.peak_bw_tbs else devices.peak_bandwidth(device)
     slug = devices.device_slug(device)
-    stem = args.name or (slug + ("-quick" if args.quick else ""))
+    # one results file per device and dtype (bf16, the SPEC's benchmark dtype, keeps the bare device name)
+    stem = args.name or (slug + ("" if args.dtype == "bf16" else f"-{args.dtype}") + ("-quick" if args.quick else ""))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{stem}.json"

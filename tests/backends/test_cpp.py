@@ -351,14 +351,3 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch):
 
 def test_sources_found():
     assert (cpp.source_dir() / "rlsd_cpu.cpp").is_file()
-
-
-def test_cpu_benchmark_smoke():
-    """bench/cpu_backend.py's per-case measurement, in-process on a tiny shape (the real run uses subprocesses)."""
-    pytest.importorskip("bench.cpu_backend")
-    from bench import cpu_backend
-
-    rows = [cpu_backend._case(impl, 16, 300, "bfloat16", 1) for impl in cpu_backend.IMPLS]
-    for r in rows:
-        assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["fwdbwd_peak_extra_mib"] >= 0
-    assert "| cpp_inplace | 16 | 300 | bfloat16 |" in cpu_backend.to_markdown(rows)
