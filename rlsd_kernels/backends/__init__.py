@@ -11,3 +11,14 @@
     the dtype of ``student``; ``out`` may be ``student`` itself for the in-place backward). Rows whose label is
     ``ignore_index`` have ``grad_logp = 0`` and so get a zero gradient without the backward knowing the index.
 """
+
+import torch
+
+
+def alloc_row_outputs(n: int, device, has_teacher: bool, want_entropy: bool):
+    """The float32 ``[n]`` outputs of a forward: ``(logp_s, logp_t | None, lse_s, entropy | None)``."""
+    logp_s = torch.empty(n, dtype=torch.float32, device=device)
+    lse_s = torch.empty_like(logp_s)
+    logp_t = torch.empty_like(logp_s) if has_teacher else None
+    ent = torch.empty_like(logp_s) if want_entropy else None
+    return logp_s, logp_t, lse_s, ent

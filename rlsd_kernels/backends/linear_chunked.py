@@ -14,6 +14,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from . import alloc_row_outputs
+
 # 64 MiB of float32 logits per chunk: large enough for efficient GEMMs, small next to any real model.
 CHUNK_BUDGET_BYTES = 64 * 1024 * 1024
 
@@ -46,10 +48,7 @@ def forward(hidden, weight, bias, teacher, labels, temperature, ignore_index, wa
     N = hidden.shape[0]
     V = weight.shape[0]
     dev = hidden.device
-    logp_s = torch.empty(N, dtype=torch.float32, device=dev)
-    lse_s = torch.empty_like(logp_s)
-    logp_t = torch.empty_like(logp_s) if teacher is not None else None
-    ent = torch.empty_like(logp_s) if want_entropy else None
+    logp_s, logp_t, lse_s, ent = alloc_row_outputs(N, dev, teacher is not None, want_entropy)
     with torch.no_grad(), _logits_backend(dev):
         for r0, r1 in _chunks(N, V):
             z_s = F.linear(hidden[r0:r1], weight, bias)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from . import alloc_row_outputs
+
 # 64 MiB of float32 scratch per block: large enough to amortise per-op overhead, small next to any real model.
 _SCRATCH_ELEMS = 16 * 1024 * 1024
 
@@ -40,10 +42,7 @@ def _lse_target(block, labels, temperature, ignore_index):
 def forward(student, teacher, labels, temperature, ignore_index, want_entropy):
     n = labels.numel()
     dev = student.device
-    logp_s = torch.empty(n, dtype=torch.float32, device=dev)
-    lse_s = torch.empty_like(logp_s)
-    logp_t = torch.empty_like(logp_s) if teacher is not None else None
-    ent = torch.empty_like(logp_s) if want_entropy else None
+    logp_s, logp_t, lse_s, ent = alloc_row_outputs(n, dev, teacher is not None, want_entropy)
     with torch.no_grad():
         for r0, r1, blk in _row_blocks(student):
             lab = labels[r0:r1]

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import alloc_row_outputs
+
 # Launch parameters.
 # Forward: 4096 columns per chunk x 2 tensors in float32 is 32 KiB of live values per program, which 8 warps
 # (256 threads, 32 values/thread) keep in registers; chunks this long keep the loop overhead negligible and give
@@ -152,10 +154,7 @@ def forward(student, teacher, labels, temperature, ignore_index, want_entropy):
     B, T, V = student.shape
     n = B * T
     dev = student.device
-    logp_s = torch.empty(n, dtype=torch.float32, device=dev)
-    lse_s = torch.empty_like(logp_s)
-    logp_t = torch.empty_like(logp_s) if teacher is not None else None
-    ent = torch.empty_like(logp_s) if want_entropy else None
+    logp_s, logp_t, lse_s, ent = alloc_row_outputs(n, dev, teacher is not None, want_entropy)
     if n == 0:
         return logp_s, logp_t, lse_s, ent
     tch = teacher if teacher is not None else student  # dummy pointer, never read (HAS_TEACHER=False)

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import alloc_row_outputs
 from .triton_kernels import _check_device
 
 # Launch parameters: untuned starting points (no GPU was available when this was written; see bench/linear.py).
@@ -244,10 +245,7 @@ def forward(hidden, weight, bias, teacher, labels, temperature, ignore_index, wa
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    logp_s = torch.empty(N, dtype=torch.float32, device=dev)
-    lse_s = torch.empty_like(logp_s)
-    logp_t = torch.empty_like(logp_s) if teacher is not None else None
-    ent = torch.empty_like(logp_s) if want_entropy else None
+    logp_s, logp_t, lse_s, ent = alloc_row_outputs(N, dev, teacher is not None, want_entropy)
     if N == 0:
         return logp_s, logp_t, lse_s, ent
     tch = teacher if teacher is not None else hidden  # dummy pointer, never read (HAS_TEACHER=False)
