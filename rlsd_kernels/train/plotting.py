@@ -1,0 +1,69 @@
+"""PNG curves of one run and of a multi-seed method comparison (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _smooth(y: Sequence[float], k: int = 5) -> np.ndarray:
+    y = np.asarray(y, dtype=float)
+    if len(y) < k:
+        return y
+    c = np.cumsum(np.insert(y, 0, 0.0))
+    out = np.empty_like(y)
+    for i in range(len(y)):
+        lo = max(0, i - k + 1)
+        out[i] = (c[i + 1] - c[lo]) / (i + 1 - lo)
+    return out
+
+
+def plot_run(history: List[Dict], path: str, title: str = "") -> None:
+    plt = _plt()
+    rl = [h for h in history if h["step"] > 0]
+    ev = [h for h in history if "eval_acc" in h]
+    panels = [("reward_mean", "train reward (smoothed)"), ("eval_acc", "held-out accuracy"), ("lam", "lam"),
+              ("entropy", "entropy"), ("loss", "loss"), ("weight_mean", "mean token weight g")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (key, name) in zip(axes.flat, panels):
+        src = ev if key == "eval_acc" else rl
+        pts = [(h["step"], h[key]) for h in src if key in h and h[key] is not None]
+        if pts:
+            x, y = zip(*pts)
+            ax.plot(x, _smooth(y) if key == "reward_mean" else y, marker="o" if key == "eval_acc" else None, ms=3)
+        ax.set_title(name)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_compare(curves: Dict[str, Dict[str, np.ndarray]], path: str, title: str = "") -> None:
+    """``curves[method] = {"steps": [S], "acc": [seeds, S]}``: mean line, min-max band and +-1 std band."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method, c in curves.items():
+        x, acc = np.asarray(c["steps"]), np.asarray(c["acc"])
+        mean, std = acc.mean(0), acc.std(0)
+        line, = ax.plot(x, mean, marker="o", ms=3, label=f"{method} (n={acc.shape[0]})")
+        ax.fill_between(x, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.10)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.20)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.set_title(title or "held-out accuracy: mean, +-1 std (dark) and min-max (light) over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
