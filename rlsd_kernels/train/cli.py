@@ -16,7 +16,7 @@ from .trainer import BACKEND_CHOICES, METHODS, TrainConfig
 PRESETS = {
     "default": {},
     # a seconds-long run for smoke tests
-    "tiny": dict(digits=2, eval_size=32, hidden=32, layers=1, heads=2, warm_steps=30, warm_batch=16, steps=4,
+    "tiny": dict(digits=1, eval_size=32, hidden=32, layers=1, heads=2, warm_steps=30, warm_batch=16, steps=4,
                  prompts_per_step=4, group_size=4, eval_every=2, ckpt_every=2),
 }
 
