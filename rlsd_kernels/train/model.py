@@ -87,7 +87,8 @@ class Forward:
     def __call__(self, model, ids, attn, pos, cache=None, use_cache=False):
         kw = {self.cache_kw: cache} if cache is not None else {}
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=use_cache, **kw)
-        new_cache = getattr(out, "cache", None)
-        if new_cache is None:
-            new_cache = getattr(out, "past_key_values", None)
-        return out.logits, new_cache
+        if not use_cache:
+            return out.logits, None
+        if self.cache_kw == "cache":
+            return out.logits, out.cache
+        return out.logits, out.past_key_values

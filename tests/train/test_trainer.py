@@ -62,7 +62,7 @@ def test_lam_schedule():
     assert lam_at(c, 1) == 0.5 and lam_at(c, 26) == pytest.approx(0.25) and lam_at(c, 51) == 0.0
     c = TrainConfig(lam=0.5, lam_warmup_steps=10, lam_decay_steps=10)
     assert lam_at(c, 1) == pytest.approx(0.05) and lam_at(c, 10) == 0.5 and lam_at(c, 21) == 0.0
-    assert lam_at(TrainConfig(method="grpo"), 1) == 0.0
+    assert lam_at(TrainConfig(method="grpo"), 1) == 0.0 and lam_at(TrainConfig(method="opsd"), 1) == 0.0
     assert lam_at(TrainConfig(lam_decay_steps=0), 1000) == 0.5
 
 
