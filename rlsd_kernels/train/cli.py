@@ -65,6 +65,7 @@ HELP = {
     "threads": "torch CPU threads (0 = torch default, all cores)",
     "progress": "tqdm progress bar",
     "plot": "write OUT/curves.png",
+    "save_model": "save the final policy + tokenizer to OUT/model (loadable with --model)",
 }
 
 CHOICES = {"method": METHODS, "backend": BACKEND_CHOICES, "device": ("auto", "cpu", "cuda"),

@@ -80,6 +80,7 @@ class TrainConfig:
     threads: int = 0  # 0 = torch default (all cores)
     progress: bool = True
     plot: bool = True
+    save_model: bool = True  # OUT/model: the final policy as a transformers checkpoint (for --model)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -87,7 +88,7 @@ class TrainConfig:
 
 # Flags that may differ when resuming (they do not change the math of the run).
 RESUME_OVERRIDABLE = ("steps", "out", "ckpt_every", "keep_checkpoints", "resume", "backend", "device", "threads",
-                      "progress", "plot", "init_from")
+                      "progress", "plot", "init_from", "save_model")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -459,6 +460,9 @@ class Trainer:
         if bar is not None:
             bar.close()
         final = [h["eval_acc"] for h in self.history if "eval_acc" in h][-1]
+        if cfg.save_model:  # a plain transformers checkpoint: `--model OUT/model` starts from it
+            self.model.save_pretrained(os.path.join(cfg.out, "model"))
+            self.tok.hf.save_pretrained(os.path.join(cfg.out, "model"))
         if cfg.plot:
             from .plotting import plot_run
 

@@ -95,3 +95,32 @@ def test_unreadable_checkpoint(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--init-from"):
         Trainer(_cfg(tmp_path, "z", init_from=str(bad))).run(log=lambda *_: None)
+
+
+def test_left_padding_does_not_change_logits(tmp_path):
+    import torch
+
+    tr = Trainer(_cfg(tmp_path, "pad"))
+    prompts = [tr.tok.encode("1+2="), tr.tok.encode("1|3+2=")]  # different lengths: row 0 is left-padded
+    resp = torch.tensor([[tr.tok.encode("3")[0], tr.tok.eos_id]] * 2)
+    valid = torch.ones_like(resp, dtype=torch.bool)
+    both = tr._logits(tr.model, prompts, resp, valid)
+    alone = tr._logits(tr.model, prompts[:1], resp[:1], valid[:1])
+    assert torch.isfinite(both).all()
+    torch.testing.assert_close(both[:1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_model_flag_loads_a_saved_checkpoint(tmp_path):
+    train(_cfg(tmp_path, "a", steps=1), log=lambda *_: None)
+    res = train(_cfg(tmp_path, "b", steps=1, warm_steps=0, model=str(tmp_path / "a" / "model")),
+                log=lambda *_: None)
+    assert len(res["history"]) == 2
+
+
+def test_compare_writes_chart_and_table(tmp_path):
+    from rlsd_kernels.train.compare import compare
+
+    s = compare(["grpo", "rlsd"], 1, str(tmp_path / "cmp"), _cfg(tmp_path, "unused", steps=2, eval_every=1))
+    assert set(s["rows"]) == {"grpo", "rlsd"}
+    assert (tmp_path / "cmp" / "compare.png").exists()
+    assert "| rlsd |" in (tmp_path / "cmp" / "compare.md").read_text()
