@@ -15,7 +15,7 @@ def _plt():
     return plt
 
 
-def _smooth(y: Sequence[float], k: int = 5) -> np.ndarray:
+def _smooth(y: Sequence[float], k: int = 10) -> np.ndarray:
     y = np.asarray(y, dtype=float)
     if len(y) < k:
         return y
