@@ -47,8 +47,8 @@ def test_smoke_run(tmp_path, method):
 
 def test_resume_continues_exactly(tmp_path):
     steps = TINY["steps"]
-    straight = train(_cfg(tmp_path, "straight", teacher_sync=1), log=lambda *_: None)["history"]
-    train(_cfg(tmp_path, "split", teacher_sync=1, steps=steps // 2), log=lambda *_: None)
+    straight = train(_cfg(tmp_path, "straight", teacher_sync=3), log=lambda *_: None)["history"]
+    train(_cfg(tmp_path, "split", teacher_sync=3, steps=steps // 2), log=lambda *_: None)
     ck = tmp_path / "split" / "ckpt" / f"step_{steps // 2:06d}.pt"
     assert ck.exists()
     resumed = train(_cfg(tmp_path, "split", steps=steps, resume=str(ck)), log=lambda *_: None)["history"]
