@@ -39,7 +39,14 @@ def plot_run(history: List[Dict], path: str, title: str = "") -> None:
         pts = [(h["step"], h[key]) for h in src if key in h and h[key] is not None]
         if pts:
             x, y = zip(*pts)
-            ax.plot(x, _smooth(y) if key == "reward_mean" else y, marker="o" if key == "eval_acc" else None, ms=3)
+            ax.plot(x, _smooth(y) if key == "reward_mean" else y, marker="o" if key == "eval_acc" else None, ms=3,
+                    label="no hint (student)" if key == "eval_acc" else None)
+        if key == "eval_acc":
+            pts = [(h["step"], h["hint_eval_acc"]) for h in ev if "hint_eval_acc" in h]
+            if pts:
+                x, y = zip(*pts)
+                ax.plot(x, y, marker="x", ms=3, ls="--", label="answer in prompt (teacher format)")
+                ax.legend(fontsize=7)
         ax.set_title(name)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)

@@ -447,6 +447,7 @@ class Trainer:
                 rec = self.rl_step()
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     last_acc = rec["eval_acc"] = self.evaluate()
+                    rec["hint_eval_acc"] = self.evaluate(hinted=True)  # can the policy still read the hint?
                 rec["elapsed_s"] = time.time() - t_start
                 self.history.append(rec)
                 f.write(json.dumps(rec) + "\n")
