@@ -107,6 +107,9 @@ def summarize(hist: Dict[str, List[List[Dict]]], base: TrainConfig) -> Dict:
         steps = sorted(set.intersection(*[set(e) for e in evals]))
         acc = np.array([[e[s] for s in steps] for e in evals])  # [seeds, S]
         curves[m] = {"steps": steps, "acc": acc}
+        hints = [{h["step"]: h["hint_eval_acc"] for h in r if "hint_eval_acc" in h} for r in runs]
+        if all(set(steps) <= set(hd) for hd in hints):
+            curves[m]["hint"] = np.array([[hd[s] for s in steps] for hd in hints])
         mean = acc.mean(0)
         early = [i for i, s in enumerate(steps) if 0 < s <= max(1, steps[-1] // 4)] or [min(1, len(steps) - 1)]
         rewards = np.array([[h["reward_mean"] for h in r if h["step"] > 0] for r in runs])
@@ -119,6 +122,7 @@ def summarize(hist: Dict[str, List[List[Dict]]], base: TrainConfig) -> Dict:
             "train_reward_last20": float(rewards[:, -20:].mean()) if rewards.size else float("nan"),
             "per_seed_final": [float(x) for x in acc[:, -1]],
             "final_step": int(steps[-1]),
+            "hint_final_mean": float(curves[m]["hint"][:, -1].mean()) if "hint" in curves[m] else float("nan"),
         }
     return {"curves": curves, "rows": rows}
 
@@ -129,14 +133,17 @@ def markdown_table(summary: Dict, seeds: int) -> str:
     lines = [
         f"Held-out accuracy (greedy, exact match), {seeds} seeds, mean +- std; every method of a seed starts from "
         f"the same warm-start weights. Early = mean over evals in the first quarter of the run (steps <= "
-        f"{any_row['final_step'] // 4}); AUC = mean over all evals after step 0.",
+        f"{any_row['final_step'] // 4}); AUC = mean over all evals after step 0. "
+        f"Hint-format = accuracy when the answer is in the prompt (the teacher's view), at the end of the run.",
         "",
-        "| method | post-warm-start | early | AUC | best | final (step %d) | final per seed | train reward (last 20 steps) |"
+        "| method | post-warm-start | early | AUC | best | final (step %d) | final per seed | train reward (last 20 steps) "
+        "| hint-format (final) |"
         % any_row["final_step"],
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m, r in rows.items():
         lines.append(f"| {m} | {r['start']:.3f} | {r['early_mean']:.3f} | {r['auc']:.3f} | {r['best_mean']:.3f} | "
                      f"{r['final_mean']:.3f} +- {r['final_std']:.3f} | "
-                     f"{', '.join(f'{x:.3f}' for x in r['per_seed_final'])} | {r['train_reward_last20']:.3f} |")
+                     f"{', '.join(f'{x:.3f}' for x in r['per_seed_final'])} | {r['train_reward_last20']:.3f} | "
+                     f"{r['hint_final_mean']:.3f} |")
     return "\n".join(lines) + "\n"

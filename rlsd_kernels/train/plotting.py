@@ -57,20 +57,27 @@ def plot_run(history: List[Dict], path: str, title: str = "") -> None:
 
 
 def plot_compare(curves: Dict[str, Dict[str, np.ndarray]], path: str, title: str = "") -> None:
-    """``curves[method] = {"steps": [S], "acc": [seeds, S]}``: mean line, min-max band and +-1 std band."""
+    """``curves[method] = {"steps": [S], "acc": [seeds, S], optional "hint": [seeds, S]}``: mean line, +-1 std band
+    and min-max band over seeds; a second panel for the accuracy with the answer in the prompt when logged."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for method, c in curves.items():
-        x, acc = np.asarray(c["steps"]), np.asarray(c["acc"])
-        mean, std = acc.mean(0), acc.std(0)
-        line, = ax.plot(x, mean, marker="o", ms=3, label=f"{method} (n={acc.shape[0]})")
-        ax.fill_between(x, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.10)
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.20)
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("held-out accuracy (greedy)")
-    ax.set_title(title or "held-out accuracy: mean, +-1 std (dark) and min-max (light) over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    has_hint = all("hint" in c for c in curves.values())
+    fig, axes = plt.subplots(1, 2 if has_hint else 1, figsize=(14 if has_hint else 8, 5), squeeze=False)
+    panels = [("acc", "held-out accuracy (student prompt, greedy)")]
+    if has_hint:
+        panels.append(("hint", "held-out accuracy with the answer in the prompt (teacher view)"))
+    for ax, (key, name) in zip(axes[0], panels):
+        for method, c in curves.items():
+            x, acc = np.asarray(c["steps"]), np.asarray(c[key])
+            mean, std = acc.mean(0), acc.std(0)
+            line, = ax.plot(x, mean, marker="o", ms=3, label=f"{method} (n={acc.shape[0]})")
+            ax.fill_between(x, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.10)
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.20)
+        ax.set_xlabel("RL step")
+        ax.set_ylabel("accuracy")
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title or "mean over seeds, +-1 std (dark band) and min-max (light band)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
