@@ -11,6 +11,7 @@ import sys
 import typing
 from typing import List, Optional
 
+from .tasks import TASKS
 from .trainer import BACKEND_CHOICES, METHODS, TrainConfig
 
 PRESETS = {
@@ -88,9 +89,11 @@ def _add_config_flags(p: argparse.ArgumentParser, skip=()) -> None:
         base = typ
         if typing.get_origin(typ) is typing.Union:
             base = [a for a in typing.get_args(typ) if a is not type(None)][0]
-        if f.name in CHOICES:
-            kw["choices"] = CHOICES[f.name]
-        p.add_argument(flag, type=base, metavar=f.name.upper(), **kw)
+        choices = tuple(TASKS) if f.name == "task" else CHOICES.get(f.name)
+        if choices:
+            p.add_argument(flag, type=base, choices=choices, **kw)
+        else:
+            p.add_argument(flag, type=base, metavar=f.name.upper(), **kw)
 
 
 def _config(args: argparse.Namespace, skip=()) -> TrainConfig:
