@@ -1,0 +1,167 @@
+"""``rlsd-train``: the reference trainer's command line.
+
+    rlsd-train [flags]                                 one run (no flags: the CPU demo, RLSD on 3-digit addition)
+    rlsd-train compare --methods grpo,rlsd,opsd --seeds 3 [flags]   several methods x seeds, one chart + table
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from typing import List, Optional
+
+from .tasks import TASKS
+from .trainer import BACKEND_CHOICES, METHODS, TrainConfig
+
+PRESETS = {
+    "default": {},
+    # a seconds-long run for smoke tests
+    "tiny": dict(digits=1, eval_size=32, hidden=32, layers=1, heads=2, warm_steps=30, warm_batch=16, steps=4,
+                 prompts_per_step=4, group_size=4, eval_every=2, ckpt_every=2),
+}
+
+HELP = {
+    "method": "rlsd (GRPO direction, teacher-weighted magnitude), grpo (lam = 0, no teacher) or opsd (per-token "
+              "divergence to the teacher, no reward)",
+    "seed": "seed of model init, data and sampling",
+    "out": "output directory (metrics.jsonl, curves.png, ckpt/)",
+    "task": "built-in verifiable task",
+    "digits": "operand digits of the addition task",
+    "eval_size": "held-out eval problems",
+    "model": "local transformers causal-LM checkpoint directory (default: tiny Qwen2 + char tokenizer)",
+    "hidden": "hidden size of the built-in model",
+    "layers": "layers of the built-in model",
+    "heads": "attention heads of the built-in model",
+    "warm_steps": "supervised warm-start steps (0 = none)",
+    "warm_batch": "warm-start batch size",
+    "warm_lr": "warm-start peak learning rate",
+    "warm_hint_frac": "fraction of warm-start examples shown in the privileged format (answer in the prompt)",
+    "steps": "RL steps (one optimizer step per rollout batch)",
+    "prompts_per_step": "prompts per RL step",
+    "group_size": "sampled completions per prompt (G)",
+    "temperature": "rollout sampling temperature",
+    "eval_temperature": "eval sampling temperature (0 = greedy)",
+    "lr": "RL learning rate (AdamW)",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "gradient clipping norm",
+    "lam": "RLSD lam (peak of the schedule)",
+    "lam_warmup_steps": "linear warm-up steps of lam (0 = start at --lam)",
+    "lam_decay_steps": "steps of the linear decay of lam to 0 (0 = constant lam)",
+    "eps_w": "evidence-weight clip: w in [1 - eps_w, 1 + eps_w]",
+    "clip_low": "PPO clip (lower)",
+    "clip_high": "PPO clip (upper, DAPO clip-higher)",
+    "clip_dual": "dual-clip constant",
+    "loss_type": "ppo or cispo",
+    "loss_agg_mode": "token or seq",
+    "teacher_sync": "teacher = copy of the student synced every N steps (0 = the live student)",
+    "opsd_divergence": "OPSD divergence",
+    "eval_every": "evaluate the held-out split every N steps",
+    "ckpt_every": "checkpoint every N steps",
+    "keep_checkpoints": "checkpoints kept in OUT/ckpt",
+    "resume": "checkpoint file or run directory to continue exactly (math flags come from the checkpoint)",
+    "init_from": "start RL from this warm-start checkpoint (skip the warm start)",
+    "backend": "loss backend: auto = cpp if built else reference on CPU, triton on CUDA",
+    "device": "auto, cpu or cuda",
+    "threads": "torch CPU threads (0 = torch default, all cores)",
+    "progress": "tqdm progress bar",
+    "plot": "write OUT/curves.png",
+    "save_model": "save the final policy + tokenizer to OUT/model (loadable with --model)",
+}
+
+CHOICES = {"method": METHODS, "backend": BACKEND_CHOICES, "device": ("auto", "cpu", "cuda"),
+           "loss_type": ("ppo", "cispo"), "loss_agg_mode": ("token", "seq"),
+           "opsd_divergence": ("forward_kl", "reverse_kl", "jsd")}
+
+
+def _add_config_flags(p: argparse.ArgumentParser, skip=()) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="base settings (flags override)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        typ = hints[f.name]
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{HELP.get(f.name, '')} (default: {f.default})")
+        if typ is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        base = typ
+        if typing.get_origin(typ) is typing.Union:
+            base = [a for a in typing.get_args(typ) if a is not type(None)][0]
+        choices = tuple(TASKS) if f.name == "task" else CHOICES.get(f.name)
+        if choices:
+            p.add_argument(flag, type=base, choices=choices, **kw)
+        else:
+            p.add_argument(flag, type=base, metavar=f.name.upper(), **kw)
+
+
+def _config(args: argparse.Namespace, skip=()) -> TrainConfig:
+    values = dict(PRESETS[args.preset])
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in skip and hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+    return TrainConfig(**values)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlsd-train", description="Reference RLSD / GRPO / OPSD trainer. "
+                                "`rlsd-train compare -h` for the multi-method comparison.")
+    _add_config_flags(p)
+    return p
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlsd-train compare", description="Run several methods x seeds from a shared "
+                                "warm start per seed; plot mean and spread of held-out accuracy; write a table.")
+    p.add_argument("--methods", default="grpo,rlsd,opsd", help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    p.add_argument("--out", default="runs/compare", help="output directory")
+    _add_config_flags(p, skip=("method", "seed", "out", "resume", "init_from"))
+    return p
+
+
+def _parse_or_exit(parser, fn):
+    try:
+        return fn()
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "compare":
+        parser = compare_parser()
+        args = parser.parse_args(argv[1:])
+        from .compare import compare, parse_methods
+
+        methods = _parse_or_exit(parser, lambda: parse_methods(args.methods))
+        if args.seeds < 1:
+            parser.error(f"--seeds must be >= 1, got {args.seeds}")
+        if args.jobs < 1:
+            parser.error(f"--jobs must be >= 1, got {args.jobs}")
+        base = _parse_or_exit(parser, lambda: _checked(_config(args, skip=("method", "seed", "out")), compare=True))
+        _parse_or_exit(parser, lambda: compare(methods, args.seeds, args.out, base, jobs=args.jobs))
+        return 0
+    if argv and argv[0] == "train":
+        argv = argv[1:]
+    parser = train_parser()
+    args = parser.parse_args(argv)
+    from .trainer import Trainer
+
+    cfg = _config(args)
+    trainer = _parse_or_exit(parser, lambda: Trainer(cfg))
+    _parse_or_exit(parser, lambda: trainer.run())
+    return 0
+
+
+def _checked(cfg: TrainConfig, compare: bool = False) -> TrainConfig:
+    from .trainer import validate
+
+    validate(cfg)
+    return cfg
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,482 @@
+"""The reference RLSD / GRPO / OPSD trainer (one optimizer step per rollout batch, SPEC sections 2 and 2b)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import glob
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .. import rlsd_loss, token_logprobs
+from ..dispatch import force_backend
+from ..reference import OPSD_DIVERGENCES, opsd_loss
+from .model import Forward, TokenizerAdapter, build_char_tokenizer, build_tiny_model, load_pretrained
+from .rollout import generate, pack
+from .tasks import Task, make_task
+
+METHODS = ("grpo", "rlsd", "opsd")
+BACKEND_CHOICES = ("auto", "cpp", "reference", "triton")
+# Fields that depend on the machine or the operator, not on the math: excluded from resume-equality checks.
+TIMING_KEYS = ("tokens_per_s", "step_time_s", "elapsed_s")
+
+
+@dataclass
+class TrainConfig:
+    method: str = "rlsd"
+    seed: int = 0
+    out: str = "runs/train"
+    # task
+    task: str = "addition"
+    digits: int = 2
+    eval_size: int = 256
+    # model
+    model: Optional[str] = None  # local transformers checkpoint; None = tiny Qwen2 built from a config
+    hidden: int = 128
+    layers: int = 3
+    heads: int = 4
+    # warm start (supervised, part of the data in the privileged teacher format)
+    warm_steps: int = 220
+    warm_batch: int = 64
+    warm_lr: float = 1e-3
+    warm_hint_frac: float = 0.5
+    # RL
+    steps: int = 400
+    prompts_per_step: int = 16
+    group_size: int = 8
+    temperature: float = 1.0
+    eval_temperature: float = 0.0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # RLSD (SPEC section 2): lam schedule = warm-up 0 -> lam, then linear decay to 0 over lam_decay_steps
+    lam: float = 0.5
+    lam_warmup_steps: int = 0
+    lam_decay_steps: int = 50
+    eps_w: float = 0.2
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    clip_dual: float = 3.0
+    loss_type: str = "ppo"
+    loss_agg_mode: str = "token"
+    teacher_sync: int = 10  # 0 = the live student is the teacher
+    opsd_divergence: str = "forward_kl"
+    # operations
+    eval_every: int = 20
+    ckpt_every: int = 50
+    keep_checkpoints: int = 2
+    resume: Optional[str] = None
+    init_from: Optional[str] = None  # start RL from a warm-start checkpoint (skips the warm start)
+    backend: str = "auto"
+    device: str = "auto"
+    threads: int = 0  # 0 = torch default (all cores)
+    progress: bool = True
+    plot: bool = True
+    save_model: bool = True  # OUT/model: the final policy as a transformers checkpoint (for --model)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Flags that may differ when resuming (they do not change the math of the run).
+RESUME_OVERRIDABLE = ("steps", "out", "ckpt_every", "keep_checkpoints", "resume", "backend", "device", "threads",
+                      "progress", "plot", "init_from", "save_model")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """ValueError naming the flag for every bad setting, before anything is built."""
+
+    def need(cond, flag, msg):
+        if not cond:
+            raise ValueError(f"--{flag.replace('_', '-')}: {msg}")
+
+    need(cfg.method in METHODS, "method", f"must be one of {METHODS}, got {cfg.method!r}")
+    need(cfg.backend in BACKEND_CHOICES, "backend", f"must be one of {BACKEND_CHOICES}, got {cfg.backend!r}")
+    need(cfg.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {cfg.device!r}")
+    need(cfg.opsd_divergence in OPSD_DIVERGENCES, "opsd_divergence", f"must be one of {OPSD_DIVERGENCES}")
+    need(cfg.loss_type in ("ppo", "cispo"), "loss_type", "must be ppo or cispo")
+    need(cfg.loss_agg_mode in ("token", "seq"), "loss_agg_mode", "must be token or seq")
+    for name in ("steps", "warm_steps", "lam_warmup_steps", "lam_decay_steps", "teacher_sync", "threads"):
+        need(getattr(cfg, name) >= 0, name, f"must be >= 0, got {getattr(cfg, name)}")
+    for name in ("prompts_per_step", "warm_batch", "eval_size", "hidden", "layers", "heads", "eval_every",
+                 "ckpt_every", "keep_checkpoints"):
+        need(getattr(cfg, name) >= 1, name, f"must be >= 1, got {getattr(cfg, name)}")
+    need(cfg.group_size >= 2, "group_size", f"GRPO needs at least 2 samples per prompt, got {cfg.group_size}")
+    need(cfg.hidden % cfg.heads == 0, "hidden", f"must be divisible by --heads ({cfg.heads})")
+    for name in ("lr", "warm_lr", "temperature", "max_grad_norm"):
+        v = getattr(cfg, name)
+        need(math.isfinite(v) and v > 0, name, f"must be a positive finite number, got {v}")
+    need(math.isfinite(cfg.eval_temperature) and cfg.eval_temperature >= 0, "eval_temperature", "must be >= 0")
+    need(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(0.0 <= cfg.lam <= 1.0, "lam", f"must be in [0, 1], got {cfg.lam}")
+    need(0.0 <= cfg.warm_hint_frac <= 1.0, "warm_hint_frac", f"must be in [0, 1], got {cfg.warm_hint_frac}")
+    need(0.0 < cfg.eps_w < 1.0, "eps_w", f"must be in (0, 1), got {cfg.eps_w}")
+    need(0.0 < cfg.clip_low < 1.0, "clip_low", f"must be in (0, 1), got {cfg.clip_low}")
+    need(cfg.clip_high > 0, "clip_high", f"must be > 0, got {cfg.clip_high}")
+    need(cfg.clip_dual > 1.0, "clip_dual", f"must be > 1, got {cfg.clip_dual}")
+    if cfg.model is not None:
+        need(os.path.isdir(cfg.model), "model", f"{cfg.model!r} is not a local checkpoint directory")
+    for name in ("resume", "init_from"):
+        p = getattr(cfg, name)
+        if p is not None:
+            need(os.path.exists(p), name, f"{p!r} does not exist")
+    if cfg.device == "cuda":
+        need(torch.cuda.is_available(), "device", "cuda requested but no CUDA device is available")
+
+
+def lam_at(cfg: TrainConfig, step: int) -> float:
+    """lam for RL step ``step`` (1-based): linear warm-up to ``lam``, then linear decay to 0 (paper schedule)."""
+    if cfg.method != "rlsd":  # GRPO is lam = 0; OPSD has no lam
+        return 0.0
+    i = step - 1
+    if cfg.lam_warmup_steps > 0 and i < cfg.lam_warmup_steps:
+        return cfg.lam * (i + 1) / cfg.lam_warmup_steps
+    if cfg.lam_decay_steps == 0:
+        return cfg.lam
+    i -= cfg.lam_warmup_steps
+    return max(0.0, cfg.lam * (1.0 - i / cfg.lam_decay_steps))
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "triton"
+    from ..backends import cpp
+
+    return "cpp" if cpp.available() else "reference"
+
+
+def _rng_state() -> Dict[str, Any]:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: Dict[str, Any]) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def load_checkpoint(path: str, flag: str = "resume") -> Dict[str, Any]:
+    """A checkpoint file, or the latest ``step_*.pt`` of a run directory; ValueError naming the flag otherwise."""
+    if os.path.isdir(path):
+        files = glob.glob(os.path.join(path, "step_*.pt")) + glob.glob(os.path.join(path, "ckpt", "step_*.pt"))
+        files += glob.glob(os.path.join(path, "warmstart.pt"))
+        if not files:
+            raise ValueError(f"--{flag.replace('_', '-')}: no checkpoint (step_*.pt) in directory {path!r}")
+
+        def key(f):
+            m = re.search(r"step_(\d+)\.pt$", f)
+            return int(m.group(1)) if m else -1
+
+        path = max(files, key=key)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"--{flag.replace('_', '-')}: cannot read checkpoint {path!r}: {e}") from e
+    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
+        raise ValueError(f"--{flag.replace('_', '-')}: {path!r} is not an rlsd-train checkpoint")
+    ck["path"] = path
+    return ck
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.resume_ck = None
+        if cfg.resume is not None:
+            self.resume_ck = load_checkpoint(cfg.resume, "resume")
+            saved = dict(self.resume_ck["config"])
+            for k in RESUME_OVERRIDABLE:
+                saved[k] = getattr(cfg, k)
+            cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+        validate(cfg)
+        self.cfg = cfg
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if cfg.device == "auto" else cfg.device))
+        self.backend = resolve_backend(cfg.backend, self.device)
+        self.task: Task = make_task(cfg.task, digits=cfg.digits, eval_size=cfg.eval_size)
+        self._seed(cfg.seed)
+        if cfg.model is not None:
+            self.model, self.tok = load_pretrained(cfg.model)
+        else:
+            hf_tok = build_char_tokenizer(self.task.alphabet)
+            self.tok = TokenizerAdapter(hf_tok)
+            max_pos = 4 * (len(self.task.privileged_prompt(self.task.eval_problems()[0])) + self.max_new) + 16
+            self.model = build_tiny_model(len(hf_tok), cfg.hidden, cfg.layers, cfg.heads, max_pos, self.tok.pad_id,
+                                          self.tok.eos_id, hf_tok.bos_token_id)
+        self.model.to(self.device).train()
+        self.fwd = Forward(self.model)
+        self.teacher = None
+        self.opt = None
+        self.step = 0
+        self.history: List[Dict[str, Any]] = []
+        self.data_rng = random.Random(cfg.seed + 1)
+
+    # -------------------------------------------------------------------------------------------- utilities
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    @property
+    def max_new(self) -> int:
+        return self.task.max_answer_chars + 1
+
+    def _logits(self, model, prompts, responses, valid):
+        ids, attn, pos, P = pack(prompts, responses, valid, self.tok.pad_id)
+        logits, _ = self.fwd(model, ids, attn, pos)
+        R = responses.shape[1]
+        return logits[:, P - 1:P - 1 + R]  # strided view: position t predicts token t + 1
+
+    def _make_optimizer(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def _responses(self, texts: List[str]):
+        """Tokenised targets + EOS, right-padded, with their validity mask."""
+        seqs = [self.tok.encode(t) + [self.tok.eos_id] for t in texts]
+        R = max(len(s) for s in seqs)
+        resp = torch.full((len(seqs), R), self.tok.pad_id, dtype=torch.long)
+        valid = torch.zeros((len(seqs), R), dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            resp[i, :len(s)] = torch.as_tensor(s)
+            valid[i, :len(s)] = True
+        return resp.to(self.device), valid.to(self.device)
+
+    # ------------------------------------------------------------------------------------------- warm start
+    def warm_start(self, log=print) -> None:
+        cfg = self.cfg
+        if cfg.warm_steps == 0:
+            return
+        opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.warm_lr, weight_decay=0.0)
+        rng = random.Random(cfg.seed + 2)
+        t0 = time.time()
+        for s in range(cfg.warm_steps):
+            probs = [self.task.sample_train(rng) for _ in range(cfg.warm_batch)]
+            prompts = [self.tok.encode(self.task.privileged_prompt(p) if rng.random() < cfg.warm_hint_frac
+                                       else self.task.prompt(p)) for p in probs]
+            resp, valid = self._responses([self.task.target(p) for p in probs])
+            lr = cfg.warm_lr * min(1.0, (s + 1) / 20)  # short linear warm-up, then constant
+            for gr in opt.param_groups:
+                gr["lr"] = lr
+            logits = self._logits(self.model, prompts, resp, valid)
+            labels = torch.where(valid, resp, -100)
+            with force_backend(self.backend):
+                logp = token_logprobs(logits, labels)
+            loss = -(logp * valid).sum() / valid.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            opt.step()
+        log(f"warm start: {cfg.warm_steps} supervised steps ({cfg.warm_hint_frac:.0%} with the answer in the prompt)"
+            f" in {time.time() - t0:.1f}s, final loss {loss.item():.3f}")
+
+    # ------------------------------------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self, hinted: bool = False, batch: int = 512) -> float:
+        probs = self.task.eval_problems()
+        correct = 0.0
+        for i in range(0, len(probs), batch):
+            chunk = probs[i:i + batch]
+            prompts = [self.tok.encode(self.task.privileged_prompt(p) if hinted else self.task.prompt(p))
+                       for p in chunk]
+            # greedy eval does not touch the RNG; sampled eval would, so fork it to keep runs resumable
+            with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
+                resp, _ = generate(self.model, self.fwd, prompts, self.max_new, self.tok.eos_id, self.tok.pad_id,
+                                   self.cfg.eval_temperature, self.device)
+            for p, r in zip(chunk, resp.tolist()):
+                correct += self.task.verify(p, self.tok.decode(r))
+        return correct / len(probs)
+
+    # -------------------------------------------------------------------------------------------- RL step
+    def rl_step(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.time()
+        step = self.step + 1
+        lam = lam_at(cfg, step)
+        G = cfg.group_size
+        probs = [self.task.sample_train(self.data_rng) for _ in range(cfg.prompts_per_step)]
+        prompts = [self.tok.encode(self.task.prompt(p)) for p in probs for _ in range(G)]
+        resp, valid = generate(self.model, self.fwd, prompts, self.max_new, self.tok.eos_id, self.tok.pad_id,
+                               cfg.temperature, self.device)
+        texts = [self.tok.decode(r) for r in resp.tolist()]
+        rewards = torch.tensor([self.task.verify(probs[i // G], t) for i, t in enumerate(texts)],
+                               dtype=torch.float32, device=self.device)
+        r = rewards.view(-1, G)
+        adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + 1e-6)).view(-1)
+        labels = torch.where(valid, resp, -100)
+
+        use_teacher = cfg.method == "opsd" or (cfg.method == "rlsd" and lam > 0)
+        t_logits = None
+        if use_teacher:
+            priv = [self.tok.encode(self.task.privileged_prompt(p)) for p in probs for _ in range(G)]
+            teacher = self.teacher if self.teacher is not None else self.model
+            with torch.no_grad():
+                t_logits = self._logits(teacher, priv, resp, valid)
+        s_logits = self._logits(self.model, prompts, resp, valid)
+        rec: Dict[str, Any] = {}
+        with force_backend(self.backend):
+            if cfg.method == "opsd":
+                loss, div = opsd_loss(s_logits, t_logits, labels, valid, divergence=cfg.opsd_divergence,
+                                      loss_agg_mode=cfg.loss_agg_mode)
+                with torch.no_grad():
+                    _, ent = token_logprobs(s_logits.detach(), labels, return_entropy=True)
+                rec["opsd_div"] = float((div * valid).sum() / valid.sum())
+            else:
+                out = rlsd_loss(s_logits, t_logits, labels, adv, mask=valid, lam=lam, eps_w=cfg.eps_w,
+                                clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_dual=cfg.clip_dual,
+                                loss_type=cfg.loss_type, loss_agg_mode=cfg.loss_agg_mode, return_entropy=True)
+                loss, ent = out.loss, out.entropy
+                rec.update(out.metrics)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        self.opt.step()
+        self.step = step
+        if self.teacher is not None and step % cfg.teacher_sync == 0:
+            self.teacher.load_state_dict(self.model.state_dict())
+        dt = time.time() - t0
+        n_tok = int(valid.sum())
+        solved = (r.max(1).values > 0).float().mean()
+        rec = {"step": step, "reward_mean": float(rewards.mean()), "solve_frac": float(solved), "lam": lam,
+               "loss": float(loss.detach()), "entropy": float((ent * valid).sum() / valid.sum()),
+               "grad_norm": float(gnorm), "resp_len": n_tok / valid.shape[0], **rec,
+               "tokens_per_s": n_tok / dt, "step_time_s": dt}
+        return rec
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+    def _ckpt_dir(self) -> str:
+        return os.path.join(self.cfg.out, "ckpt")
+
+    def state(self) -> Dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": None if self.opt is None else self.opt.state_dict(),
+                "teacher": None if self.teacher is None else self.teacher.state_dict(), "rng": _rng_state(),
+                "data_rng": self.data_rng.getstate(), "step": self.step, "config": self.cfg.to_dict(),
+                "history": list(self.history)}
+
+    def save_checkpoint(self, path: Optional[str] = None) -> str:
+        if path is None:
+            os.makedirs(self._ckpt_dir(), exist_ok=True)
+            path = os.path.join(self._ckpt_dir(), f"step_{self.step:06d}.pt")
+        tmp = path + ".tmp"
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)
+        if path.startswith(self._ckpt_dir()):
+            old = sorted(glob.glob(os.path.join(self._ckpt_dir(), "step_*.pt")))
+            for f in old[:-self.cfg.keep_checkpoints]:
+                os.remove(f)
+        return path
+
+    def _restore(self, ck: Dict[str, Any], full: bool) -> None:
+        try:
+            self.model.load_state_dict(ck["model"])
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"--{'resume' if full else 'init-from'}: checkpoint {ck.get('path')!r} does not match "
+                             f"the model: {e}") from e
+        _set_rng_state(ck["rng"])
+        self.data_rng.setstate(ck["data_rng"])
+        self.step = int(ck["step"]) if full else 0
+        self.history = [h for h in ck.get("history", []) if h["step"] <= self.step]
+        if full:
+            if ck.get("optimizer") is not None:
+                self.opt.load_state_dict(ck["optimizer"])
+            if self.teacher is not None and ck.get("teacher") is not None:
+                self.teacher.load_state_dict(ck["teacher"])
+
+    # ------------------------------------------------------------------------------------------------ run
+    def _setup_rl(self) -> None:
+        self.opt = self._make_optimizer()
+        if self.cfg.method != "grpo" and self.cfg.teacher_sync > 0:
+            self.teacher = copy.deepcopy(self.model).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+
+    def run(self, log=print) -> Dict[str, Any]:
+        cfg = self.cfg
+        os.makedirs(cfg.out, exist_ok=True)
+        t_start = time.time()
+        if self.resume_ck is not None:
+            self._setup_rl()
+            self._restore(self.resume_ck, full=True)
+            log(f"resumed from {self.resume_ck['path']} at step {self.step}")
+        else:
+            if cfg.init_from is not None:
+                ck = load_checkpoint(cfg.init_from, "init_from")
+                self._restore(ck, full=False)
+                log(f"initialised from {ck['path']} (warm start skipped)")
+                if self.history:
+                    self.history[0] = {**self.history[0], "lam": lam_at(cfg, 1)}
+            else:
+                self.warm_start(log)
+            self._setup_rl()
+            if not self.history:
+                acc0 = self.evaluate()
+                hint0 = self.evaluate(hinted=True)
+                self.history = [{"step": 0, "eval_acc": acc0, "hint_eval_acc": hint0, "lam": lam_at(cfg, 1)}]
+                # the warm-start state (reused by `compare` for every method of a seed)
+                if cfg.init_from is None:
+                    self.save_checkpoint(os.path.join(cfg.out, "warmstart.pt"))
+        acc0 = self.history[0]["eval_acc"]
+        log(f"post-warm-start held-out accuracy: {acc0:.3f} (with the answer in the prompt: "
+            f"{self.history[0].get('hint_eval_acc', float('nan')):.3f}); method={cfg.method} backend={self.backend} "
+            f"threads={torch.get_num_threads()}")
+        self._write_metrics()
+        bar = None
+        if cfg.progress and self.step < cfg.steps:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", dynamic_ncols=True)
+        last_acc = [h["eval_acc"] for h in self.history if "eval_acc" in h][-1]
+        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+            while self.step < cfg.steps:
+                rec = self.rl_step()
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    last_acc = rec["eval_acc"] = self.evaluate()
+                    rec["hint_eval_acc"] = self.evaluate(hinted=True)  # can the policy still read the hint?
+                rec["elapsed_s"] = time.time() - t_start
+                self.history.append(rec)
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{last_acc:.3f}", lam=f"{rec['lam']:.2f}",
+                                    tok_s=f"{rec['tokens_per_s']:.0f}")
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        final = [h["eval_acc"] for h in self.history if "eval_acc" in h][-1]
+        if cfg.save_model:  # a plain transformers checkpoint: `--model OUT/model` starts from it
+            self.model.save_pretrained(os.path.join(cfg.out, "model"))
+            self.tok.hf.save_pretrained(os.path.join(cfg.out, "model"))
+        if cfg.plot:
+            from .plotting import plot_run
+
+            plot_run(self.history, os.path.join(cfg.out, "curves.png"), title=f"{cfg.method} seed {cfg.seed}")
+        log(f"held-out accuracy: post-warm-start {acc0:.3f} -> final {final:.3f} after {self.step} RL steps "
+            f"({final - acc0:+.3f}); {time.time() - t_start:.0f}s; outputs in {cfg.out}")
+        return {"post_warmstart_acc": acc0, "final_acc": final, "history": self.history, "out": cfg.out}
+
+    def _write_metrics(self) -> None:
+        with open(os.path.join(self.cfg.out, "metrics.jsonl"), "w") as f:
+            for h in self.history:
+                f.write(json.dumps(h) + "\n")
+
+
+def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
+    return Trainer(cfg).run(log)
