@@ -56,6 +56,7 @@ HELP = {
     "loss_agg_mode": "token or seq",
     "teacher_sync": "teacher = copy of the student synced every N steps (0 = the live student)",
     "opsd_divergence": "OPSD divergence",
+    "fused_linear": "grpo/rlsd: compute the loss from hidden states + LM head (rlsd_linear_loss), no logits",
     "eval_every": "evaluate the held-out split every N steps",
     "ckpt_every": "checkpoint every N steps",
     "keep_checkpoints": "checkpoints kept in OUT/ckpt",

@@ -16,8 +16,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from .. import rlsd_loss, token_logprobs
+from .. import rlsd_linear_loss, rlsd_loss, token_logprobs, token_logprobs_linear
 from ..dispatch import force_backend
+from ..hf import causal_lm_hidden, lm_head_of
 from ..reference import OPSD_DIVERGENCES, opsd_loss
 from .model import Forward, TokenizerAdapter, build_char_tokenizer, build_tiny_model, load_pretrained
 from .rollout import generate, pack
@@ -69,6 +70,7 @@ class TrainConfig:
     loss_agg_mode: str = "token"
     teacher_sync: int = 10  # 0 = the live student is the teacher
     opsd_divergence: str = "forward_kl"
+    fused_linear: bool = False  # grpo/rlsd loss from hidden states + LM head (rlsd_linear_loss), no logits
     # operations
     eval_every: int = 20
     ckpt_every: int = 50
@@ -104,6 +106,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.opsd_divergence in OPSD_DIVERGENCES, "opsd_divergence", f"must be one of {OPSD_DIVERGENCES}")
     need(cfg.loss_type in ("ppo", "cispo"), "loss_type", "must be ppo or cispo")
     need(cfg.loss_agg_mode in ("token", "seq"), "loss_agg_mode", "must be token or seq")
+    need(not (cfg.fused_linear and cfg.method == "opsd"), "fused_linear",
+         "OPSD needs the full distributions (logits); use --fused-linear with grpo or rlsd")
     for name in ("steps", "warm_steps", "lam_warmup_steps", "lam_decay_steps", "teacher_sync", "threads"):
         need(getattr(cfg, name) >= 0, name, f"must be >= 0, got {getattr(cfg, name)}")
     for name in ("prompts_per_step", "warm_batch", "eval_size", "hidden", "layers", "heads", "eval_every",
@@ -244,6 +248,53 @@ class Trainer:
         R = responses.shape[1]
         return logits[:, P - 1:P - 1 + R]  # strided view: position t predicts token t + 1
 
+    def _hidden(self, model, prompts, responses, valid):
+        """Final hidden states at the positions that predict the response (the --fused-linear path)."""
+        ids, attn, pos, P = pack(prompts, responses, valid, self.tok.pad_id)
+        R = responses.shape[1]
+        return causal_lm_hidden(model, ids, attn, position_ids=pos)[:, P - 1:P - 1 + R]
+
+    def _logits_loss(self, teacher, prompts, priv, resp, valid, labels, adv, lam):
+        """GRPO/RLSD (rlsd_loss) or OPSD (reference.opsd_loss) on the strided logits of the response positions."""
+        cfg = self.cfg
+        t_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = self._logits(teacher, priv, resp, valid)
+        s_logits = self._logits(self.model, prompts, resp, valid)
+        with force_backend(self.backend):
+            if cfg.method == "opsd":
+                loss, div = opsd_loss(s_logits, t_logits, labels, valid, divergence=cfg.opsd_divergence,
+                                      loss_agg_mode=cfg.loss_agg_mode)
+                with torch.no_grad():
+                    _, ent = token_logprobs(s_logits.detach(), labels, return_entropy=True)
+                return loss, ent, {"opsd_div": float((div * valid).sum() / valid.sum())}
+            out = rlsd_loss(s_logits, t_logits, labels, adv, mask=valid, lam=lam, eps_w=cfg.eps_w,
+                            clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_dual=cfg.clip_dual,
+                            loss_type=cfg.loss_type, loss_agg_mode=cfg.loss_agg_mode, return_entropy=True)
+        return out.loss, out.entropy, dict(out.metrics)
+
+    def _fused_linear_loss(self, teacher, prompts, priv, resp, valid, labels, adv, lam):
+        """GRPO/RLSD from hidden states and the LM-head weight: the logits are never materialised."""
+        cfg = self.cfg
+        t_hidden = t_logp = None
+        if teacher is not None:
+            with torch.no_grad():
+                th = self._hidden(teacher, priv, resp, valid)
+                if teacher is self.model:  # the live student: one weight read serves both in the fused pass
+                    t_hidden = th
+                else:  # a synced copy has its own LM head
+                    tw, tb = lm_head_of(teacher)
+                    with force_backend(self.backend):
+                        t_logp = token_logprobs_linear(th, tw, labels, tb)
+        weight, bias = lm_head_of(self.model)
+        hidden = self._hidden(self.model, prompts, resp, valid)
+        with force_backend(self.backend):
+            return rlsd_linear_loss(hidden, weight, labels, adv, mask=valid, teacher_hidden=t_hidden,
+                                    teacher_logprobs=t_logp, lm_head_bias=bias, lam=lam, eps_w=cfg.eps_w,
+                                    clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_dual=cfg.clip_dual,
+                                    loss_type=cfg.loss_type, loss_agg_mode=cfg.loss_agg_mode, return_entropy=True)
+
     def _make_optimizer(self):
         return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
@@ -322,27 +373,15 @@ class Trainer:
         labels = torch.where(valid, resp, -100)
 
         use_teacher = cfg.method == "opsd" or (cfg.method == "rlsd" and lam > 0)
-        t_logits = None
+        teacher = priv = None
         if use_teacher:
             priv = [self.tok.encode(self.task.privileged_prompt(p)) for p in probs for _ in range(G)]
             teacher = self.teacher if self.teacher is not None else self.model
-            with torch.no_grad():
-                t_logits = self._logits(teacher, priv, resp, valid)
-        s_logits = self._logits(self.model, prompts, resp, valid)
-        rec: Dict[str, Any] = {}
-        with force_backend(self.backend):
-            if cfg.method == "opsd":
-                loss, div = opsd_loss(s_logits, t_logits, labels, valid, divergence=cfg.opsd_divergence,
-                                      loss_agg_mode=cfg.loss_agg_mode)
-                with torch.no_grad():
-                    _, ent = token_logprobs(s_logits.detach(), labels, return_entropy=True)
-                rec["opsd_div"] = float((div * valid).sum() / valid.sum())
-            else:
-                out = rlsd_loss(s_logits, t_logits, labels, adv, mask=valid, lam=lam, eps_w=cfg.eps_w,
-                                clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_dual=cfg.clip_dual,
-                                loss_type=cfg.loss_type, loss_agg_mode=cfg.loss_agg_mode, return_entropy=True)
-                loss, ent = out.loss, out.entropy
-                rec.update(out.metrics)
+        if cfg.fused_linear:
+            out = self._fused_linear_loss(teacher, prompts, priv, resp, valid, labels, adv, lam)
+            loss, ent, rec = out.loss, out.entropy, dict(out.metrics)
+        else:
+            loss, ent, rec = self._logits_loss(teacher, prompts, priv, resp, valid, labels, adv, lam)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)

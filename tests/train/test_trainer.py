@@ -124,3 +124,20 @@ def test_compare_writes_chart_and_table(tmp_path):
     assert set(s["rows"]) == {"grpo", "rlsd"}
     assert (tmp_path / "cmp" / "compare.png").exists()
     assert "| rlsd |" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+@pytest.mark.parametrize("teacher_sync", [0, 3])
+def test_fused_linear_matches_logits_path(tmp_path, teacher_sync):
+    # --fused-linear computes the same loss from hidden states + LM head: the first RL steps agree to float precision
+    # (later steps may diverge through sampling, which amplifies any rounding difference).
+    kw = dict(method="rlsd", steps=2, teacher_sync=teacher_sync, eval_every=100)
+    a = train(_cfg(tmp_path, "logits", **kw), log=lambda *_: None)["history"]
+    b = train(_cfg(tmp_path, "fused", fused_linear=True, **kw), log=lambda *_: None)["history"]
+    for key in ("loss", "weight_mean", "delta_mean", "entropy", "reward_mean"):
+        assert b[1][key] == pytest.approx(a[1][key], rel=1e-4, abs=1e-6), key
+
+
+def test_fused_linear_refuses_opsd(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--method", "opsd", "--fused-linear"])
+    assert "--fused-linear" in capsys.readouterr().err
