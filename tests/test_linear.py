@@ -213,6 +213,7 @@ def test_frozen_head_and_no_bias(path):
 def test_chunked_many_chunks(monkeypatch):
     """Several chunks (the budget shrunk to 3 rows), including float32 accumulation of a bf16 weight gradient."""
     monkeypatch.setattr(linear_chunked, "CHUNK_BUDGET_BYTES", 3 * 4 * V)
+    assert linear_chunked.rows_per_chunk(1000, V) == 3
     with force_backend("cpp" if "cpp" in available_backends() else "reference"):
         inp = _inputs(seed=7)
         ref, ref_g = _truth(inp, lam=0.6, return_entropy=True)
@@ -323,3 +324,10 @@ def test_opcheck():
     th = inp["th"].float().reshape(-1, H)
     torch.library.opcheck(torch.ops.rlsd_kernels.fused_linear_logprobs.default,
                           (h, w, b, th, inp["labels"].reshape(-1), 1.0, -100, True))
+
+
+def test_chunk_rows_scale_with_the_batch():
+    # scratch stays a small fraction of the logits it replaces: at most 1/64 of the rows (>= 16) and <= 64 MiB
+    assert linear_chunked.rows_per_chunk(4096, 32000) == 64
+    assert linear_chunked.rows_per_chunk(100, 32000) == 16
+    assert linear_chunked.rows_per_chunk(1 << 20, 151936) == linear_chunked.CHUNK_BUDGET_BYTES // (4 * 151936)

@@ -5,11 +5,12 @@ import re
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_readme_usage_example_runs():
+def test_readme_python_examples_run():
     text = README.read_text(encoding="utf-8")
-    marker = text.index("executed by tests/test_readme.py")
-    block = re.search(r"```python\n(.*?)```", text[marker:], re.S).group(1)
-    exec(compile(block, "README.md", "exec"), {})
+    blocks = re.findall(r"executed by tests/test_readme.py -->\n```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
 
 
 def test_readme_quick_start_matches_ci():

@@ -20,8 +20,15 @@ from . import alloc_row_outputs
 CHUNK_BUDGET_BYTES = 64 * 1024 * 1024
 
 
-def rows_per_chunk(V: int, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
-    return max(1, budget_bytes // (4 * max(V, 1)))
+# A chunk also holds at most 1/64 of the rows, so its float32 logits stay under ~3% of the N x V logits they replace
+# (bf16), whatever N is; 16 rows at least keep the chunk matmuls efficient (their logits are tiny anyway).
+MAX_CHUNK_FRACTION = 64
+MIN_CHUNK_ROWS = 16
+
+
+def rows_per_chunk(N: int, V: int) -> int:
+    by_budget = max(1, CHUNK_BUDGET_BYTES // (4 * max(V, 1)))  # read at call time (tests shrink it)
+    return max(1, min(by_budget, max(MIN_CHUNK_ROWS, -(-N // MAX_CHUNK_FRACTION))))
 
 
 def _logits_backend(device):
@@ -37,7 +44,7 @@ def _logits_backend(device):
 
 
 def _chunks(n: int, V: int):
-    step = rows_per_chunk(V)
+    step = rows_per_chunk(n, V)
     for r0 in range(0, n, step):
         yield r0, min(n, r0 + step)
 
@@ -90,11 +97,10 @@ def backward(grad_logp, hidden, weight, bias, labels, lse, temperature, need_hid
             if need_hidden:
                 torch.matmul(z, weight, out=dh[r0:r1])
             if need_weight:
-                part = z.t() @ h
-                if dw is None:
-                    dw = part
-                else:
-                    dw += part
+                if dw is None:  # a single chunk: the product is the gradient
+                    dw = z.t() @ h
+                else:  # accumulate in place: `dw += z.t() @ h` would allocate a V x H temporary per chunk
+                    dw.addmm_(z.t().to(acc_dtype), h.to(acc_dtype))
             if need_bias:
                 db += z.sum(0, dtype=torch.float32)
         if need_weight and dw is None:  # N == 0
