@@ -141,27 +141,24 @@ def check_linear(hidden, weight, bias=None, teacher_hidden=None, *, hidden_name=
     if weight.shape[1] != H:
         raise ValueError(f"{weight_name} has H={weight.shape[1]} but {hidden_name} has H={H} "
                          f"(shapes {tuple(weight.shape)} and {tuple(hidden.shape)})")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"{weight_name} is {weight.dtype} but {hidden_name} is {hidden.dtype}; cast one of them")
-    if weight.device != hidden.device:
-        raise ValueError(f"{weight_name} is on {weight.device} but {hidden_name} is on {hidden.device}")
+    def same_dtype_device(name, x):
+        if x.dtype != hidden.dtype:
+            raise ValueError(f"{name} is {x.dtype} but {hidden_name} is {hidden.dtype}; cast one of them")
+        if x.device != hidden.device:
+            raise ValueError(f"{name} is on {x.device} but {hidden_name} is on {hidden.device}")
+
+    same_dtype_device(weight_name, weight)
     if bias is not None:
         _check_tensor(bias_name, bias)
         if tuple(bias.shape) != (V,):
             raise ValueError(f"{bias_name} must have shape ({V},) (V of {weight_name}), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise ValueError(f"{bias_name} is {bias.dtype} but {hidden_name} is {hidden.dtype}")
-        if bias.device != hidden.device:
-            raise ValueError(f"{bias_name} is on {bias.device} but {hidden_name} is on {hidden.device}")
+        same_dtype_device(bias_name, bias)
     if teacher_hidden is not None:
         _check_tensor("teacher_hidden", teacher_hidden)
         if tuple(teacher_hidden.shape) != tuple(hidden.shape):
             raise ValueError(f"teacher_hidden must have shape {tuple(hidden.shape)} (that of {hidden_name}), "
                              f"got {tuple(teacher_hidden.shape)}")
-        if teacher_hidden.dtype != hidden.dtype:
-            raise ValueError(f"teacher_hidden is {teacher_hidden.dtype} but {hidden_name} is {hidden.dtype}")
-        if teacher_hidden.device != hidden.device:
-            raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but {hidden_name} is on {hidden.device}")
+        same_dtype_device("teacher_hidden", teacher_hidden)
     return H, V
 
 
