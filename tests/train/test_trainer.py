@@ -22,6 +22,11 @@ def _cfg(tmp_path, name, **kw):
     return TrainConfig(**{**TINY, "out": str(tmp_path / name), "backend": train_backend(), **kw})
 
 
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
 def _strip(hist):
     return [{k: v for k, v in h.items() if k not in TIMING_KEYS} for h in hist]
 
@@ -30,7 +35,7 @@ def _strip(hist):
 def test_smoke_run(tmp_path, method):
     res = train(_cfg(tmp_path, method, method=method, plot=(method == "rlsd")), log=lambda *_: None)
     out = tmp_path / method
-    hist = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    hist = _read_jsonl(out / "metrics.jsonl")
     assert [h["step"] for h in hist] == list(range(TINY["steps"] + 1))
     assert "eval_acc" in hist[0] and "eval_acc" in hist[-1]
     for key in ("reward_mean", "lam", "loss", "entropy", "tokens_per_s"):
@@ -53,7 +58,7 @@ def test_resume_continues_exactly(tmp_path):
     assert ck.exists()
     resumed = train(_cfg(tmp_path, "split", steps=steps, resume=str(ck)), log=lambda *_: None)["history"]
     assert _strip(resumed) == _strip(straight)
-    on_disk = [json.loads(line) for line in open(tmp_path / "split" / "metrics.jsonl")]
+    on_disk = _read_jsonl(tmp_path / "split" / "metrics.jsonl")
     assert _strip(on_disk) == _strip(straight)
 
 
