@@ -24,10 +24,8 @@ taken with respect to and ``Runner.loss()`` builds the differentiable scalar los
 """
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 

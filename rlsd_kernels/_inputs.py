@@ -116,6 +116,13 @@ def check_labels(labels, lead_shape, vocab: int, ignore_index: int, device) -> N
             raise ValueError(f"labels holds {first}, outside [0, {vocab}) and not ignore_index={ignore_index}")
 
 
+def check_scoring(logits, labels, temperature, ignore_index) -> None:
+    """Validation of ``token_logprobs(logits, labels, temperature)`` (fused and reference alike)."""
+    check_hyper(Hyper(temperature=temperature, ignore_index=ignore_index))
+    check_logits("logits", logits)
+    check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index, logits.device)
+
+
 def _check_token_tensor(name: str, x, lead_shape, device, *, floating=True) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")

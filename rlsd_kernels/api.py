@@ -1,12 +1,11 @@
 """Public API of the fused op (SPEC section 5): ``rlsd_loss``, ``RLSDLoss``, ``token_logprobs``."""
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
 from . import ops
-from ._inputs import Hyper, check_hyper, check_labels, check_logits, prepare
+from ._inputs import Hyper, check_hyper, check_scoring, prepare
 from ._output import RLSDOutput
 from .reference import loss_from_logprobs
 
@@ -27,12 +26,14 @@ def rlsd_loss(student_logits, teacher_logits, labels, advantages, old_logprobs=N
     prep = prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
                    cu_seqlens, h)
     teacher = teacher_logits.detach() if teacher_logits is not None else None
-    logp_s, logp_t, _, ent = ops.fused_logprobs(student_logits, teacher, labels, float(temperature),
+    # prep.labels is the flat int64 [N] copy validation already made: the op's outputs come back flat, as the
+    # loss algebra wants them
+    logp_s, logp_t, _, ent = ops.fused_logprobs(student_logits, teacher, prep.labels, float(temperature),
                                                 int(ignore_index), bool(return_entropy), bool(inplace_backward))
     acc = prep.advantages.dtype
-    logp_s = logp_s.reshape(-1).to(acc)
+    logp_s = logp_s.to(acc)
     if teacher is not None:
-        logp_t = logp_t.reshape(-1).to(acc)
+        logp_t = logp_t.to(acc)
     else:
         logp_t = prep.teacher_logprobs
     return loss_from_logprobs(logp_s, logp_t, prep, h, ent if return_entropy else None)
@@ -44,9 +45,7 @@ def token_logprobs(logits, labels, temperature: float = 1.0, return_entropy: boo
 
     With ``return_entropy=True`` returns ``(logprobs, entropy)``; the entropy is detached.
     """
-    check_hyper(Hyper(temperature=temperature, ignore_index=ignore_index))
-    check_logits("logits", logits)
-    check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index, logits.device)
+    check_scoring(logits, labels, temperature, ignore_index)
     logp, _, _, ent = ops.fused_logprobs(logits, None, labels, float(temperature), int(ignore_index),
                                          bool(return_entropy), bool(inplace_backward))
     return (logp, ent.detach()) if return_entropy else logp

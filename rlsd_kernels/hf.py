@@ -25,7 +25,6 @@ backbone is called directly, so wrappers whose ``forward`` does work (FSDP / DDP
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 

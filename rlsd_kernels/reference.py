@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ._inputs import Hyper, Prepared, check_hyper, check_labels, check_logits, prepare
+from ._inputs import Hyper, Prepared, check_scoring, prepare
 from ._output import RLSDOutput
 
 __all__ = [
@@ -55,9 +55,7 @@ def _eager_logprobs(logits, labels_flat, temperature, ignore_index, compute_dtyp
 def token_logprobs(logits, labels, temperature: float = 1.0, return_entropy: bool = False, *,
                    ignore_index: int = -100, compute_dtype: Optional[torch.dtype] = None):
     """Log-prob of ``labels`` under ``softmax(logits / temperature)``; 0 where ``labels == ignore_index``."""
-    check_hyper(Hyper(temperature=temperature, ignore_index=ignore_index))
-    check_logits("logits", logits)
-    check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index, logits.device)
+    check_scoring(logits, labels, temperature, ignore_index)
     logp, ent = _eager_logprobs(logits, labels.reshape(-1).long(), temperature, ignore_index,
                                 _compute_dtype(logits, compute_dtype), return_entropy)
     logp = logp.reshape(labels.shape)

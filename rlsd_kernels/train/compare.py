@@ -1,7 +1,6 @@
 """``rlsd-train compare``: methods x seeds from one shared warm start per seed; mean/spread chart + markdown table."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time

@@ -10,13 +10,14 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from .. import rlsd_linear_loss, rlsd_loss, token_logprobs, token_logprobs_linear
+from .._inputs import Hyper
 from ..dispatch import force_backend
 from ..hf import causal_lm_hidden, lm_head_of
 from ..reference import OPSD_DIVERGENCES, opsd_loss
@@ -62,12 +63,12 @@ class TrainConfig:
     lam: float = 0.5
     lam_warmup_steps: int = 0
     lam_decay_steps: int = 50
-    eps_w: float = 0.2
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    clip_dual: float = 3.0
-    loss_type: str = "ppo"
-    loss_agg_mode: str = "token"
+    eps_w: float = Hyper.eps_w  # the op's defaults (SPEC section 2)
+    clip_low: float = Hyper.clip_low
+    clip_high: float = Hyper.clip_high
+    clip_dual: float = Hyper.clip_dual
+    loss_type: str = Hyper.loss_type
+    loss_agg_mode: str = Hyper.loss_agg_mode
     teacher_sync: int = 10  # 0 = the live student is the teacher
     opsd_divergence: str = "forward_kl"
     fused_linear: bool = False  # grpo/rlsd loss from hidden states + LM head (rlsd_linear_loss), no logits
