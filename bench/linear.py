@@ -53,7 +53,7 @@ def _case(row: str, shape: str, dtype_name: str, device: str, reps: int) -> dict
 
     import rlsd_kernels
     from rlsd_kernels import reference
-    from rlsd_kernels.dispatch import backend_name
+    from rlsd_kernels.dispatch import select_backend
     from rlsd_kernels.linear import linear_backend
 
     N, H, V = (int(x) for x in shape.split("x"))
@@ -127,7 +127,7 @@ def _case(row: str, shape: str, dtype_name: str, device: str, reps: int) -> dict
     out = dict(row=row, shape=shape, N=N, H=H, V=V, dtype=dtype_name, device=device,
                fwd_ms=t_fwd * 1e3, fwd_bwd_ms=t_fb * 1e3, peak_mem_mib=peak / 2 ** 20,
                logits_mib=N * V * torch.tensor([], dtype=dt).element_size() / 2 ** 20,
-               logits_backend=backend_name(dev), linear_backend=linear_backend(dev, dt))
+               logits_backend=select_backend(dev), linear_backend=linear_backend(dev, dt))
     if not cuda:  # ru_maxrss never decreases: a case peaking below this floor is over-estimated, never under-
         out["rss_floor_mib"] = max(0, floor - base) / 2 ** 20
     return out

@@ -8,29 +8,14 @@ cannot read out of bounds.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from .hyper import AGG_MODES, LOSS_TYPES, Hyper  # noqa: F401  (re-exported)
+
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-LOSS_TYPES = ("ppo", "cispo")
-AGG_MODES = ("token", "seq", "sum")
-
-
-@dataclass
-class Hyper:
-    lam: float = 1.0
-    eps_w: float = 0.2
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    clip_dual: float = 3.0
-    loss_type: str = "ppo"
-    loss_agg_mode: str = "token"
-    norm: Optional[float] = None
-    temperature: float = 1.0
-    ignore_index: int = -100
 
 
 @dataclass
@@ -52,39 +37,8 @@ def _is_compiling() -> bool:
     return bool(torch.compiler.is_compiling())
 
 
-def _check_finite(name: str, value, *, low=None, high=None, low_open=False, high_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and (value > high or (high_open and value == high)):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
-    return value
-
-
 def check_hyper(h: Hyper) -> Hyper:
-    _check_finite("lam", h.lam, low=0.0, high=1.0)
-    _check_finite("eps_w", h.eps_w, low=0.0, high=1.0, high_open=True)
-    _check_finite("clip_low", h.clip_low, low=0.0, high=1.0, high_open=True)
-    _check_finite("clip_high", h.clip_high, low=0.0)
-    _check_finite("clip_dual", h.clip_dual, low=1.0, low_open=True)
-    _check_finite("temperature", h.temperature, low=0.0, low_open=True)
-    if h.loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {h.loss_type!r}")
-    if h.loss_agg_mode not in AGG_MODES:
-        raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {h.loss_agg_mode!r}")
-    if h.loss_agg_mode == "sum":
-        if h.norm is None:
-            raise ValueError("norm must be given when loss_agg_mode='sum'")
-        _check_finite("norm", h.norm, low=0.0, low_open=True)
-    elif h.norm is not None:
-        raise ValueError(f"norm is only used with loss_agg_mode='sum', got loss_agg_mode={h.loss_agg_mode!r}")
-    if isinstance(h.ignore_index, bool) or not isinstance(h.ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {type(h.ignore_index).__name__}")
-    return h
+    return h.validate()
 
 
 def check_logits(name: str, x, *, vocab: Optional[int] = None, shape=None, device=None) -> None:

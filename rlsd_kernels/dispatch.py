@@ -1,8 +1,16 @@
-"""The one place that decides which backend computes the fused log-prob pass.
+"""The one place that decides which backend serves an op (docs/math.md, "Backends").
 
-Rules (SPEC section 6): ``RLSD_BACKEND=triton|cpp|reference`` forces a backend; otherwise CUDA tensors use
-Triton, CPU tensors use Triton under ``TRITON_INTERPRET=1`` (how CI exercises the kernels without a GPU), else the
-C++ backend, else (no compiler) the chunked eager reference.
+:func:`select_backend` maps (device, forced backend) to a backend name for both ops:
+
+- the logits op (``rlsd_loss``, ``token_logprobs``): ``"triton" | "cpp" | "reference"``;
+- the fused linear op (``rlsd_linear_loss``): ``"triton" | "chunked"`` (the chunked path then asks again for the
+  logits backend of its chunks, with ``interpreter_ok=False``).
+
+A backend is *forced* by the ``forced`` argument (the trainer's ``--backend``), else by :func:`force_backend`
+(tests, benchmarks), else by ``RLSD_BACKEND``. A forced backend that cannot serve the device is a ``ValueError``
+naming where it was forced, before any work. Automatic choice: CUDA -> Triton; CPU -> Triton under
+``TRITON_INTERPRET=1`` (how CI runs the kernels without a GPU) when ``interpreter_ok``, else C++, else (no
+compiler) the eager reference over row blocks.
 """
 from __future__ import annotations
 
@@ -11,7 +19,10 @@ import importlib
 import os
 from typing import Optional
 
+import torch
+
 BACKENDS = ("triton", "cpp", "reference")
+LINEAR_BACKENDS = ("triton", "chunked")
 _forced: Optional[str] = None
 
 
@@ -33,35 +44,85 @@ def force_backend(name: Optional[str]):
         _forced = prev
 
 
+def interpreter_on() -> bool:
+    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1`` when triton was imported)."""
+    try:
+        import triton
+
+        return bool(triton.knobs.runtime.interpret)
+    except (ImportError, AttributeError):
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _cpp_available() -> bool:
     from .backends import cpp
 
     return cpp.available()
 
 
-def explicit_backend() -> Optional[str]:
-    """The backend forced by ``force_backend`` or ``RLSD_BACKEND``, or None when the choice is automatic."""
+def _forced_backend(forced: Optional[str], source: str):
+    if forced is not None:
+        return _check(forced, source), source
     if _forced is not None:
-        return _forced
+        return _forced, "force_backend"
     env = os.environ.get("RLSD_BACKEND", "").strip().lower()
-    return _check(env, "RLSD_BACKEND") if env else None
+    return (_check(env, "RLSD_BACKEND"), "RLSD_BACKEND") if env else (None, None)
 
 
-def backend_name(device) -> str:
-    explicit = explicit_backend()
-    if explicit is not None:
-        return explicit
-    if device.type == "cuda":
+def _serves(name: str, device: torch.device) -> Optional[str]:
+    """None if backend ``name`` can serve tensors on ``device``, else the reason it cannot."""
+    if name == "triton":
+        if device.type == "cuda" or (device.type == "cpu" and interpreter_on()):
+            return None
+        return f"Triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device.type}"
+    if name == "cpp":
+        if device.type != "cpu":
+            return f"the C++ backend serves CPU tensors only, got {device.type}"
+        if not _cpp_available():
+            return "the C++ backend could not be built on this machine"
+    return None
+
+
+def select_backend(device, *, op: str = "logits", dtype=None, forced: Optional[str] = None,
+                   source: str = "backend", interpreter_ok: bool = True) -> str:
+    """The backend for ``op`` (``"logits"`` or ``"linear"``) on tensors of ``device`` (and ``dtype``)."""
+    device = torch.device(device)
+    name, where = _forced_backend(forced, source)
+    if name is not None:
+        why = _serves(name, device)
+        if why is not None:
+            raise ValueError(f"{where}: backend {name!r} cannot serve {device} tensors: {why}")
+    elif device.type == "cuda":
+        name = "triton"
+    elif device.type == "cpu" and interpreter_ok and interpreter_on():
+        name = "triton"
+    elif device.type == "cpu" and _cpp_available():
+        name = "cpp"
+    else:
+        name = "reference"
+    if op == "logits":
+        return name
+    if op != "linear":
+        raise ValueError(f"op must be 'logits' or 'linear', got {op!r}")
+    # The fused linear Triton tiles serve CUDA; on CPU only when Triton was explicitly forced (interpreting GEMM
+    # tiles is far too slow to be a default). float64 always takes the chunked path.
+    if name != "triton" or dtype == torch.float64:
+        return "chunked"
+    if device.type == "cuda" or where is not None:
         return "triton"
-    if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
-            return "triton"
-        if _cpp_available():
-            return "cpp"
-    return "reference"
+    return "chunked"
 
 
 def get_backend(device):
-    """The backend module for tensors on ``device``: it exposes ``forward`` and ``backward`` (see backends/)."""
-    name = backend_name(device)
+    """The logits backend module for tensors on ``device`` (see backends/__init__.py for its interface)."""
+    name = select_backend(device)
     return importlib.import_module(f".backends.{'triton_kernels' if name == 'triton' else name}", __package__)
+
+
+def chunk_backend(device) -> str:
+    """The logits backend that the chunked fused-linear path runs on its row chunks: never the Triton
+    interpreter (the linear op only takes the chunked path on CPU when Triton was not forced, or for float64)."""
+    name = select_backend(device, interpreter_ok=False)
+    if name == "triton" and torch.device(device).type == "cpu":
+        return "cpp" if _cpp_available() else "reference"
+    return name

@@ -13,10 +13,10 @@ Ops (``torch.library``, traceable by ``torch.compile``):
 - ``rlsd_kernels::fused_linear_logprobs_backward(grad_logp, hidden, weight, bias?, labels, lse, temperature,
   need_hidden, need_weight, need_bias) -> (d_hidden, d_weight, d_bias)`` (empty tensors for gradients not asked).
 
-Backend choice (:func:`linear_backend`), derived from ``dispatch.backend_name``:
+Backend choice: ``dispatch.select_backend(op="linear")``:
 - CUDA with the ``triton`` backend (the default there): ``backends/triton_linear.py``;
 - CPU: Triton (interpreter) only when ``triton`` is *explicitly* forced, with ``force_backend("triton")`` or
-  ``RLSD_BACKEND=triton``. ``TRITON_INTERPRET=1`` alone makes ``backend_name`` say ``triton`` for the logits op,
+  ``RLSD_BACKEND=triton``. ``TRITON_INTERPRET=1`` alone sends the logits op to Triton,
   but interpreting GEMM tiles is far too slow to be a default, so the token-chunked path is used instead;
 - everything else (``cpp``/``reference`` backends, float64, other devices): ``backends/linear_chunked.py``.
 """
@@ -38,15 +38,8 @@ _EMPTY = (0,)
 
 
 def linear_backend(device, dtype=torch.float32) -> str:
-    """``"triton"`` or ``"chunked"``: which implementation serves the fused linear op for tensors on ``device``."""
-    name = dispatch.backend_name(device)
-    if name != "triton" or dtype == torch.float64:
-        return "chunked"
-    if device.type == "cuda":
-        return "triton"
-    if device.type == "cpu":
-        return "triton" if dispatch.explicit_backend() == "triton" else "chunked"
-    return "chunked"
+    """``"triton"`` or ``"chunked"``: which implementation serves the fused linear op (``dispatch.select_backend``)."""
+    return dispatch.select_backend(device, op="linear", dtype=dtype)
 
 
 def _impl(device, dtype):

@@ -9,7 +9,6 @@ with a teacher, the teacher logit chunk) plus the float32 ``d weight`` accumulat
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -32,15 +31,10 @@ def rows_per_chunk(N: int, V: int) -> int:
 
 
 def _logits_backend(device):
-    """The logits-level backend for the chunks: never the Triton interpreter unless it was explicitly forced
-    (``linear.py`` only routes here on CPU when it was not)."""
+    """Run the chunks on ``dispatch.chunk_backend`` (never the Triton interpreter)."""
     from .. import dispatch
 
-    if device.type == "cpu" and dispatch.backend_name(device) == "triton":
-        from . import cpp
-
-        return dispatch.force_backend("cpp" if cpp.available() else "reference")
-    return contextlib.nullcontext()
+    return dispatch.force_backend(dispatch.chunk_backend(device))
 
 
 def _chunks(n: int, V: int):

@@ -9,7 +9,7 @@ from rlsd_kernels import reference as R
 from rlsd_kernels import rlsd_loss
 from rlsd_kernels._layout import as_rows3d
 from rlsd_kernels.backends import cpp
-from rlsd_kernels.dispatch import backend_name, force_backend
+from rlsd_kernels.dispatch import select_backend, force_backend
 
 pytestmark = pytest.mark.skipif(not cpp.available(), reason="C++ backend could not be built")
 
@@ -324,10 +324,10 @@ def test_token_logprobs_inplace_equals_out_of_place():
 def test_dispatch_prefers_cpp_on_cpu(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("RLSD_BACKEND", raising=False)
-    assert backend_name(torch.device("cpu")) == "cpp"
+    assert select_backend(torch.device("cpu")) == "cpp"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("RLSD_BACKEND", "cpp")
-    assert backend_name(torch.device("cpu")) == "cpp"
+    assert select_backend(torch.device("cpu")) == "cpp"
 
 
 def test_build_failure_falls_back_with_one_warning(monkeypatch):
@@ -343,7 +343,7 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch):
         warnings.simplefilter("always")
         assert not cpp.available()
         assert not cpp.available()
-        assert backend_name(torch.device("cpu")) == "reference"
+        assert select_backend(torch.device("cpu")) == "reference"
     assert len([w for w in rec if "C++ CPU backend" in str(w.message)]) == 1
     with pytest.raises(RuntimeError, match="no compiler here"):
         cpp.forward(torch.zeros(1, 1, 3), None, torch.zeros(1, dtype=torch.long), 1.0, IGN, False)
