@@ -19,17 +19,9 @@ import triton
 import triton.language as tl
 
 from . import alloc_row_outputs
+from .triton_launch import LAUNCH
 
-# Launch parameters.
-# Forward: 4096 columns per chunk x 2 tensors in float32 is 32 KiB of live values per program, which 8 warps
-# (256 threads, 32 values/thread) keep in registers; chunks this long keep the loop overhead negligible and give
-# 16-byte vector loads. Small vocabularies use one power-of-two chunk covering the row.
-_FWD_BLOCK_V = 4096
-_FWD_WARPS = 8
-# Backward: 2-D grid, so chunks only need to be long enough for full-width vector stores; 4096 columns with 8 warps
-# gives ~38 programs per row at V=151936, plenty of parallelism even for short batches.
-_BWD_BLOCK_V = 4096
-_BWD_WARPS = 8
+# Launch parameters live in triton_launch.LAUNCH (read at call time), with the measurements behind them.
 
 
 @triton.jit
@@ -158,7 +150,7 @@ def forward(student, teacher, labels, temperature, ignore_index, want_entropy):
     if n == 0:
         return logp_s, logp_t, lse_s, ent
     tch = teacher if teacher is not None else student  # dummy pointer, never read (HAS_TEACHER=False)
-    block = min(_FWD_BLOCK_V, triton.next_power_of_2(V))
+    block = min(LAUNCH["fwd_block_v"], triton.next_power_of_2(V))
     _fused_logprobs_fwd[(n,)](
         student, tch, labels, logp_s, logp_t if logp_t is not None else logp_s, lse_s,
         ent if ent is not None else logp_s,
@@ -166,7 +158,7 @@ def forward(student, teacher, labels, temperature, ignore_index, want_entropy):
         *student.stride(), *tch.stride(),
         1.0 / temperature, ignore_index,
         HAS_TEACHER=teacher is not None, WANT_ENT=want_entropy, CONTIG=_contig(student, tch),
-        BLOCK_V=block, num_warps=_FWD_WARPS,
+        BLOCK_V=block, num_warps=LAUNCH["fwd_warps"],
     )
     return logp_s, logp_t, lse_s, ent
 
@@ -177,12 +169,12 @@ def backward(grad_logp, student, labels, lse, temperature, out):
     n = B * T
     if n == 0:
         return
-    block = min(_BWD_BLOCK_V, triton.next_power_of_2(V))
+    block = min(LAUNCH["bwd_block_v"], triton.next_power_of_2(V))
     grid = (n, triton.cdiv(V, block))
     _fused_logprobs_bwd[grid](
         student, out, grad_logp.contiguous(), labels, lse,
         T, V,
         *student.stride(), *out.stride(),
         1.0 / temperature,
-        CONTIG=_contig(student, out), BLOCK_V=block, num_warps=_BWD_WARPS,
+        CONTIG=_contig(student, out), BLOCK_V=block, num_warps=LAUNCH["bwd_warps"],
     )

@@ -10,6 +10,7 @@ from triton.compiler import ASTSource
 
 from rlsd_kernels.backends import triton_kernels as tk
 from rlsd_kernels.backends import triton_linear as tlin
+from rlsd_kernels.backends.triton_launch import LAUNCH
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
@@ -38,14 +39,14 @@ def main():
                "ENT": "*fp32", "seq_len": "i64", "t_seq_len": "i64", "V": "i32", "s_sb": "i64", "s_st": "i64",
                "s_sv": "i64", "t_sb": "i64", "t_st": "i64", "t_sv": "i64", "inv_temp": "fp32", "ignore_index": "i64"}
         compile_one(f"fused_logprobs_fwd[{dt}]", tk._fused_logprobs_fwd, sig,
-                    {"HAS_TEACHER": teacher, "WANT_ENT": ent, "CONTIG": contig, "BLOCK_V": tk._FWD_BLOCK_V},
-                    tk._FWD_WARPS)
+                    {"HAS_TEACHER": teacher, "WANT_ENT": ent, "CONTIG": contig, "BLOCK_V": LAUNCH["fwd_block_v"]},
+                    LAUNCH["fwd_warps"])
     for dt, contig in itertools.product(("bf16", "fp32"), (True, False)):
         sig = {"S": PTR[dt], "OUT": PTR[dt], "GRAD": "*fp32", "LABELS": "*i64", "LSE": "*fp32", "seq_len": "i64",
                "V": "i32", "s_sb": "i64", "s_st": "i64", "s_sv": "i64", "o_sb": "i64", "o_st": "i64", "o_sv": "i64",
                "inv_temp": "fp32"}
         compile_one(f"fused_logprobs_bwd[{dt}]", tk._fused_logprobs_bwd, sig,
-                    {"CONTIG": contig, "BLOCK_V": tk._BWD_BLOCK_V}, tk._BWD_WARPS)
+                    {"CONTIG": contig, "BLOCK_V": LAUNCH["bwd_block_v"]}, LAUNCH["bwd_warps"])
     common = {"N": "i64", "V": "i64", "H": "i64", "s_hn": "i64", "s_hh": "i64", "s_wv": "i64", "s_wh": "i64"}
     for dt, teacher, bias, ent in itertools.product(("bf16", "fp32"), (True, False), (True, False), (True, False)):
         b, w = blocks(tlin._FWD)
