@@ -54,7 +54,9 @@ def check_logits(name: str, x, *, vocab: Optional[int] = None, shape=None, devic
         raise ValueError(f"{name} is on {x.device} but student_logits is on {device}")
 
 
-def check_labels(labels, lead_shape, vocab: int, ignore_index: int, device) -> None:
+def check_labels(labels, lead_shape, vocab: int, ignore_index: int, device, *, values: bool = True) -> None:
+    """Shape / dtype / device of ``labels``; with ``values`` also their range (one host sync: the CPU backends and
+    the reference do it; the Triton backend checks the range on the device instead, see RLSDOutput)."""
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -63,7 +65,7 @@ def check_labels(labels, lead_shape, vocab: int, ignore_index: int, device) -> N
         raise ValueError(f"labels must have shape {tuple(lead_shape)} (logits without the vocab dim), got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels is on {labels.device} but student_logits is on {device}")
-    if not _is_compiling() and labels.numel():
+    if values and not _is_compiling() and labels.numel():
         bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
         if bool(bad.any()):
             first = labels[bad].flatten()[0].item()
@@ -88,22 +90,27 @@ def _check_token_tensor(name: str, x, lead_shape, device, *, floating=True) -> N
         raise ValueError(f"{name} is on {x.device} but student_logits is on {device}")
 
 
+def _check_cu_seqlens(cu_seqlens, lead_shape, n: int, device, values: bool) -> int:
+    """Metadata (and, with ``values``, contents) of ``cu_seqlens``; returns the number of sequences."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError("cu_seqlens must be an int32 or int64 tensor")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but student_logits is on {device}")
+    nonpacked = len(lead_shape) > 2 or (len(lead_shape) == 2 and lead_shape[0] != 1)
+    if nonpacked:
+        raise ValueError(f"cu_seqlens needs a packed layout [1, nnz] or [nnz], got labels of shape {tuple(lead_shape)}")
+    if values and not _is_compiling():
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0 or cu[-1] != n or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at nnz={n}, got {cu}")
+    return cu_seqlens.numel() - 1
+
+
 def _seq_ids(lead_shape, cu_seqlens, n: int, device):
     """Sequence index of each flat token: from cu_seqlens when given, else the last dim is the sequence."""
     if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError("cu_seqlens must be an int32 or int64 tensor")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
-        if cu_seqlens.device != device:
-            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but student_logits is on {device}")
-        nonpacked = len(lead_shape) > 2 or (len(lead_shape) == 2 and lead_shape[0] != 1)
-        if nonpacked:
-            raise ValueError(f"cu_seqlens needs a packed layout [1, nnz] or [nnz], got labels of shape {tuple(lead_shape)}")
-        if not _is_compiling():
-            cu = cu_seqlens.tolist()
-            if cu[0] != 0 or cu[-1] != n or any(b < a for a, b in zip(cu, cu[1:])):
-                raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at nnz={n}, got {cu}")
         pos = torch.arange(n, device=device)
         ids = torch.searchsorted(cu_seqlens[1:].to(torch.int64), pos, right=True)
         return ids, cu_seqlens.numel() - 1
@@ -114,9 +121,20 @@ def _seq_ids(lead_shape, cu_seqlens, n: int, device):
     return torch.arange(n, device=device) // max(T, 1), num
 
 
-def prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
-            cu_seqlens, h: Hyper) -> Prepared:
-    check_hyper(h)
+@dataclass
+class Layout:
+    """What the fused op needs to know about the token layout, found from metadata alone (no tensor op)."""
+
+    num_seqs: int  # sequences (0: no sequence structure, i.e. 1-D labels without cu_seqlens)
+    seq_len: int  # tokens per sequence for a [..., T] layout (the last label dim); N for 1-D labels
+    adv_per_seq: bool  # advantages hold one value per sequence
+
+
+def check_loss_inputs(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
+                      cu_seqlens, h: Hyper, *, values: bool = True) -> Layout:
+    """Every check of ``rlsd_loss``'s inputs, ValueError naming the argument. Only metadata is read, except with
+    ``values``: the label range and the contents of ``cu_seqlens`` (host syncs, skipped while compiling)."""
+    h.validate()
     check_logits("student_logits", student_logits)
     device = student_logits.device
     V = student_logits.shape[-1]
@@ -125,38 +143,59 @@ def prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, ma
         check_logits("teacher_logits", teacher_logits, shape=student_logits.shape, device=device)
     if teacher_logits is not None and teacher_logprobs is not None:
         raise ValueError("pass teacher_logits or teacher_logprobs, not both")
-    check_labels(labels, lead, V, h.ignore_index, device)
+    check_labels(labels, lead, V, h.ignore_index, device, values=values)
     n = labels.numel()
-    acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-
-    seq_ids, num_seqs = _seq_ids(lead, cu_seqlens, n, device)
-    if h.loss_agg_mode == "seq" and seq_ids is None:
+    if cu_seqlens is not None:
+        num_seqs = _check_cu_seqlens(cu_seqlens, lead, n, device, values)
+    elif len(lead) >= 2:
+        num_seqs = n // lead[-1] if lead[-1] else 0
+    else:
+        num_seqs = 0
+    if h.loss_agg_mode == "seq" and cu_seqlens is None and len(lead) < 2:
         raise ValueError("loss_agg_mode='seq' needs labels of shape [B, T] or cu_seqlens for a packed batch")
-
     if not isinstance(advantages, torch.Tensor):
         raise ValueError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
     if not advantages.dtype.is_floating_point:
         raise ValueError(f"advantages must be a floating-point tensor, got {advantages.dtype}")
     if advantages.device != device:
         raise ValueError(f"advantages is on {advantages.device} but student_logits is on {device}")
+    has_seqs = cu_seqlens is not None or len(lead) >= 2
     if tuple(advantages.shape) == tuple(lead):
-        adv = advantages.reshape(n)
-    elif advantages.dim() == 1 and seq_ids is not None and advantages.shape[0] == num_seqs:
-        adv = advantages[seq_ids]  # one advantage per sequence, broadcast over its tokens
+        per_seq = False
+    elif advantages.dim() == 1 and has_seqs and advantages.shape[0] == num_seqs:
+        per_seq = True
     else:
-        want = f"{tuple(lead)} (per token)" + (f" or ({num_seqs},) (per sequence)" if seq_ids is not None else "")
+        want = f"{tuple(lead)} (per token)" + (f" or ({num_seqs},) (per sequence)" if has_seqs else "")
         raise ValueError(f"advantages must have shape {want}, got {tuple(advantages.shape)}")
-    adv = adv.detach().to(acc)
-
     if old_logprobs is not None:
         _check_token_tensor("old_logprobs", old_logprobs, lead, device)
-        old_logprobs = old_logprobs.detach().reshape(n).to(acc)
     if teacher_logprobs is not None:
         _check_token_tensor("teacher_logprobs", teacher_logprobs, lead, device)
+    if mask is not None:
+        _check_token_tensor("mask", mask, lead, device, floating=False)
+    seq_len = lead[-1] if len(lead) >= 1 and cu_seqlens is None else n
+    return Layout(num_seqs, seq_len, per_seq)
+
+
+def prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
+            cu_seqlens, h: Hyper) -> Prepared:
+    """Validate (values included) and flatten the inputs for the eager paths (reference, fused linear)."""
+    layout = check_loss_inputs(student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
+                               teacher_logprobs, cu_seqlens, h)
+    device = student_logits.device
+    lead = student_logits.shape[:-1]
+    n = labels.numel()
+    acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    seq_ids, num_seqs = _seq_ids(lead, cu_seqlens, n, device)
+    adv = advantages[seq_ids] if layout.adv_per_seq else advantages.reshape(n)
+    adv = adv.detach().to(acc)
+    if old_logprobs is not None:
+        old_logprobs = old_logprobs.detach().reshape(n).to(acc)
+    if teacher_logprobs is not None:
         teacher_logprobs = teacher_logprobs.detach().reshape(n).to(acc)
     flat_labels = labels.reshape(n).to(torch.int64)
     valid = flat_labels != h.ignore_index
     if mask is not None:
-        _check_token_tensor("mask", mask, lead, device, floating=False)
         valid = valid & (mask.reshape(n) != 0)
-    return Prepared(flat_labels, valid, adv, old_logprobs, teacher_logprobs, seq_ids, num_seqs, labels.shape, V)
+    return Prepared(flat_labels, valid, adv, old_logprobs, teacher_logprobs, seq_ids, num_seqs, labels.shape,
+                    student_logits.shape[-1])

@@ -1,4 +1,4 @@
-"""The output object of ``rlsd_loss`` (SPEC section 5)."""
+"""The output object of ``rlsd_loss`` (docs/math.md section 5)."""
 from __future__ import annotations
 
 from typing import Dict, NamedTuple, Optional
@@ -19,9 +19,14 @@ METRIC_NAMES = (
 class RLSDOutput(NamedTuple):
     """Result of one loss evaluation.
 
-    A NamedTuple (not a dataclass) so that ``torch.compile(fullgraph=True)`` can return it. Metrics are kept as
-    0-d tensors in ``metric_tensors`` and turned into Python floats only when ``.metrics`` is read, so that the
+    A NamedTuple (not a dataclass) so that ``torch.compile(fullgraph=True)`` can return it. The metrics are one
+    float32 tensor (``METRIC_NAMES`` order) turned into Python floats only when ``.metrics`` is read, so that the
     loss itself never forces a device sync or a graph break.
+
+    ``input_errors`` (int64 ``[3]`` or None) is how the Triton backend reports bad *values* without stalling the
+    stream: ``[number of labels outside [0, V) that are not ignore_index, the first such label, 1 if cu_seqlens is
+    malformed]``. Those tokens were left out of the loss (as if masked). Reading ``.metrics`` (or calling
+    ``check_inputs()``) raises the ``ValueError`` the CPU backends raise before any kernel runs.
     """
 
     loss: torch.Tensor
@@ -29,11 +34,39 @@ class RLSDOutput(NamedTuple):
     teacher_logprobs: Optional[torch.Tensor]
     weights: torch.Tensor
     entropy: Optional[torch.Tensor]
-    metric_tensors: Dict[str, torch.Tensor]
+    metric_values: Optional[torch.Tensor]
+    input_errors: Optional[torch.Tensor] = None
+    vocab: int = 0
+    ignore_index: int = -100
+
+    @property
+    def metric_tensors(self) -> Dict[str, torch.Tensor]:
+        if self.metric_values is None:
+            return {}
+        return dict(zip(METRIC_NAMES, self.metric_values.detach().unbind(0)))
+
+    def _raise_for(self, errors) -> None:
+        bad, first, bad_cu = errors
+        if bad:
+            raise ValueError(f"labels holds {first} ({bad} label(s) in all), outside [0, {self.vocab}) and not "
+                             f"ignore_index={self.ignore_index}; those tokens were left out of the loss")
+        if bad_cu:
+            raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at nnz={self.logprobs.numel()}")
+
+    def check_inputs(self) -> None:
+        """Raise the ValueError for bad label / cu_seqlens values found by the kernels (one host sync)."""
+        if self.input_errors is not None:
+            self._raise_for(self.input_errors.tolist())
 
     @property
     def metrics(self) -> Dict[str, float]:
-        if not self.metric_tensors:
+        if self.metric_values is None:
             return {}
-        stacked = torch.stack([self.metric_tensors[k].detach().to(torch.float64) for k in METRIC_NAMES]).tolist()
-        return dict(zip(METRIC_NAMES, stacked))
+        values = self.metric_values.detach().to(torch.float64)
+        if self.input_errors is None:
+            return dict(zip(METRIC_NAMES, values.tolist()))
+        # one transfer for the metrics and the error flags
+        both = torch.cat([values, self.input_errors.to(torch.float64)]).tolist()
+        k = len(METRIC_NAMES)
+        self._raise_for([int(both[k]), self.input_errors[1].item() if both[k] else 0, int(both[k + 2])])
+        return dict(zip(METRIC_NAMES, both[:k]))

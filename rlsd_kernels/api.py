@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
-from ._inputs import Hyper, check_hyper, check_scoring, prepare
+from . import dispatch, loss_op, ops
+from ._inputs import check_logits, check_loss_inputs, check_scoring
 from ._output import RLSDOutput
-from .reference import loss_from_logprobs
+from .hyper import Hyper
 
 
 def rlsd_loss(student_logits, teacher_logits, labels, advantages, old_logprobs=None, mask=None, *,
@@ -20,23 +20,36 @@ def rlsd_loss(student_logits, teacher_logits, labels, advantages, old_logprobs=N
     ``teacher_logprobs=None`` is plain GRPO; ``teacher_logprobs`` (shape of labels) replaces the teacher's logits
     when it was scored elsewhere. labels: integer ``[...]``; advantages: ``[...]`` per token or ``[B]`` per
     sequence. With ``inplace_backward=True`` the gradient is written into ``student_logits`` itself, which must
-    then not be used after the backward. See SPEC.md for the math and the meaning of every hyper-parameter.
+    then not be used after the backward. docs/math.md has the math and the meaning of every hyper-parameter.
+
+    On the Triton backend the label range is checked on the device (no host sync): out-of-range labels are left
+    out of the loss and reading ``out.metrics`` (or ``out.check_inputs()``) raises the ValueError.
     """
     h = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index)
-    prep = prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
-                   cu_seqlens, h)
-    teacher = teacher_logits.detach() if teacher_logits is not None else None
-    # prep.labels is the flat int64 [N] copy validation already made: the op's outputs come back flat, as the
-    # loss algebra wants them
-    logp_s, logp_t, _, ent = ops.fused_logprobs(student_logits, teacher, prep.labels, float(temperature),
-                                                int(ignore_index), bool(return_entropy), bool(inplace_backward))
-    acc = prep.advantages.dtype
-    logp_s = logp_s.to(acc)
-    if teacher is not None:
-        logp_t = logp_t.to(acc)
-    else:
-        logp_t = prep.teacher_logprobs
-    return loss_from_logprobs(logp_s, logp_t, prep, h, ent if return_entropy else None)
+    return _rlsd_loss(h, student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
+                      cu_seqlens, return_entropy, inplace_backward)
+
+
+def _rlsd_loss(h: Hyper, student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
+               cu_seqlens, return_entropy, inplace_backward) -> RLSDOutput:
+    # The Triton backend checks label / cu_seqlens values on the device; the CPU backends check them here (a host
+    # read is free there). Under torch.compile value checks are skipped (they would break the graph).
+    check_logits("student_logits", student_logits)
+    values = not torch.compiler.is_compiling() and dispatch.select_backend(student_logits.device) != "triton"
+    layout = check_loss_inputs(student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
+                               teacher_logprobs, cu_seqlens, h, values=values)
+    want_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    # teacher, advantages, old log-probs: the op's backward returns no gradient for them (no detach op needed)
+    loss, logp_s, logp_t, g, ent, metrics, errors, _, _, _ = loss_op.fused_rlsd_loss(
+        student_logits, teacher_logits, teacher_logprobs, labels, advantages, old_logprobs, mask, cu_seqlens,
+        float(h.lam), float(h.eps_w), float(h.clip_low), float(h.clip_high), float(h.clip_dual), h.loss_type,
+        h.loss_agg_mode, float(h.norm or 0.0), float(h.temperature), int(h.ignore_index), layout.adv_per_seq,
+        layout.num_seqs, layout.seq_len, bool(return_entropy), want_grad, bool(inplace_backward))
+    return RLSDOutput(
+        loss=loss, logprobs=logp_s,
+        teacher_logprobs=logp_t if teacher_logits is not None else teacher_logprobs,
+        weights=g, entropy=ent if return_entropy else None, metric_values=metrics,
+        input_errors=errors, vocab=student_logits.shape[-1], ignore_index=h.ignore_index)
 
 
 def token_logprobs(logits, labels, temperature: float = 1.0, return_entropy: bool = False, *,
@@ -52,29 +65,34 @@ def token_logprobs(logits, labels, temperature: float = 1.0, return_entropy: boo
 
 
 class RLSDLoss(torch.nn.Module):
-    """``nn.Module`` holding the hyper-parameters of :func:`rlsd_loss`; ``lam`` may be changed between steps."""
+    """``nn.Module`` holding a :class:`~rlsd_kernels.hyper.Hyper` for :func:`rlsd_loss`; ``lam`` (or any
+    hyper-parameter) may be changed between steps by assigning the attribute."""
 
     def __init__(self, lam=1.0, eps_w=0.2, clip_low=0.2, clip_high=0.28, clip_dual=3.0, loss_type="ppo",
                  loss_agg_mode="token", norm=None, temperature=1.0, ignore_index=-100, return_entropy=False,
                  inplace_backward=False):
         super().__init__()
-        check_hyper(Hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature,
-                          ignore_index))
-        self.lam, self.eps_w = lam, eps_w
-        self.clip_low, self.clip_high, self.clip_dual = clip_low, clip_high, clip_dual
-        self.loss_type, self.loss_agg_mode, self.norm = loss_type, loss_agg_mode, norm
-        self.temperature, self.ignore_index = temperature, ignore_index
+        self.hyper = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature,
+                           ignore_index).validate()
         self.return_entropy, self.inplace_backward = return_entropy, inplace_backward
+
+    def __getattr__(self, name):
+        if name in Hyper.names():
+            return getattr(self.__dict__["hyper"], name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name, value):
+        if name in Hyper.names():
+            self.__dict__["hyper"] = self.hyper.replace(**{name: value})
+        else:
+            super().__setattr__(name, value)
 
     def forward(self, student_logits, teacher_logits, labels, advantages, old_logprobs=None, mask=None, *,
                 teacher_logprobs=None, cu_seqlens=None) -> RLSDOutput:
-        return rlsd_loss(student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
-                         teacher_logprobs=teacher_logprobs, lam=self.lam, eps_w=self.eps_w,
-                         clip_low=self.clip_low, clip_high=self.clip_high, clip_dual=self.clip_dual,
-                         loss_type=self.loss_type, loss_agg_mode=self.loss_agg_mode, norm=self.norm,
-                         cu_seqlens=cu_seqlens, temperature=self.temperature, ignore_index=self.ignore_index,
-                         return_entropy=self.return_entropy, inplace_backward=self.inplace_backward)
+        return _rlsd_loss(self.hyper, student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
+                          teacher_logprobs, cu_seqlens, self.return_entropy, self.inplace_backward)
 
     def extra_repr(self) -> str:
-        return (f"lam={self.lam}, eps_w={self.eps_w}, clip=({self.clip_low}, {self.clip_high}, dual={self.clip_dual}),"
-                f" loss_type={self.loss_type!r}, loss_agg_mode={self.loss_agg_mode!r}")
+        h = self.hyper
+        return (f"lam={h.lam}, eps_w={h.eps_w}, clip=({h.clip_low}, {h.clip_high}, dual={h.clip_dual}),"
+                f" loss_type={h.loss_type!r}, loss_agg_mode={h.loss_agg_mode!r}")

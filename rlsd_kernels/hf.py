@@ -165,5 +165,5 @@ def rlsd_linear_loss_hf(model, input_ids, attention_mask, response_mask, advanta
         teacher_logprobs=_scatter(out.teacher_logprobs, sel, 0.0),
         weights=_scatter(out.weights, sel, 1.0),
         entropy=_scatter(out.entropy, sel, 0.0),
-        metric_tensors=out.metric_tensors,
+        metric_values=out.metric_values,
     )

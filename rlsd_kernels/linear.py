@@ -3,7 +3,7 @@
 ``rlsd_linear_loss`` is :func:`rlsd_kernels.rlsd_loss` with ``student_logits = student_hidden @ W^T (+ b)``:
 the vocabulary projection, log-softmax and target gather run in one fused op, so neither the ``N x V`` logits nor
 their gradient ever exist in memory (the largest tensors of an RL step at 128k-256k vocabularies). Everything after
-the per-token log-probs is the shared O(N) algebra ``reference.loss_from_logprobs``.
+the per-token log-probs is the shared O(N) algebra ``loss.loss_from_logprobs``.
 
 Ops (``torch.library``, traceable by ``torch.compile``):
 - ``rlsd_kernels::fused_linear_logprobs(hidden [N, H], weight [V, H], bias? [V], teacher_hidden? [N, H],
@@ -30,7 +30,7 @@ from torch import Tensor
 from . import dispatch
 from ._inputs import LOGIT_DTYPES, Hyper, check_hyper, check_labels, prepare
 from ._output import RLSDOutput
-from .reference import loss_from_logprobs
+from .loss import loss_from_logprobs
 
 __all__ = ["rlsd_linear_loss", "token_logprobs_linear", "fused_linear_logprobs", "linear_backend"]
 

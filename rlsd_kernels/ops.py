@@ -1,14 +1,13 @@
-"""``torch.library`` registration of the fused log-prob pass, with autograd and fake (meta) kernels.
+"""``torch.library`` registration of the logits ops, with autograd and fake (meta) kernels, so that
+``torch.compile(fullgraph=True)`` traces them as opaque ops whose backward never builds an ``N x V`` temporary.
 
-Only this pass touches ``[..., V]`` tensors; everything after it (weights, ratio, clipping, aggregation) is O(N)
-torch code on its per-token outputs, so autograd and ``torch.compile`` see the loss algebra as ordinary ops and the
-vocabulary work as one opaque custom op whose backward never builds an ``N x V`` temporary.
-
-Ops:
+Scoring (``token_logprobs``: the caller's own loss differentiates the log-probs):
 - ``rlsd_kernels::fused_logprobs(student, teacher?, labels, temperature, ignore_index, want_entropy,
   inplace_backward) -> (logp_s, logp_t, lse_s, entropy)``; ``logp_t``/``entropy`` are empty when not asked for.
 - ``rlsd_kernels::fused_logprobs_backward(grad_logp, student, labels, lse, temperature) -> grad_student``
 - ``rlsd_kernels::fused_logprobs_backward_inplace(...)``: the same, written into ``student`` (declared mutated).
+
+The whole loss (``rlsd_loss``), defined in ``loss_op.py``: ``rlsd_kernels::fused_rlsd_loss``.
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 Every fused backend is tested against these functions evaluated in float64. They are also the "eager baseline"
 of the benchmarks: full-vocabulary ``log_softmax`` for student and teacher, gather, weights, PPO loss, autograd.
 
-The per-token algebra (``token_weights``, ``policy_loss``, ``aggregate``) works on N-vectors of log-probs; the
-fused op reuses it unchanged on the log-probs its kernels produce, so the math of section 2 exists once.
+The per-token algebra is ``rlsd_kernels.loss`` (written once, run here under autograd); this module adds the
+full-vocabulary log-softmax that every RL framework runs today.
 """
 from __future__ import annotations
 
@@ -13,18 +13,12 @@ from typing import Optional
 
 import torch
 
-from ._inputs import Hyper, Prepared, check_scoring, prepare
+from ._inputs import check_scoring, prepare
 from ._output import RLSDOutput
+from .hyper import Hyper
+from .loss import aggregate, loss_from_logprobs
 
-__all__ = [
-    "rlsd_loss",
-    "token_logprobs",
-    "opsd_loss",
-    "token_weights",
-    "policy_loss",
-    "aggregate",
-    "loss_from_logprobs",
-]
+__all__ = ["rlsd_loss", "token_logprobs", "opsd_loss"]
 
 
 # ----------------------------------------------------------------------------------------------- log-probs
@@ -60,107 +54,6 @@ def token_logprobs(logits, labels, temperature: float = 1.0, return_entropy: boo
                                 _compute_dtype(logits, compute_dtype), return_entropy)
     logp = logp.reshape(labels.shape)
     return (logp, ent.reshape(labels.shape)) if return_entropy else logp
-
-
-# ------------------------------------------------------------------------------------------ token algebra
-def token_weights(logp_s, logp_t, advantages, lam: float, eps_w: float):
-    """Evidence weight of SPEC section 2. Returns (g, w, delta), all detached."""
-    with torch.no_grad():
-        delta = logp_t - logp_s
-        sign = torch.sign(advantages)
-        # sign(0) = 0 gives w = 1 even where delta is infinite (0 * inf would be nan).
-        w = torch.exp(torch.where(sign == 0, 0.0, sign * delta))
-        w_clip = w.clamp(1.0 - eps_w, 1.0 + eps_w)
-        g = (1.0 - lam) + lam * w_clip
-    return g, w, delta
-
-
-def policy_loss(logp_s, old_logp, a_hat, h: Hyper):
-    """Per-token PPO (DAPO asymmetric + dual clip) or CISPO loss on the weighted advantage ``a_hat``.
-
-    Returns (loss_t, clipped, dual_clipped, log_ratio); the masks are detached booleans for the metrics.
-    """
-    if old_logp is None:
-        old_logp = logp_s.detach()
-    log_ratio = logp_s - old_logp
-    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
-    ratio_c = torch.exp(log_ratio.clamp(math.log(1.0 - h.clip_low), math.log(1.0 + h.clip_high)))
-    if h.loss_type == "cispo":
-        loss_t = -a_hat * ratio_c.detach() * logp_s
-        with torch.no_grad():
-            clipped = ratio_c != ratio
-            dual = torch.zeros_like(clipped)
-        return loss_t, clipped, dual, log_ratio.detach()
-    l1 = -a_hat * ratio
-    l2 = -a_hat * ratio_c
-    l3 = -a_hat * h.clip_dual
-    l_hi = torch.maximum(l1, l2)
-    loss_t = torch.where(a_hat < 0, torch.minimum(l_hi, l3), l_hi)
-    with torch.no_grad():
-        clipped = l2 > l1
-        dual = (a_hat < 0) & (l_hi > l3)
-    return loss_t, clipped, dual, log_ratio.detach()
-
-
-def aggregate(loss_t, valid, h: Hyper, seq_ids=None, num_seqs: int = 0):
-    """token / seq / sum aggregation; an all-masked batch gives exactly 0 (and zero gradients)."""
-    m = valid.to(loss_t.dtype)
-    masked = torch.where(valid, loss_t, 0.0)
-    if h.loss_agg_mode == "token":
-        return masked.sum() / m.sum().clamp(min=1.0)
-    if h.loss_agg_mode == "sum":
-        return masked.sum() / h.norm
-    # "seq": mean over sequences (those with at least one valid token) of each sequence's token mean.
-    sums = torch.zeros(num_seqs, dtype=loss_t.dtype, device=loss_t.device).index_add(0, seq_ids, masked)
-    counts = torch.zeros(num_seqs, dtype=loss_t.dtype, device=loss_t.device).index_add(0, seq_ids, m)
-    has = counts > 0
-    per_seq = torch.where(has, sums / counts.clamp(min=1.0), 0.0)
-    return per_seq.sum() / has.to(loss_t.dtype).sum().clamp(min=1.0)
-
-
-def _masked_mean(x, valid, count):
-    return torch.where(valid, x.to(count.dtype), 0.0).sum() / count
-
-
-def loss_from_logprobs(logp_s, logp_t, prep: Prepared, h: Hyper, entropy=None) -> RLSDOutput:
-    """Section 2 from per-token log-probs (flat [N]); ``logp_s`` carries the gradient, ``logp_t`` none."""
-    valid = prep.valid
-    raw_logp_s = logp_s
-    # Positions outside the mask may hold -inf log-probs (padding); zero them so no inf/nan reaches the sums
-    # or the gradient (torch.where sends exactly zero gradient to the unselected branch).
-    logp_s = torch.where(valid, logp_s, 0.0)
-    old = None if prep.old_logprobs is None else torch.where(valid, prep.old_logprobs, 0.0)
-    adv = prep.advantages
-    if logp_t is not None:
-        lt = torch.where(valid, logp_t.detach().to(logp_s.dtype), 0.0)
-        g, w, delta = token_weights(logp_s.detach(), lt, adv, h.lam, h.eps_w)
-    else:  # no teacher: plain GRPO, whatever lam is
-        g = torch.ones_like(adv)
-        w = g
-        delta = torch.zeros_like(adv)
-    a_hat = adv * g
-    loss_t, clipped, dual, log_ratio = policy_loss(logp_s, old, a_hat, h)
-    loss = aggregate(loss_t, valid, h, prep.seq_ids, prep.num_seqs)
-    with torch.no_grad():
-        count = valid.to(torch.float32).sum().clamp(min=1.0)
-        metrics = {
-            "pg_clipfrac": _masked_mean(clipped, valid, count),
-            "pg_clipfrac_lower": _masked_mean(dual, valid, count),
-            "ppo_kl": _masked_mean(-log_ratio, valid, count),
-            "weight_clip_low_frac": _masked_mean(w < 1.0 - h.eps_w, valid, count),
-            "weight_clip_high_frac": _masked_mean(w > 1.0 + h.eps_w, valid, count),
-            "delta_mean": _masked_mean(delta, valid, count),
-            "weight_mean": _masked_mean(g, valid, count),
-        }
-    shape = prep.label_shape
-    return RLSDOutput(
-        loss=loss,
-        logprobs=raw_logp_s.detach().reshape(shape),
-        teacher_logprobs=None if logp_t is None else logp_t.detach().reshape(shape),
-        weights=g.reshape(shape),
-        entropy=None if entropy is None else entropy.detach().reshape(shape),
-        metric_tensors=metrics,
-    )
 
 
 # ------------------------------------------------------------------------------------------ full losses

@@ -17,8 +17,11 @@ def fn(request):
 
 
 def _raises(fn, match, **kw):
+    """ValueError naming the argument. Bad label / cu_seqlens *values* on the Triton backend are found on the device
+    (no host sync) and raised when the output's metrics are read; everything else raises in the call."""
     with pytest.raises(ValueError, match=match):
-        fn(**kw)
+        out = fn(**kw)
+        out.metrics
 
 
 CASES = [
@@ -78,14 +81,40 @@ def test_device_mismatch(fn, inputs):
 
 
 def test_no_kernel_runs_on_bad_input(inputs, monkeypatch):
-    import rlsd_kernels.ops as ops
+    import rlsd_kernels.loss_op as loss_op
+    from rlsd_kernels.dispatch import force_backend
 
     def boom(*a, **k):
         raise AssertionError("kernel ran")
 
-    monkeypatch.setattr(ops, "fused_logprobs", boom)
+    monkeypatch.setattr(loss_op, "fused_rlsd_loss", boom)
     _raises(rlsd_loss, "lam", **inputs, lam=-1.0)
-    _raises(rlsd_loss, "labels", **dict(inputs, labels=torch.full_like(inputs["labels"], 99)))
+    with force_backend("reference"):  # the CPU backends check label values before any kernel
+        _raises(rlsd_loss, "labels", **dict(inputs, labels=torch.full_like(inputs["labels"], 99)))
+
+
+def test_device_side_label_check_leaves_bad_tokens_out():
+    """Triton backend: no host sync for the label range; bad tokens are left out of the loss (as masked) and the
+    ValueError names labels (and the first bad value) when the metrics are read."""
+    from rlsd_kernels.dispatch import force_backend, interpreter_on
+
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not interpreter_on():
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    inputs = make_inputs(B=2, T=3, V=11, seed=0, device=device)
+    lab = inputs["labels"].clone()
+    lab[0, 1] = 99
+    with force_backend("triton"):
+        out = rlsd_loss(**dict(inputs, labels=lab))
+        masked = inputs["mask"].clone()
+        masked[0, 1] = False
+        ref = rlsd_loss(**dict(inputs, labels=lab.clamp(max=10), mask=masked))
+    torch.testing.assert_close(out.loss, ref.loss)
+    with pytest.raises(ValueError, match="labels holds 99"):
+        out.metrics
+    with pytest.raises(ValueError, match="labels holds 99"):
+        out.check_inputs()
 
 
 def test_token_logprobs_and_module_validate(inputs):

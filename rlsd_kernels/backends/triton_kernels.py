@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import alloc_row_outputs
+from .triton_common import check_device, lse_chunk, row_pointer, unit_vocab_stride
 from .triton_launch import LAUNCH
 
 # Launch parameters live in triton_launch.LAUNCH (read at call time), with the measurements behind them.
@@ -33,11 +34,9 @@ def _fused_logprobs_fwd(
     HAS_TEACHER: tl.constexpr, WANT_ENT: tl.constexpr, CONTIG: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    b = row // seq_len
-    t = row % seq_len
-    s_row = S + b * s_sb + t * s_st
+    s_row = row_pointer(S, row, seq_len, s_sb, s_st)
     # the teacher may split the same rows differently ([B, T] vs [1, B*T] when only one is contiguous)
-    t_row = TCH + (row // t_seq_len) * t_sb + (row % t_seq_len) * t_st
+    t_row = row_pointer(TCH, row, t_seq_len, t_sb, t_st)
     label = tl.load(LABELS + row)
     cols0 = tl.arange(0, BLOCK_V)
     NEG_INF: tl.constexpr = float("-inf")
@@ -65,23 +64,18 @@ def _fused_logprobs_fwd(
             s_off = cols.to(tl.int64) * s_sv
             t_off = cols.to(tl.int64) * t_sv
         x = tl.load(s_row + s_off, mask=inb, other=NEG_INF).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m_s, tl.max(x, axis=0))
-        # A chunk (or row prefix) of only -inf: shift by 0 instead of -inf so exp() gives 0, not nan.
-        m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-        alpha = tl.exp(m_s - m_safe)
-        p = tl.exp(x - m_safe)
+        m_new, shift, alpha, p = lse_chunk(m_s, d_s, x)
         if WANT_ENT:
             # e = sum exp(x - m) * (x - m), kept relative to the running max so that H = log d - e / d never
             # subtracts two numbers of the size of the logits (|x| ~ 1e4 would lose every digit in float32).
-            shift = tl.where(d_s == 0.0, 0.0, m_s - m_safe)
-            e_s = alpha * (e_s + shift * d_s) + tl.sum(p * tl.where(p > 0, x - m_safe, 0.0), axis=0)
+            e_s = alpha * (e_s + tl.where(d_s == 0.0, 0.0, m_s - shift) * d_s) + \
+                tl.sum(p * tl.where(p > 0, x - shift, 0.0), axis=0)
         d_s = d_s * alpha + tl.sum(p, axis=0)
         m_s = m_new
         if HAS_TEACHER:
             y = tl.load(t_row + t_off, mask=inb, other=NEG_INF).to(tl.float32) * inv_temp
-            mt_new = tl.maximum(m_t, tl.max(y, axis=0))
-            mt_safe = tl.where(mt_new == NEG_INF, 0.0, mt_new)
-            d_t = d_t * tl.exp(m_t - mt_safe) + tl.sum(tl.exp(y - mt_safe), axis=0)
+            mt_new, t_shift, t_alpha, q = lse_chunk(m_t, d_t, y)
+            d_t = d_t * t_alpha + tl.sum(q, axis=0)
             m_t = mt_new
 
     # logp = (x_y - m) - log(d) rather than x_y - (m + log d): x_y - m is exact for logits of similar size, which
@@ -107,8 +101,6 @@ def _fused_logprobs_bwd(
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    b = row // seq_len
-    t = row % seq_len
     cols = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
     inb = cols < V
     if CONTIG:
@@ -120,29 +112,18 @@ def _fused_logprobs_bwd(
     coef = tl.load(GRAD + row) * inv_temp
     lse = tl.load(LSE + row)
     label = tl.load(LABELS + row)
-    x = tl.load(S + b * s_sb + t * s_st + s_off, mask=inb, other=float("-inf")).to(tl.float32) * inv_temp
-    # A row of only -inf has lse = -inf: its softmax is undefined, give the whole row zero gradient, never nan.
-    coef = tl.where(lse == float("-inf"), 0.0, coef)
-    p = tl.where(lse == float("-inf"), 0.0, tl.exp(x - lse))
+    x = tl.load(row_pointer(S, row, seq_len, s_sb, s_st) + s_off, mask=inb, other=float("-inf")).to(tl.float32)
+    p = tl.exp(x * inv_temp - lse)
+    # Rows with a zero coefficient (masked, ignore_index) and rows of only -inf (lse = -inf, softmax undefined) get
+    # exactly 0, never 0 * nan; a NaN logit in a live row gives that row NaN, as IEEE and the reference do.
+    live = (coef != 0) & (lse != float("-inf"))
     # Target term 1 - p[y] is formed in float32 before the cast (bf16 cancellation near p = 1).
-    g = coef * tl.where(cols == label, 1.0 - p, -p)
-    tl.store(OUT + b * o_sb + t * o_st + o_off, g.to(OUT.dtype.element_ty), mask=inb)
-
-
-def _check_device(x: torch.Tensor) -> None:
-    if x.device.type == "cpu" and not triton.knobs.runtime.interpret:
-        raise RuntimeError(
-            "the Triton backend got CPU tensors but TRITON_INTERPRET=1 was not set when rlsd_kernels was imported;"
-            " set it, or use RLSD_BACKEND=cpp|reference"
-        )
-
-
-def _contig(*xs) -> bool:
-    return all(x.stride(-1) == 1 for x in xs)
+    g = tl.where(live, coef * tl.where(cols == label, 1.0 - p, -p), 0.0)
+    tl.store(row_pointer(OUT, row, seq_len, o_sb, o_st) + o_off, g.to(OUT.dtype.element_ty), mask=inb)
 
 
 def forward(student, teacher, labels, temperature, ignore_index, want_entropy):
-    _check_device(student)
+    check_device(student)
     B, T, V = student.shape
     n = B * T
     dev = student.device
@@ -157,14 +138,14 @@ def forward(student, teacher, labels, temperature, ignore_index, want_entropy):
         T, tch.shape[1], V,
         *student.stride(), *tch.stride(),
         1.0 / temperature, ignore_index,
-        HAS_TEACHER=teacher is not None, WANT_ENT=want_entropy, CONTIG=_contig(student, tch),
+        HAS_TEACHER=teacher is not None, WANT_ENT=want_entropy, CONTIG=unit_vocab_stride(student, tch),
         BLOCK_V=block, num_warps=LAUNCH["fwd_warps"],
     )
     return logp_s, logp_t, lse_s, ent
 
 
 def backward(grad_logp, student, labels, lse, temperature, out):
-    _check_device(student)
+    check_device(student)
     B, T, V = student.shape
     n = B * T
     if n == 0:
@@ -176,5 +157,5 @@ def backward(grad_logp, student, labels, lse, temperature, out):
         T, V,
         *student.stride(), *out.stride(),
         1.0 / temperature,
-        CONTIG=_contig(student, out), BLOCK_V=block, num_warps=LAUNCH["bwd_warps"],
+        CONTIG=unit_vocab_stride(student, out), BLOCK_V=block, num_warps=LAUNCH["bwd_warps"],
     )

@@ -28,13 +28,30 @@ LAUNCH = {
     # gradient pass: 2-D grid (row, chunk of BLOCK_V columns)
     "bwd_block_v": 2048,
     "bwd_warps": 4,
+    # fused loss (triton_loss.py): persistent programs, one row at a time, two sweeps per row. Rows in flight are
+    # sized so that their student rows fit in this much L2 (H100: 50 MB, H200: 60 MB) until the gradient sweep
+    # re-reads them, but never fewer than loss_min_programs_per_sm per SM; 0 MiB = one program per row.
+    # NOT YET MEASURED on a GPU: the first GPU check's sweep decides these.
+    "loss_block_v": 4096,
+    "loss_warps": 8,
+    "loss_l2_budget_mib": 32,
+    "loss_min_programs_per_sm": 1,
+    "loss_interpreter_programs": 3,  # CPU interpreter: exercise the persistent loop on small inputs
+    "prologue_block": 1024,
+    "finalize_block": 256,
+    "scale_block": 4096,
 }
 
 SWEEP = [
-    {"fwd_block_v": 4096, "fwd_warps": 4, "bwd_block_v": 2048, "bwd_warps": 4},
-    {"fwd_block_v": 4096, "fwd_warps": 8, "bwd_block_v": 4096, "bwd_warps": 8},
-    {"fwd_block_v": 8192, "fwd_warps": 8, "bwd_block_v": 4096, "bwd_warps": 4},
-    {"fwd_block_v": 2048, "fwd_warps": 4, "bwd_block_v": 1024, "bwd_warps": 4},
+    {},  # the defaults above
+    {"loss_warps": 4},
+    {"loss_warps": 16, "loss_block_v": 8192},
+    {"loss_block_v": 2048, "loss_warps": 4},
+    {"loss_l2_budget_mib": 0},  # one program per row: what the L2 scheduling buys
+    {"loss_l2_budget_mib": 16},
+    {"loss_l2_budget_mib": 48},
+    {"loss_min_programs_per_sm": 2},
+    {"fwd_warps": 8, "fwd_block_v": 4096, "bwd_block_v": 4096, "bwd_warps": 8},
 ]
 
 

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from . import alloc_row_outputs
-from .triton_kernels import _check_device
+from .triton_common import check_device
 
 # Launch parameters: untuned starting points (no GPU was available when this was written; see bench/linear.py).
 # BLOCK_N x BLOCK_V logit tiles of 64 x 128 float32 = 32 KiB of accumulator per program (two with a teacher), the
@@ -241,7 +241,7 @@ def _params(which):
 
 def forward(hidden, weight, bias, teacher, labels, temperature, ignore_index, want_entropy):
     """Returns float32 ``[N]`` vectors ``(logp_s, logp_t | None, lse_s, entropy | None)``."""
-    _check_device(hidden)
+    check_device(hidden)
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -264,7 +264,7 @@ def forward(hidden, weight, bias, teacher, labels, temperature, ignore_index, wa
 
 def backward(grad_logp, hidden, weight, bias, labels, lse, temperature, need_hidden, need_weight, need_bias):
     """Returns ``(d_hidden | None, d_weight | None, d_bias | None)`` in the dtypes of the inputs."""
-    _check_device(hidden)
+    check_device(hidden)
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device

@@ -1,0 +1,53 @@
+"""The per-row epilogue of the fused loss kernel: docs/math.md sections 2 and 3 on scalars, in float32.
+
+A line-by-line transcription of ``rlsd_kernels/loss.py`` (``token_terms``), which is what tests check it against;
+keep the two in step. NaN stays NaN (``clamp_nan`` and ``where`` orderings that keep the NaN operand), like torch.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_common import clamp_nan
+
+
+@triton.jit
+def evidence_weight(logp_s, logp_t, adv, lam, eps_w):
+    """``(g, w, delta)``: w = exp(sign(A) * delta) with sign(0) = 0, g = (1 - lam) + lam * clip(w)."""
+    delta = logp_t - logp_s
+    sgn = tl.where(adv > 0, 1.0, tl.where(adv < 0, -1.0, 0.0))
+    w = tl.exp(tl.where(sgn == 0, 0.0, sgn * delta))
+    g = (1.0 - lam) + lam * clamp_nan(w, 1.0 - eps_w, 1.0 + eps_w)
+    return g, w, delta
+
+
+@triton.jit
+def policy_terms(logp_s, old, a_hat, log_lo, log_hi, clip_dual, CISPO: tl.constexpr):
+    """``(loss_t, c, clipped, dual)`` with ``c = d loss_t / d logp_s``; ``log_lo/hi = log(1 - clip_low)``,
+    ``log(1 + clip_high)``. Ties of max/min split the gradient evenly, as torch.maximum/minimum do."""
+    lr = logp_s - old
+    ratio = tl.exp(clamp_nan(lr, -20.0, 20.0))
+    ratio_c = tl.exp(clamp_nan(lr, log_lo, log_hi))
+    # clamp passes the gradient only inside its bounds (bounds included, as torch.clamp)
+    d_ratio = tl.where((lr >= -20.0) & (lr <= 20.0), ratio, 0.0)
+    d_ratio_c = tl.where((lr >= log_lo) & (lr <= log_hi), ratio_c, 0.0)
+    if CISPO:
+        loss_t = -a_hat * ratio_c * logp_s
+        c = -a_hat * ratio_c
+        clipped = ratio_c != ratio
+        dual = lr > float("inf")  # all False (NaN too), with lr's shape
+    else:
+        l1 = -a_hat * ratio
+        l2 = -a_hat * ratio_c
+        l3 = -a_hat * clip_dual
+        l_hi = tl.where(l2 > l1, l2, l1)
+        neg = a_hat < 0
+        loss_t = tl.where(neg & (l_hi > l3), l3, l_hi)
+        c1 = -a_hat * d_ratio
+        c2 = -a_hat * d_ratio_c
+        c_hi = tl.where(l1 > l2, c1, tl.where(l2 > l1, c2, 0.5 * (c1 + c2)))
+        c_dual = tl.where(l_hi < l3, c_hi, tl.where(l_hi > l3, 0.0, 0.5 * c_hi))
+        c = tl.where(neg, c_dual, c_hi)
+        clipped = l2 > l1
+        dual = neg & (l_hi > l3)
+    return loss_t, c, clipped, dual

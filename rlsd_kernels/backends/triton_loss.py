@@ -1,0 +1,377 @@
+"""Triton backend of the fused RLSD loss: the whole of docs/math.md sections 2-3 in three small launches.
+
+1. ``_prologue`` (one program): label range check (device-side error flags instead of a host sync), the mask
+   count, the per-token aggregation weight ``a_t`` of every mode, per-sequence advantages broadcast to tokens, and
+   the ``cu_seqlens`` checks. O(N) work.
+2. ``_loss_rows`` (persistent programs, one row at a time): per row, one sweep over the vocabulary reading the
+   student and teacher logits together (online log-sum-exp of both, target logits, entropy), the per-row epilogue
+   (weights, ratio, clipping, ``a_t * d loss_t / d logp_s``), and, when the student needs a gradient, a second
+   sweep over the same row that writes ``a_t * c_t * (onehot - softmax) / T``. The second sweep re-reads the student
+   row while it is still in L2: rows in flight are bounded so that they fit (``LAUNCH["loss_l2_budget_mib"]``), the
+   student is loaded ``evict_last`` in the first sweep and the teacher ``evict_first``. HBM traffic is then 3 passes
+   over ``N x V`` for RLSD (read z_S, read z_T, write the gradient) and 2 for GRPO.
+3. ``_finalize`` (one program): fixed-order sums of the per-row partials into the loss and the metrics
+   (deterministic, no atomics).
+
+The backward is a scale of the precomputed gradient by ``grad_output`` on the device (``scale_``), which touches no
+memory when ``grad_output == 1``: the usual case costs one launch and no bytes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import check_device, lse_chunk, row_pointer, unit_vocab_stride
+from .triton_epilogue import evidence_weight, policy_terms
+from .triton_launch import LAUNCH
+
+AGG_CODES = {"token": 0, "seq": 1, "sum": 2}
+N_ROWSTATS = 9  # loss, clipped, dual, -log_ratio, w_low, w_high, delta, g, valid (rows of the partials buffer)
+
+
+@triton.jit
+def _valid_labels(lab, inb, ignore_index, V):
+    """(taking part in the loss, out of range and not ignore_index) for a block of labels."""
+    kept = inb & (lab != ignore_index)
+    bad = kept & ((lab < 0) | (lab >= V))
+    return kept & (lab >= 0) & (lab < V), bad
+
+
+@triton.jit
+def _prologue(LABELS, MASK, CU, ADV, AGG, ADV_ROW, SEQ_CNT, ERR,
+              N, V, T, num_seqs, ignore_index, inv_norm,
+              HAS_MASK: tl.constexpr, HAS_CU: tl.constexpr, AGG_MODE: tl.constexpr, ADV_PER_SEQ: tl.constexpr,
+              BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    count = tl.zeros((), tl.float32)
+    n_bad = tl.zeros((), tl.int64)
+    first_bad = tl.zeros((), tl.int64) + N
+    for start in range(0, N, BLOCK):
+        r = start + offs
+        inb = r < N
+        lab = tl.load(LABELS + r, mask=inb, other=ignore_index).to(tl.int64)
+        v, bad = _valid_labels(lab, inb, ignore_index, V)
+        if HAS_MASK:
+            v = v & (tl.load(MASK + r, mask=inb, other=0).to(tl.float32) != 0)
+        count += tl.sum(v.to(tl.float32), axis=0)
+        n_bad += tl.sum(bad.to(tl.int64), axis=0)
+        first_bad = tl.minimum(first_bad, tl.min(tl.where(bad, r.to(tl.int64), N), axis=0))
+    first_label = tl.load(LABELS + first_bad, mask=first_bad < N, other=0).to(tl.int64)
+    cu_bad = tl.zeros((), tl.int64)
+    if HAS_CU:
+        s_offs = tl.arange(0, BLOCK_S)
+        cu_bad = (tl.load(CU).to(tl.int64) != 0).to(tl.int64) | (tl.load(CU + num_seqs).to(tl.int64) != N).to(tl.int64)
+        for s0 in range(0, num_seqs, BLOCK_S):
+            s = s0 + s_offs
+            sin = s < num_seqs
+            a = tl.load(CU + s, mask=sin, other=0).to(tl.int64)
+            b = tl.load(CU + s + 1, mask=sin, other=0).to(tl.int64)
+            cu_bad = cu_bad | tl.max((sin & (b < a)).to(tl.int64), axis=0)
+    tl.store(ERR, n_bad)
+    tl.store(ERR + 1, first_label)
+    tl.store(ERR + 2, cu_bad)
+
+    if AGG_MODE != 1 and not ADV_PER_SEQ:
+        if AGG_MODE == 0:
+            scale = 1.0 / tl.maximum(count, 1.0)
+        else:
+            scale = inv_norm + tl.zeros((), tl.float32)
+        for start in range(0, N, BLOCK):
+            r = start + offs
+            inb = r < N
+            lab = tl.load(LABELS + r, mask=inb, other=ignore_index).to(tl.int64)
+            v, bad = _valid_labels(lab, inb, ignore_index, V)
+            if HAS_MASK:
+                v = v & (tl.load(MASK + r, mask=inb, other=0).to(tl.float32) != 0)
+            tl.store(AGG + r, v.to(tl.float32) * scale, mask=inb)
+    else:
+        # Sequence-aware pass: tiles of [BLOCK_S sequences, BLOCK_T tokens]. Sequence s spans rows
+        # [cu[s], cu[s+1]) (packed) or [s*T, (s+1)*T).
+        s_offs = tl.arange(0, BLOCK_S)
+        t_offs = tl.arange(0, BLOCK_T)
+        n_seq = tl.zeros((), tl.float32)
+        for phase in tl.static_range(2):  # 0: count tokens per sequence, 1: write a_t (and advantages)
+            for s0 in range(0, num_seqs, BLOCK_S):
+                s = s0 + s_offs
+                sin = s < num_seqs
+                if HAS_CU:
+                    a = tl.minimum(tl.maximum(tl.load(CU + s, mask=sin, other=0).to(tl.int64), 0), N)
+                    b = tl.minimum(tl.maximum(tl.load(CU + s + 1, mask=sin, other=0).to(tl.int64), a), N)
+                else:
+                    a = s.to(tl.int64) * T
+                    b = a + T
+                longest = tl.max(tl.where(sin, b - a, 0), axis=0)
+                if phase == 0:
+                    cnt = tl.zeros((BLOCK_S,), tl.float32)
+                else:
+                    cnt = tl.load(SEQ_CNT + s, mask=sin, other=0.0)
+                    adv_s = tl.zeros((BLOCK_S,), tl.float32)
+                    if ADV_PER_SEQ:
+                        adv_s = tl.load(ADV + s, mask=sin, other=0.0).to(tl.float32)
+                for t0 in range(0, longest, BLOCK_T):
+                    r = a[:, None] + t0 + t_offs[None, :]
+                    inb = sin[:, None] & (r < b[:, None])
+                    lab = tl.load(LABELS + r, mask=inb, other=ignore_index).to(tl.int64)
+                    v, bad = _valid_labels(lab, inb, ignore_index, V)
+                    if HAS_MASK:
+                        v = v & (tl.load(MASK + r, mask=inb, other=0).to(tl.float32) != 0)
+                    vf = v.to(tl.float32)
+                    if phase == 0:
+                        cnt += tl.sum(vf, axis=1)
+                    else:
+                        if AGG_MODE == 1:
+                            agg = vf / (tl.maximum(cnt, 1.0) * tl.maximum(n_seq, 1.0))[:, None]
+                        elif AGG_MODE == 0:
+                            agg = vf / tl.maximum(count, 1.0)
+                        else:
+                            agg = vf * inv_norm
+                        tl.store(AGG + r, agg, mask=inb)
+                        if ADV_PER_SEQ:
+                            tl.store(ADV_ROW + r, tl.broadcast_to(adv_s[:, None], (BLOCK_S, BLOCK_T)), mask=inb)
+                if phase == 0:
+                    tl.store(SEQ_CNT + s, cnt, mask=sin)
+                    n_seq += tl.sum((sin & (cnt > 0)).to(tl.float32), axis=0)
+
+
+@triton.jit
+def _loss_rows(
+    S, TCH, GRAD, LABELS, AGG, ADV, OLD, TLP,
+    LOGP_S, LOGP_T, WEIGHT, ENT, LSE, COEF, PARTS,
+    N, seq_len, t_seq_len, g_seq_len, V,
+    s_sb, s_st, s_sv, t_sb, t_st, t_sv, g_sb, g_st, g_sv,
+    inv_temp, ignore_index, lam, eps_w, log_lo, log_hi, clip_dual,
+    TEACHER: tl.constexpr, HAS_OLD: tl.constexpr, WANT_ENT: tl.constexpr, CISPO: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, CONTIG: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # TEACHER: 0 none (GRPO), 1 teacher logits (read in the same sweep), 2 teacher log-probs per token
+    NEG_INF: tl.constexpr = float("-inf")
+    cols0 = tl.arange(0, BLOCK_V)
+    for program_row in range(tl.program_id(0), N, tl.num_programs(0)):
+        row = program_row + tl.zeros((), tl.int64)  # int64 offsets: N * V exceeds 2^31
+        s_row = row_pointer(S, row, seq_len, s_sb, s_st)
+        t_row = row_pointer(TCH, row, t_seq_len, t_sb, t_st)
+        label = tl.load(LABELS + row).to(tl.int64)
+        agg = tl.load(AGG + row)  # a_t > 0 exactly for tokens that take part in the loss
+        valid = agg > 0
+        has_tgt = (label >= 0) & (label < V)
+        lbl = tl.where(has_tgt, label, 0)
+        tgt_s = tl.load(s_row + lbl * s_sv, mask=has_tgt, other=0.0).to(tl.float32) * inv_temp
+        tgt_t = tl.zeros((), tl.float32)
+        if TEACHER == 1:
+            tgt_t = tl.load(t_row + lbl * t_sv, mask=has_tgt, other=0.0).to(tl.float32) * inv_temp
+
+        # ---- sweep 1: online log-sum-exp of student (and teacher), entropy
+        m_s = tl.full((), NEG_INF, tl.float32)
+        d_s = tl.zeros((), tl.float32)
+        e_s = tl.zeros((), tl.float32)
+        m_t = tl.full((), NEG_INF, tl.float32)
+        d_t = tl.zeros((), tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            inb = cols < V
+            if CONTIG:
+                s_off = cols
+                t_off = cols
+            else:
+                s_off = cols.to(tl.int64) * s_sv
+                t_off = cols.to(tl.int64) * t_sv
+            x = tl.load(s_row + s_off, mask=inb, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
+            x = x * inv_temp
+            m_new, shift, alpha, p = lse_chunk(m_s, d_s, x)
+            if WANT_ENT:
+                # running sum of p * (x - max), relative to the running max (see triton_kernels.py)
+                e_s = alpha * (e_s + tl.where(d_s == 0.0, 0.0, m_s - shift) * d_s) + \
+                    tl.sum(p * tl.where(p > 0, x - shift, 0.0), axis=0)
+            d_s = d_s * alpha + tl.sum(p, axis=0)
+            m_s = m_new
+            if TEACHER == 1:
+                y = tl.load(t_row + t_off, mask=inb, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
+                y = y * inv_temp
+                mt_new, t_shift, t_alpha, q = lse_chunk(m_t, d_t, y)
+                d_t = d_t * t_alpha + tl.sum(q, axis=0)
+                m_t = mt_new
+
+        # ---- per-row epilogue (docs/math.md sections 2-3)
+        log_d = tl.log(d_s)
+        lse = m_s + log_d
+        keep = (label != ignore_index) & has_tgt
+        logp_s = tl.where(keep, (tgt_s - m_s) - log_d, 0.0)
+        tl.store(LOGP_S + row, logp_s)
+        tl.store(LSE + row, lse)
+        if WANT_ENT:
+            tl.store(ENT + row, log_d - e_s / d_s)
+        adv = tl.load(ADV + row).to(tl.float32)
+        ls = tl.where(valid, logp_s, 0.0)
+        if HAS_OLD:
+            old = tl.where(valid, tl.load(OLD + row).to(tl.float32), 0.0)
+        else:
+            old = ls
+        if TEACHER == 0:
+            g = tl.full((), 1.0, tl.float32)
+            w = g
+            delta = tl.zeros((), tl.float32)
+        else:
+            if TEACHER == 1:
+                logp_t = tl.where(keep, (tgt_t - m_t) - tl.log(d_t), 0.0)
+                tl.store(LOGP_T + row, logp_t)
+            else:
+                logp_t = tl.load(TLP + row).to(tl.float32)
+            g, w, delta = evidence_weight(ls, tl.where(valid, logp_t, 0.0), adv, lam, eps_w)
+        tl.store(WEIGHT + row, g)
+        loss_t, c, clipped, dual = policy_terms(ls, old, adv * g, log_lo, log_hi, clip_dual, CISPO)
+        coef = tl.where(valid, agg * c, 0.0)
+        tl.store(COEF + row, coef)
+        vf = valid.to(tl.float32)
+        tl.store(PARTS + row, tl.where(valid, agg * loss_t, 0.0))
+        tl.store(PARTS + N + row, vf * clipped.to(tl.float32))
+        tl.store(PARTS + 2 * N + row, vf * dual.to(tl.float32))
+        tl.store(PARTS + 3 * N + row, tl.where(valid, old - ls, 0.0))
+        tl.store(PARTS + 4 * N + row, vf * (w < 1.0 - eps_w).to(tl.float32))
+        tl.store(PARTS + 5 * N + row, vf * (w > 1.0 + eps_w).to(tl.float32))
+        tl.store(PARTS + 6 * N + row, tl.where(valid, delta, 0.0))
+        tl.store(PARTS + 7 * N + row, tl.where(valid, g, 0.0))
+        tl.store(PARTS + 8 * N + row, vf)
+
+        # ---- sweep 2: the gradient of the row, re-read from L2
+        if WRITE_GRAD:
+            g_row = row_pointer(GRAD, row, g_seq_len, g_sb, g_st)
+            scale = coef * inv_temp
+            # masked rows and rows of only -inf get exactly 0 (0 * nan would be nan); NaN rows stay NaN
+            live = (scale != 0) & (lse != NEG_INF)
+            for start in range(0, V, BLOCK_V):
+                cols = start + cols0
+                inb = cols < V
+                if CONTIG:
+                    s_off = cols
+                    g_off = cols
+                else:
+                    s_off = cols.to(tl.int64) * s_sv
+                    g_off = cols.to(tl.int64) * g_sv
+                x = tl.load(s_row + s_off, mask=inb, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
+                p = tl.exp(x * inv_temp - lse)
+                # the target term 1 - p[y] is formed in float32 before the cast (bf16 cancellation near p = 1)
+                grad = tl.where(live, scale * tl.where(cols == label, 1.0 - p, -p), 0.0)
+                tl.store(g_row + g_off, grad.to(GRAD.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _finalize(PARTS, LOSS, METRICS, N, BLOCK: tl.constexpr, K: tl.constexpr):
+    """Fixed-order sums of the per-row partials: loss = sum a_t * loss_t; metrics = masked means."""
+    k = tl.arange(0, K)[:, None]
+    acc = tl.zeros((K, BLOCK), tl.float32)
+    for start in range(0, N, BLOCK):
+        r = start + tl.arange(0, BLOCK)[None, :]
+        acc += tl.load(PARTS + k.to(tl.int64) * N + r, mask=(k < 9) & (r < N), other=0.0)
+    sums = tl.sum(acc, axis=1)
+    kk = tl.arange(0, K)
+    count = tl.maximum(tl.sum(tl.where(kk == 8, sums, 0.0), axis=0), 1.0)
+    tl.store(LOSS, tl.sum(tl.where(kk == 0, sums, 0.0), axis=0))
+    tl.store(METRICS + kk - 1, sums / count, mask=(kk >= 1) & (kk <= 7))
+
+
+@triton.jit
+def _scale_grad(GRAD, GOUT, numel, BLOCK: tl.constexpr):
+    """GRAD *= grad_output in place; no memory is touched when grad_output == 1 (the loop has no iterations)."""
+    gout = tl.load(GOUT).to(tl.float32)
+    stop = tl.where(gout != 1.0, numel, 0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    for start in range(tl.program_id(0).to(tl.int64) * BLOCK, stop, tl.num_programs(0).to(tl.int64) * BLOCK):
+        o = start + offs
+        m = o < numel
+        x = tl.load(GRAD + o, mask=m).to(tl.float32)
+        tl.store(GRAD + o, (x * gout).to(GRAD.dtype.element_ty), mask=m)
+
+
+# ------------------------------------------------------------------------------------------------ host side
+_SM_COUNT = {}
+
+
+def _programs(device, n_rows: int, row_bytes: int) -> int:
+    """Persistent programs for ``_loss_rows``: enough rows in flight to saturate HBM, few enough that their
+    student rows stay in L2 until the gradient sweep re-reads them."""
+    if device.type != "cuda":
+        return max(1, min(n_rows, LAUNCH["loss_interpreter_programs"]))
+    budget = LAUNCH["loss_l2_budget_mib"] * 2 ** 20
+    if budget <= 0:
+        return n_rows
+    if device.index not in _SM_COUNT:
+        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _SM_COUNT[device.index]
+    by_l2 = budget // max(row_bytes, 1)
+    return max(1, min(n_rows, max(sms * LAUNCH["loss_min_programs_per_sm"], by_l2)))
+
+
+def fused_loss(student, teacher, teacher_logprobs, labels, advantages, adv_per_seq, old_logprobs, mask,
+               cu_seqlens, num_seqs, seq_len, h, want_entropy, grad):
+    """Run the three kernels. ``student``/``teacher``/``grad``: ``[B, T, V]`` views (``grad`` None: no gradient);
+    labels/advantages/old/mask: contiguous, one value per row (advantages one per sequence when ``adv_per_seq``).
+    Returns ``(loss, logp_s, logp_t, weights, entropy, metrics, errors, lse, coef)``; per-row outputs are flat."""
+    check_device(student)
+    B, T, V = student.shape
+    n = B * T
+    dev = student.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    logp_s = torch.empty(n, **f32)
+    weights = torch.empty(n, **f32)
+    lse = torch.empty(n, **f32)
+    coef = torch.empty(n, **f32)
+    agg = torch.empty(n, **f32)
+    parts = torch.empty(N_ROWSTATS, n, **f32)
+    logp_t = torch.empty(n, **f32) if teacher is not None else None
+    ent = torch.empty(n, **f32) if want_entropy else None
+    loss = torch.empty((), **f32)
+    metrics = torch.empty(7, **f32)
+    errors = torch.empty(3, dtype=torch.int64, device=dev)
+    seq_aware = adv_per_seq or h.loss_agg_mode == "seq"
+    adv_rows = torch.empty(n, **f32) if adv_per_seq else advantages
+    seq_cnt = torch.empty(max(num_seqs, 1), **f32) if seq_aware else agg
+    if n == 0:
+        return (loss.zero_(), logp_s, logp_t, weights, ent, metrics.zero_(), errors.zero_(), lse, coef)
+    dummy = agg
+    _prologue[(1,)](
+        labels, mask if mask is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
+        advantages, agg, adv_rows, seq_cnt, errors,
+        n, V, seq_len, num_seqs, h.ignore_index, 1.0 / h.norm if h.loss_agg_mode == "sum" else 1.0,
+        HAS_MASK=mask is not None, HAS_CU=cu_seqlens is not None, AGG_MODE=AGG_CODES[h.loss_agg_mode],
+        ADV_PER_SEQ=adv_per_seq, BLOCK=LAUNCH["prologue_block"], BLOCK_S=16, BLOCK_T=64, num_warps=4,
+    )
+    tch = teacher if teacher is not None else student  # never read without a teacher (TEACHER != 1)
+    out = grad if grad is not None else student  # never written without WRITE_GRAD
+    block = min(LAUNCH["loss_block_v"], triton.next_power_of_2(V))
+    programs = _programs(dev, n, V * student.element_size())
+    _loss_rows[(programs,)](
+        student, tch, out, labels, agg, adv_rows,
+        old_logprobs if old_logprobs is not None else dummy,
+        teacher_logprobs if teacher_logprobs is not None else dummy,
+        logp_s, logp_t if logp_t is not None else dummy, weights, ent if ent is not None else dummy, lse, coef, parts,
+        n, T, tch.shape[1], out.shape[1], V,
+        *student.stride(), *tch.stride(), *out.stride(),
+        1.0 / h.temperature, h.ignore_index, float(h.lam), float(h.eps_w),
+        math.log(1.0 - h.clip_low), math.log(1.0 + h.clip_high), float(h.clip_dual),
+        TEACHER=1 if teacher is not None else (2 if teacher_logprobs is not None else 0),
+        HAS_OLD=old_logprobs is not None, WANT_ENT=want_entropy, CISPO=h.loss_type == "cispo",
+        WRITE_GRAD=grad is not None, CONTIG=unit_vocab_stride(student, tch, out), BLOCK_V=block,
+        num_warps=LAUNCH["loss_warps"],
+    )
+    _finalize[(1,)](parts, loss, metrics, n, BLOCK=LAUNCH["finalize_block"], K=16, num_warps=4)
+    return loss, logp_s, logp_t, weights, ent, metrics, errors, lse, coef
+
+
+def scale_(grad, grad_output) -> None:
+    """``grad *= grad_output`` on the device (``grad`` contiguous); free when grad_output is 1."""
+    check_device(grad)
+    numel = grad.numel()
+    if numel == 0:
+        return
+    block = LAUNCH["scale_block"]
+    if grad.device.type == "cuda":
+        if grad.device.index not in _SM_COUNT:
+            _SM_COUNT[grad.device.index] = torch.cuda.get_device_properties(grad.device).multi_processor_count
+        programs = _SM_COUNT[grad.device.index] * 8
+    else:
+        programs = 4
+    programs = max(1, min(programs, triton.cdiv(numel, block)))
+    _scale_grad[(programs,)](grad, grad_output, numel, BLOCK=block, num_warps=8)

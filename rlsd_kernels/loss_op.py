@@ -1,0 +1,160 @@
+"""``rlsd_kernels::fused_rlsd_loss``: the whole RLSD loss of docs/math.md sections 2-3 as one ``torch.library`` op.
+
+The op returns the loss, the per-token outputs and the metrics, and, when the student needs a gradient, that
+gradient too, formed in the forward while each row is still in cache (Triton) or in the same call (CPU). Its
+autograd backward only scales the stored gradient by ``grad_output`` on the device (free when it is 1), so a
+forward+backward is a handful of launches and no host synchronisation on CUDA. With ``inplace=True`` no gradient
+buffer is allocated: the backward writes the gradient into the student logits from the saved per-row factors.
+
+A gradient formed in the forward can be consumed once: a second backward through the same graph
+(``retain_graph=True``) raises.
+
+Backends (``dispatch.select_backend``): Triton runs ``backends/triton_loss.py`` (three kernels); the CPU backends run
+their vocabulary pass, the O(N) algebra of ``loss.py`` in eager torch (cheap next to the pass on a CPU) and their
+gradient sweep.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import loss as loss_math
+from ._inputs import _seq_ids
+from ._layout import as_rows3d
+from .dispatch import get_backend, select_backend
+from .hyper import Hyper
+from .ops import fused_logprobs_backward_inplace
+
+_EMPTY = (0,)
+N_METRICS = 7
+
+
+def _hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index):
+    return Hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode,
+                 norm if loss_agg_mode == "sum" else None, temperature, ignore_index)
+
+
+def _eager_loss(student, teacher, teacher_logprobs, labels, advantages, old_logprobs, mask, cu_seqlens, h,
+                adv_per_seq, want_entropy, want_grad):
+    """CPU backends: their vocabulary pass, ``loss.py`` in eager torch, their gradient sweep."""
+    backend = get_backend(student.device)
+    n = labels.numel()
+    flat = labels.reshape(n).to(torch.int64)
+    s3 = as_rows3d(student)
+    t3 = as_rows3d(teacher) if teacher is not None else None
+    logp_s, logp_t, lse, ent = backend.forward(s3, t3, flat, h.temperature, h.ignore_index, want_entropy)
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    V = student.shape[-1]
+    valid = (flat != h.ignore_index) & (flat >= 0) & (flat < V)
+    if mask is not None:
+        valid = valid & (mask.reshape(n) != 0)
+    seq_ids, num_seqs = _seq_ids(labels.shape, cu_seqlens, n, student.device)
+    adv = (advantages[seq_ids] if adv_per_seq else advantages.reshape(n)).to(acc)
+    old = None if old_logprobs is None else old_logprobs.reshape(n).to(acc)
+    lt = logp_t if teacher is not None else teacher_logprobs
+    lt = None if lt is None else lt.reshape(n).to(acc)
+    agg = loss_math.agg_weights(valid, h, seq_ids, num_seqs, dtype=acc)
+    loss, coef, g, metrics = loss_math.loss_and_coef(logp_s.to(acc), lt, adv, old, valid, agg, h)
+    grad = None
+    if want_grad:
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        backend.backward(coef.to(torch.float32), s3, flat, lse, h.temperature, grad.view(s3.shape))
+    errors = torch.zeros(3, dtype=torch.int64, device=student.device)  # values were checked before the call
+    return loss, logp_s, logp_t, g.to(torch.float32), ent, metrics, errors, lse, coef.to(torch.float32), grad
+
+
+@torch.library.custom_op("rlsd_kernels::fused_rlsd_loss", mutates_args=())
+def fused_rlsd_loss(student: Tensor, teacher: Optional[Tensor], teacher_logprobs: Optional[Tensor], labels: Tensor,
+                    advantages: Tensor, old_logprobs: Optional[Tensor], mask: Optional[Tensor],
+                    cu_seqlens: Optional[Tensor], lam: float, eps_w: float, clip_low: float, clip_high: float,
+                    clip_dual: float, loss_type: str, loss_agg_mode: str, norm: float, temperature: float,
+                    ignore_index: int, adv_per_seq: bool, num_seqs: int, seq_len: int, want_entropy: bool,
+                    want_grad: bool, inplace: bool
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss, logp_s, logp_t, weights, entropy, metrics[7], errors[3], grad, lse, coef); per-token outputs
+    have the shape of ``labels``; ``logp_t`` (teacher logits only), ``entropy``, ``grad`` (``want_grad`` and not
+    ``inplace``) are empty when not produced; ``lse``/``coef`` feed the in-place backward."""
+    h = _hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index)
+    write_grad = want_grad and not inplace
+    shape = labels.shape
+    if select_backend(student.device) == "triton":
+        from .backends import triton_loss
+
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if write_grad else None
+        loss, logp_s, logp_t, g, ent, metrics, errors, lse, coef = triton_loss.fused_loss(
+            as_rows3d(student), as_rows3d(teacher) if teacher is not None else None, teacher_logprobs,
+            labels.contiguous(), advantages.contiguous(), adv_per_seq,
+            None if old_logprobs is None else old_logprobs.contiguous(),
+            None if mask is None else mask.contiguous(), cu_seqlens, num_seqs, seq_len, h, want_entropy,
+            None if grad is None else as_rows3d(grad))
+    else:
+        loss, logp_s, logp_t, g, ent, metrics, errors, lse, coef, grad = _eager_loss(
+            student, teacher, teacher_logprobs, labels, advantages, old_logprobs, mask, cu_seqlens, h, adv_per_seq,
+            want_entropy, write_grad)
+        loss = loss.to(torch.float32)
+    empty = lambda: student.new_empty(_EMPTY, dtype=torch.float32)  # noqa: E731
+    return (loss, logp_s.view(shape), empty() if logp_t is None else logp_t.view(shape), g.view(shape),
+            empty() if ent is None else ent.view(shape), metrics.to(torch.float32), errors,
+            student.new_empty(_EMPTY) if grad is None else grad, lse, coef)
+
+
+@fused_rlsd_loss.register_fake
+def _(student, teacher, teacher_logprobs, labels, advantages, old_logprobs, mask, cu_seqlens, lam, eps_w, clip_low,
+      clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index, adv_per_seq, num_seqs, seq_len,
+      want_entropy, want_grad, inplace):
+    f32 = lambda shape: student.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    n = labels.numel()
+    grad = student.new_empty(student.shape) if want_grad and not inplace else student.new_empty(_EMPTY)
+    return (f32(()), f32(labels.shape), f32(labels.shape if teacher is not None else _EMPTY), f32(labels.shape),
+            f32(labels.shape if want_entropy else _EMPTY), f32((N_METRICS,)),
+            student.new_empty((3,), dtype=torch.int64), grad, f32((n,)), f32((n,)))
+
+
+@torch.library.custom_op("rlsd_kernels::scale_grad_", mutates_args=("grad",))
+def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
+    """``grad *= grad_output`` (a 0-d tensor) without a host sync on CUDA, free when grad_output is 1."""
+    if select_backend(grad.device) == "triton":
+        from .backends import triton_loss
+
+        triton_loss.scale_(grad, grad_output)
+    elif grad_output.item() != 1.0:  # CPU: reading the scalar costs nothing
+        grad.mul_(grad_output.to(grad.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*output[1:])  # only the loss is differentiable; log-probs etc. are detached
+    student, labels = inputs[0], inputs[3]
+    temperature, want_grad, inplace = inputs[16], inputs[22], inputs[23]
+    ctx.inplace = inplace
+    ctx.temperature = temperature
+    ctx.used = False
+    if not want_grad:
+        ctx.save_for_backward()
+    elif inplace:
+        ctx.save_for_backward(student, labels, output[8], output[9])
+    else:
+        ctx.save_for_backward(output[7])
+
+
+def _backward(ctx, grad_loss, *_):
+    nones = (None,) * 23
+    if grad_loss is None or not ctx.saved_tensors:
+        return (None,) + nones
+    if ctx.used:
+        raise RuntimeError("rlsd_loss: the gradient was formed in the forward and can be used by one backward only;"
+                           " call rlsd_loss again instead of backward(retain_graph=True) twice")
+    ctx.used = True
+    if ctx.inplace:
+        student, labels, lse, coef = ctx.saved_tensors
+        # coef is 0 for tokens outside the mask; grad_loss * coef keeps the device-side scalar (no sync)
+        fused_logprobs_backward_inplace(coef * grad_loss, student, labels, lse, ctx.temperature)
+        return (student,) + nones
+    (grad,) = ctx.saved_tensors
+    scale_grad_(grad, grad_loss)
+    return (grad,) + nones
+
+
+fused_rlsd_loss.register_autograd(_backward, setup_context=_setup_context)
