@@ -9,6 +9,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from rlsd_kernels.backends import triton_kernels as tk
+from rlsd_kernels.backends import triton_loss as tloss
 from rlsd_kernels.backends import triton_linear as tlin
 from rlsd_kernels.backends.triton_launch import LAUNCH
 
@@ -47,6 +48,7 @@ def main():
                "inv_temp": "fp32"}
         compile_one(f"fused_logprobs_bwd[{dt}]", tk._fused_logprobs_bwd, sig,
                     {"CONTIG": contig, "BLOCK_V": LAUNCH["bwd_block_v"]}, LAUNCH["bwd_warps"])
+    compile_fused_loss()
     common = {"N": "i64", "V": "i64", "H": "i64", "s_hn": "i64", "s_hh": "i64", "s_wv": "i64", "s_wh": "i64"}
     for dt, teacher, bias, ent in itertools.product(("bf16", "fp32"), (True, False), (True, False), (True, False)):
         b, w = blocks(tlin._FWD)
@@ -67,6 +69,41 @@ def main():
         for want_dw, want_db in ((True, bias), (False, bias)):
             compile_one(f"linear_bwd_dw[{dt}]", tlin._linear_bwd_dw, sig,
                         {"HAS_BIAS": bias, "WANT_DW": want_dw, "WANT_DB": want_db, "DOT_F32": False, **b}, w)
+
+
+def compile_fused_loss():
+    """Every constexpr branch of the fused loss kernels (each value of each flag at least once, the main
+    combinations in full), bf16 and fp32."""
+    for mask_dt, has_mask, cu, agg, per_seq in [
+            ("*i1", True, False, 0, False), ("*fp32", True, True, 1, True), ("*i1", False, False, 1, False),
+            ("*i1", False, True, 2, True), ("*i1", True, False, 0, True), ("*i1", False, True, 0, False)]:
+        sig = {"LABELS": "*i64", "MASK": mask_dt, "CU": "*i32", "ADV": "*fp32", "AGG": "*fp32", "ADV_ROW": "*fp32",
+               "SEQ_CNT": "*fp32", "ERR": "*i64", "N": "i64", "V": "i32", "T": "i64", "num_seqs": "i64",
+               "ignore_index": "i64", "inv_norm": "fp32"}
+        compile_one("loss_prologue", tloss._prologue, sig,
+                    {"HAS_MASK": has_mask, "HAS_CU": cu, "AGG_MODE": agg, "ADV_PER_SEQ": per_seq,
+                     "BLOCK": LAUNCH["prologue_block"], "BLOCK_S": 16, "BLOCK_T": 64}, 4)
+    combos = [(dt, teacher, write_grad, (teacher + write_grad + k) % 2 == 0, k % 2 == 1, k % 3 == 0, contig)
+              for k, (dt, teacher, write_grad, contig) in enumerate(itertools.product(
+                  ("bf16", "fp32"), (0, 1, 2), (True, False), (True, False)))
+              if dt == "bf16" or contig]
+    for dt, teacher, write_grad, has_old, want_ent, cispo, contig in combos:
+        sig = {"S": PTR[dt], "TCH": PTR[dt], "GRAD": PTR[dt], "LABELS": "*i64", "AGG": "*fp32", "ADV": "*fp32",
+               "OLD": "*fp32", "TLP": "*fp32", "LOGP_S": "*fp32", "LOGP_T": "*fp32", "WEIGHT": "*fp32",
+               "ENT": "*fp32", "LSE": "*fp32", "COEF": "*fp32", "PARTS": "*fp32",
+               "N": "i64", "seq_len": "i64", "t_seq_len": "i64", "g_seq_len": "i64", "V": "i32",
+               "s_sb": "i64", "s_st": "i64", "s_sv": "i64", "t_sb": "i64", "t_st": "i64", "t_sv": "i64",
+               "g_sb": "i64", "g_st": "i64", "g_sv": "i64", "inv_temp": "fp32", "ignore_index": "i64",
+               "lam": "fp32", "eps_w": "fp32", "log_lo": "fp32", "log_hi": "fp32", "clip_dual": "fp32"}
+        compile_one(f"loss_rows[{dt}]", tloss._loss_rows, sig,
+                    {"TEACHER": teacher, "HAS_OLD": has_old, "WANT_ENT": want_ent, "CISPO": cispo,
+                     "WRITE_GRAD": write_grad, "CONTIG": contig, "BLOCK_V": LAUNCH["loss_block_v"]},
+                    LAUNCH["loss_warps"])
+    compile_one("loss_finalize", tloss._finalize, {"PARTS": "*fp32", "LOSS": "*fp32", "METRICS": "*fp32", "N": "i64"},
+                {"BLOCK": LAUNCH["finalize_block"], "K": 16}, 4)
+    for dt in ("bf16", "fp32"):
+        compile_one(f"scale_grad[{dt}]", tloss._scale_grad, {"GRAD": PTR[dt], "GOUT": "*fp32", "numel": "i64"},
+                    {"BLOCK": LAUNCH["scale_block"]}, 8)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,138 @@
+"""Structural properties of the fused loss op (issue: the whole loss in a couple of launches, no host sync):
+dispatched aten ops per forward+backward, no ``.item()``, the gradient formed in the forward and scaled by
+``grad_output`` in the backward, and (on CUDA) capture in a CUDA graph."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers import make_inputs
+from rlsd_kernels import reference, rlsd_loss
+from rlsd_kernels.dispatch import force_backend, interpreter_on
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(DEVICE == "cpu" and not interpreter_on(), reason="Triton needs CUDA or the interpreter")
+SYNC_OPS = ("_local_scalar_dense", "item", "is_nonzero", "equal")
+
+
+class OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+def _step(inputs, **kw):
+    s = inputs["student_logits"].detach().clone().requires_grad_(True)
+    with OpLog() as log:
+        out = rlsd_loss(**dict(inputs, student_logits=s), lam=0.5, **kw)
+        out.loss.backward()
+    return log.ops, out, s
+
+
+@needs_triton
+@pytest.mark.parametrize("kw", [dict(), dict(loss_agg_mode="seq"), dict(loss_type="cispo", return_entropy=True)])
+def test_forward_backward_is_a_handful_of_ops_and_never_syncs(kw):
+    inputs = make_inputs(B=3, T=5, V=97, per_seq_adv=True, device=DEVICE)
+    with force_backend("triton"):
+        ops, out, s = _step(inputs, **kw)
+    assert not [op for op in ops if op in SYNC_OPS], ops
+    assert len(ops) <= 12, ops
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+
+
+@needs_triton
+def test_grpo_without_teacher_is_a_handful_of_ops():
+    inputs = make_inputs(B=3, T=5, V=97, teacher=False, old=False, device=DEVICE)
+    with force_backend("triton"):
+        ops, _, _ = _step(inputs)
+    assert not [op for op in ops if op in SYNC_OPS] and len(ops) <= 12, ops
+
+
+def test_backward_scales_the_stored_gradient_by_grad_output(backend, device):
+    inputs = make_inputs(B=2, T=4, V=53, device=device)
+    grads = []
+    for scale in (1.0, -2.5):
+        s = inputs["student_logits"].detach().clone().requires_grad_(True)
+        (rlsd_loss(**dict(inputs, student_logits=s), lam=0.5).loss * scale).backward()
+        grads.append(s.grad)
+    torch.testing.assert_close(grads[1], -2.5 * grads[0])
+
+
+def test_second_backward_through_the_same_graph_raises(backend, device):
+    inputs = make_inputs(B=2, T=4, V=53, device=device)
+    s = inputs["student_logits"].detach().clone().requires_grad_(True)
+    out = rlsd_loss(**dict(inputs, student_logits=s))
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward|modified by an inplace operation"):
+        out.loss.backward()
+
+
+def test_no_gradient_work_without_grad(backend, device):
+    """Scoring under no_grad (or a student that needs no gradient) computes the same loss and allocates no
+    gradient buffer."""
+    inputs = make_inputs(B=2, T=4, V=53, device=device)
+    s = inputs["student_logits"].detach().clone().requires_grad_(True)
+    with_grad = rlsd_loss(**dict(inputs, student_logits=s), lam=0.5)
+    with torch.no_grad():
+        without = rlsd_loss(**dict(inputs, student_logits=s), lam=0.5)
+    assert not without.loss.requires_grad
+    torch.testing.assert_close(with_grad.loss.detach(), without.loss)
+
+
+def test_per_token_outputs_are_detached(backend, device):
+    inputs = make_inputs(B=2, T=4, V=53, device=device)
+    s = inputs["student_logits"].detach().clone().requires_grad_(True)
+    out = rlsd_loss(**dict(inputs, student_logits=s))
+    assert out.loss.requires_grad
+    assert not any(t.requires_grad for t in (out.logprobs, out.teacher_logprobs, out.weights))
+
+
+@pytest.mark.gpu
+def test_forward_backward_captures_in_a_cuda_graph():
+    inputs = make_inputs(B=4, T=64, V=32000, dtype=torch.bfloat16, per_seq_adv=True, device="cuda")
+    s = inputs["student_logits"].detach().clone().requires_grad_(True)
+
+    def step():
+        s.grad = None
+        out = rlsd_loss(**dict(inputs, student_logits=s), lam=0.5)
+        out.loss.backward()
+        return out.loss
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up: Triton compiles outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+        grad = s.grad
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = reference.rlsd_loss(**dict(inputs, student_logits=s.detach().float()), lam=0.5)
+    assert abs(loss.item() - ref.loss.item()) <= 1e-3 * max(1.0, abs(ref.loss.item()))
+    assert torch.isfinite(grad.float()).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("inplace", [False, True])
+def test_peak_memory_above_inputs_is_the_gradient(inplace):
+    inputs = make_inputs(B=4, T=256, V=32000, dtype=torch.bfloat16, per_seq_adv=True, device="cuda")
+    s = inputs["student_logits"].detach().clone()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    x = s.clone().requires_grad_(True) if not inplace else None
+    logits = x * 1 if x is not None else (s.requires_grad_(True) * 1)  # a non-leaf, as from the LM head
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = rlsd_loss(**dict(inputs, student_logits=logits), lam=0.5, inplace_backward=inplace)
+    (g,) = torch.autograd.grad(out.loss, logits)
+    peak = torch.cuda.max_memory_allocated() - before
+    grad_bytes = logits.numel() * logits.element_size()
+    small = 64 * 2 ** 20  # O(N) outputs and scratch
+    assert peak <= (0 if inplace else grad_bytes) + small, (peak, grad_bytes, base)
