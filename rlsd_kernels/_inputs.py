@@ -9,7 +9,7 @@ cannot read out of bounds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -108,7 +108,7 @@ def _check_cu_seqlens(cu_seqlens, lead_shape, n: int, device, values: bool) -> i
     return cu_seqlens.numel() - 1
 
 
-def _seq_ids(lead_shape, cu_seqlens, n: int, device):
+def token_seq_ids(lead_shape, cu_seqlens, n: int, device):
     """Sequence index of each flat token: from cu_seqlens when given, else the last dim is the sequence."""
     if cu_seqlens is not None:
         pos = torch.arange(n, device=device)
@@ -186,7 +186,7 @@ def prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, ma
     lead = student_logits.shape[:-1]
     n = labels.numel()
     acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    seq_ids, num_seqs = _seq_ids(lead, cu_seqlens, n, device)
+    seq_ids, num_seqs = token_seq_ids(lead, cu_seqlens, n, device)
     adv = advantages[seq_ids] if layout.adv_per_seq else advantages.reshape(n)
     adv = adv.detach().to(acc)
     if old_logprobs is not None:
@@ -199,3 +199,50 @@ def prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, ma
         valid = valid & (mask.reshape(n) != 0)
     return Prepared(flat_labels, valid, adv, old_logprobs, teacher_logprobs, seq_ids, num_seqs, labels.shape,
                     student_logits.shape[-1])
+
+
+# ------------------------------------------------------------------ fused linear: hidden states + LM head
+def _check_tensor(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in LOGIT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+
+
+def check_linear(hidden, weight, bias=None, teacher_hidden=None, *, hidden_name="student_hidden",
+                 weight_name="lm_head_weight", bias_name="lm_head_bias") -> Tuple[int, int]:
+    """Validate the hidden states / LM-head weight / bias trio; returns ``(H, V)``."""
+    _check_tensor(hidden_name, hidden)
+    _check_tensor(weight_name, weight)
+    if hidden.dim() < 1 or hidden.shape[-1] < 1:
+        raise ValueError(f"{hidden_name} must have shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[0] < 1:
+        raise ValueError(f"{weight_name} must have shape [V, H] with V >= 1, got {tuple(weight.shape)}")
+    H, V = hidden.shape[-1], weight.shape[0]
+    if weight.shape[1] != H:
+        raise ValueError(f"{weight_name} has H={weight.shape[1]} but {hidden_name} has H={H} "
+                         f"(shapes {tuple(weight.shape)} and {tuple(hidden.shape)})")
+    def same_dtype_device(name, x):
+        if x.dtype != hidden.dtype:
+            raise ValueError(f"{name} is {x.dtype} but {hidden_name} is {hidden.dtype}; cast one of them")
+        if x.device != hidden.device:
+            raise ValueError(f"{name} is on {x.device} but {hidden_name} is on {hidden.device}")
+
+    same_dtype_device(weight_name, weight)
+    if bias is not None:
+        _check_tensor(bias_name, bias)
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"{bias_name} must have shape ({V},) (V of {weight_name}), got {tuple(bias.shape)}")
+        same_dtype_device(bias_name, bias)
+    if teacher_hidden is not None:
+        _check_tensor("teacher_hidden", teacher_hidden)
+        if tuple(teacher_hidden.shape) != tuple(hidden.shape):
+            raise ValueError(f"teacher_hidden must have shape {tuple(hidden.shape)} (that of {hidden_name}), "
+                             f"got {tuple(teacher_hidden.shape)}")
+        same_dtype_device("teacher_hidden", teacher_hidden)
+    return H, V
+
+
+def logits_stand_in(hidden, V):
+    """A zero-stride ``[..., V]`` view with no storage of its own, so ``prepare`` can validate everything else."""
+    return hidden.new_zeros(()).expand(*hidden.shape[:-1], V)

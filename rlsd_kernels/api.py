@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch, loss_op, ops
+from . import dispatch, ops
 from ._inputs import check_logits, check_loss_inputs, check_scoring
 from ._output import RLSDOutput
 from .hyper import Hyper
@@ -40,7 +40,7 @@ def _rlsd_loss(h: Hyper, student_logits, teacher_logits, labels, advantages, old
                                teacher_logprobs, cu_seqlens, h, values=values)
     want_grad = torch.is_grad_enabled() and student_logits.requires_grad
     # teacher, advantages, old log-probs: the op's backward returns no gradient for them (no detach op needed)
-    loss, logp_s, logp_t, g, ent, metrics, errors, _, _, _ = loss_op.fused_rlsd_loss(
+    loss, logp_s, logp_t, g, ent, metrics, errors, _, _, _ = ops.fused_rlsd_loss(
         student_logits, teacher_logits, teacher_logprobs, labels, advantages, old_logprobs, mask, cu_seqlens,
         float(h.lam), float(h.eps_w), float(h.clip_low), float(h.clip_high), float(h.clip_dual), h.loss_type,
         h.loss_agg_mode, float(h.norm or 0.0), float(h.temperature), int(h.ignore_index), layout.adv_per_seq,

@@ -1,13 +1,11 @@
-"""``torch.library`` registration of the logits ops, with autograd and fake (meta) kernels, so that
-``torch.compile(fullgraph=True)`` traces them as opaque ops whose backward never builds an ``N x V`` temporary.
+"""The scoring pass (``token_logprobs``: the caller's own loss differentiates the log-probs) as ``torch.library``
+ops with autograd and fake kernels; the backward never builds an ``N x V`` temporary.
 
-Scoring (``token_logprobs``: the caller's own loss differentiates the log-probs):
 - ``rlsd_kernels::fused_logprobs(student, teacher?, labels, temperature, ignore_index, want_entropy,
   inplace_backward) -> (logp_s, logp_t, lse_s, entropy)``; ``logp_t``/``entropy`` are empty when not asked for.
 - ``rlsd_kernels::fused_logprobs_backward(grad_logp, student, labels, lse, temperature) -> grad_student``
 - ``rlsd_kernels::fused_logprobs_backward_inplace(...)``: the same, written into ``student`` (declared mutated).
 
-The whole loss (``rlsd_loss``), defined in ``loss_op.py``: ``rlsd_kernels::fused_rlsd_loss``.
 """
 from __future__ import annotations
 
@@ -16,8 +14,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._layout import as_rows3d
-from .dispatch import get_backend
+from .._layout import as_rows3d
+from ..dispatch import get_backend
 
 _EMPTY = (0,)
 

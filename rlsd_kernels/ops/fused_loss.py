@@ -20,12 +20,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import loss as loss_math
-from ._inputs import _seq_ids
-from ._layout import as_rows3d
-from .dispatch import get_backend, select_backend
-from .hyper import Hyper
-from .ops import fused_logprobs_backward_inplace
+from .. import loss as loss_math
+from .._inputs import token_seq_ids
+from .._layout import as_rows3d
+from ..dispatch import get_backend, select_backend
+from ..hyper import Hyper
+from .fused_logprobs import fused_logprobs_backward_inplace
 
 _EMPTY = (0,)
 N_METRICS = 7
@@ -50,7 +50,7 @@ def _eager_loss(student, teacher, teacher_logprobs, labels, advantages, old_logp
     valid = (flat != h.ignore_index) & (flat >= 0) & (flat < V)
     if mask is not None:
         valid = valid & (mask.reshape(n) != 0)
-    seq_ids, num_seqs = _seq_ids(labels.shape, cu_seqlens, n, student.device)
+    seq_ids, num_seqs = token_seq_ids(labels.shape, cu_seqlens, n, student.device)
     adv = (advantages[seq_ids] if adv_per_seq else advantages.reshape(n)).to(acc)
     old = None if old_logprobs is None else old_logprobs.reshape(n).to(acc)
     lt = logp_t if teacher is not None else teacher_logprobs
@@ -80,7 +80,7 @@ def fused_rlsd_loss(student: Tensor, teacher: Optional[Tensor], teacher_logprobs
     write_grad = want_grad and not inplace
     shape = labels.shape
     if select_backend(student.device) == "triton":
-        from .backends import triton_loss
+        from ..backends import triton_loss
 
         grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if write_grad else None
         loss, logp_s, logp_t, g, ent, metrics, errors, lse, coef = triton_loss.fused_loss(
@@ -116,7 +116,7 @@ def _(student, teacher, teacher_logprobs, labels, advantages, old_logprobs, mask
 def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
     """``grad *= grad_output`` (a 0-d tensor) without a host sync on CUDA, free when grad_output is 1."""
     if select_backend(grad.device) == "triton":
-        from .backends import triton_loss
+        from ..backends import triton_loss
 
         triton_loss.scale_(grad, grad_output)
     elif grad_output.item() != 1.0:  # CPU: reading the scalar costs nothing
