@@ -32,25 +32,30 @@ LAUNCH = {
     # sized so that their student rows fit in this much L2 (H100: 50 MB, H200: 60 MB) until the gradient sweep
     # re-reads them, but never fewer than loss_min_programs_per_sm per SM; 0 MiB = one program per row.
     # NOT YET MEASURED on a GPU: the first GPU check's sweep decides these.
-    "loss_block_v": 4096,
-    "loss_warps": 8,
+    # One row per program in flight means few loads in flight per SM at V >= 128k (one program per SM fits L2), so
+    # each step loads long chunks: 8192 columns x 16 warps (16 values per thread per tensor).
+    "loss_block_v": 8192,
+    "loss_warps": 16,
     "loss_l2_budget_mib": 32,
     "loss_min_programs_per_sm": 1,
     "loss_interpreter_programs": 3,  # CPU interpreter: exercise the persistent loop on small inputs
-    "prologue_block": 1024,
-    "finalize_block": 256,
+    # single-program O(N) kernels: wide blocks keep their serial loops short (N = 16384: 4 steps per pass)
+    "prologue_block": 4096,
+    "prologue_tile_t": 256,
+    "finalize_block": 1024,
+    "small_warps": 8,
     "scale_block": 4096,
 }
 
 SWEEP = [
     {},  # the defaults above
-    {"loss_warps": 4},
-    {"loss_warps": 16, "loss_block_v": 8192},
-    {"loss_block_v": 2048, "loss_warps": 4},
-    {"loss_l2_budget_mib": 0},  # one program per row: what the L2 scheduling buys
-    {"loss_l2_budget_mib": 16},
-    {"loss_l2_budget_mib": 48},
+    {"loss_block_v": 4096, "loss_warps": 8},
+    {"loss_block_v": 16384, "loss_warps": 16},
+    {"loss_block_v": 8192, "loss_warps": 8},
     {"loss_min_programs_per_sm": 2},
+    {"loss_min_programs_per_sm": 2, "loss_block_v": 4096, "loss_warps": 8},
+    {"loss_l2_budget_mib": 0, "loss_block_v": 4096, "loss_warps": 4},  # one program per row: no L2 scheduling
+    {"loss_l2_budget_mib": 48},
     {"fwd_warps": 8, "fwd_block_v": 4096, "bwd_block_v": 4096, "bwd_warps": 8},
 ]
 

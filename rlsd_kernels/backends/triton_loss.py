@@ -336,7 +336,8 @@ def fused_loss(student, teacher, teacher_logprobs, labels, advantages, adv_per_s
         advantages, agg, adv_rows, seq_cnt, errors,
         n, V, seq_len, num_seqs, h.ignore_index, 1.0 / h.norm if h.loss_agg_mode == "sum" else 1.0,
         HAS_MASK=mask is not None, HAS_CU=cu_seqlens is not None, AGG_MODE=AGG_CODES[h.loss_agg_mode],
-        ADV_PER_SEQ=adv_per_seq, BLOCK=LAUNCH["prologue_block"], BLOCK_S=16, BLOCK_T=64, num_warps=4,
+        ADV_PER_SEQ=adv_per_seq, BLOCK=LAUNCH["prologue_block"], BLOCK_S=16, BLOCK_T=LAUNCH["prologue_tile_t"],
+        num_warps=LAUNCH["small_warps"],
     )
     tch = teacher if teacher is not None else student  # never read without a teacher (TEACHER != 1)
     out = grad if grad is not None else student  # never written without WRITE_GRAD
@@ -356,7 +357,7 @@ def fused_loss(student, teacher, teacher_logprobs, labels, advantages, adv_per_s
         WRITE_GRAD=grad is not None, CONTIG=unit_vocab_stride(student, tch, out), BLOCK_V=block,
         num_warps=LAUNCH["loss_warps"],
     )
-    _finalize[(1,)](parts, loss, metrics, n, BLOCK=LAUNCH["finalize_block"], K=16, num_warps=4)
+    _finalize[(1,)](parts, loss, metrics, n, BLOCK=LAUNCH["finalize_block"], K=16, num_warps=LAUNCH["small_warps"])
     return loss, logp_s, logp_t, weights, ent, metrics, errors, lse, coef
 
 

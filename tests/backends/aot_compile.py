@@ -82,7 +82,8 @@ def compile_fused_loss():
                "ignore_index": "i64", "inv_norm": "fp32"}
         compile_one("loss_prologue", tloss._prologue, sig,
                     {"HAS_MASK": has_mask, "HAS_CU": cu, "AGG_MODE": agg, "ADV_PER_SEQ": per_seq,
-                     "BLOCK": LAUNCH["prologue_block"], "BLOCK_S": 16, "BLOCK_T": 64}, 4)
+                     "BLOCK": LAUNCH["prologue_block"], "BLOCK_S": 16, "BLOCK_T": LAUNCH["prologue_tile_t"]},
+                    LAUNCH["small_warps"])
     combos = [(dt, teacher, write_grad, (teacher + write_grad + k) % 2 == 0, k % 2 == 1, k % 3 == 0, contig)
               for k, (dt, teacher, write_grad, contig) in enumerate(itertools.product(
                   ("bf16", "fp32"), (0, 1, 2), (True, False), (True, False)))
@@ -100,7 +101,7 @@ def compile_fused_loss():
                      "WRITE_GRAD": write_grad, "CONTIG": contig, "BLOCK_V": LAUNCH["loss_block_v"]},
                     LAUNCH["loss_warps"])
     compile_one("loss_finalize", tloss._finalize, {"PARTS": "*fp32", "LOSS": "*fp32", "METRICS": "*fp32", "N": "i64"},
-                {"BLOCK": LAUNCH["finalize_block"], "K": 16}, 4)
+                {"BLOCK": LAUNCH["finalize_block"], "K": 16}, LAUNCH["small_warps"])
     for dt in ("bf16", "fp32"):
         compile_one(f"scale_grad[{dt}]", tloss._scale_grad, {"GRAD": PTR[dt], "GOUT": "*fp32", "numel": "i64"},
                     {"BLOCK": LAUNCH["scale_block"]}, 8)
