@@ -12,18 +12,22 @@ from helpers import F32_ATOL, F32_RTOL, as64, make_inputs, randn, run_loss
 from rlsd_kernels import reference, rlsd_loss, token_logprobs
 
 NAN = float("nan")
-NAN_STUDENT = [(0, 1), (0, 2)]  # valid rows: a nan logit away from the label, and at the label
+# valid rows: a nan logit away from the label, at the label, and alone among -inf (a max that drops nan sees -inf)
+NAN_STUDENT = [(0, 1), (0, 2), (1, 4)]
 NAN_TEACHER = [(0, 3)]  # valid row: a nan teacher logit makes the weight, the loss and the row's gradient nan
 DEAD = [(1, 0), (1, 2)]  # a masked row and an ignore_index row, nan in student and teacher
 
 
 def _poisoned(device, dtype):
-    inputs = make_inputs(B=2, T=4, V=37, seed=71, ignore_frac=0.0, mask_frac=0.0, dtype=dtype, device=device)
+    inputs = make_inputs(B=2, T=6, V=37, seed=71, ignore_frac=0.0, mask_frac=0.0, dtype=dtype, device=device)
     s, t, labels = inputs["student_logits"], inputs["teacher_logits"], inputs["labels"]
-    # sign(A) != 0 on row 0, so the teacher's weight counts
-    inputs["advantages"][0] = torch.tensor([0.7, -0.4, 1.1, -0.9], device=device)
+    # sign(A) != 0 where it matters, so the teacher's weight counts
+    inputs["advantages"][:, :5] = torch.tensor([[0.7, -0.4, 1.1, -0.9, 0.3], [0.5, 0.2, -0.6, 0.8, -1.2]],
+                                               device=device)
     s[0, 1, (labels[0, 1] + 5) % 37] = NAN
     s[0, 2, labels[0, 2]] = NAN
+    s[1, 4] = float("-inf")
+    s[1, 4, (labels[1, 4] + 1) % 37] = NAN
     t[0, 3, 11] = NAN
     inputs["mask"][1, 0] = False
     labels[1, 2] = -100
