@@ -141,26 +141,36 @@ template <> inline c10::Half from_f<c10::Half>(float v) {
   return c10::Half(c10::detail::fp16_ieee_from_fp32_value(v), c10::Half::from_bits());
 }
 
-// Converts n elements (element stride sv) to float32 * scale into out; returns their max (-inf if all are).
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// max that propagates nan from either side (std::max(a, nan) is a, and SIMD max instructions drop nan too)
+inline float nan_max(float a, float b) { return (a != a || b != b) ? kNaN : (a > b ? a : b); }
+
+// Converts n elements (element stride sv) to float32 * scale into out; returns their max (-inf if all are, nan if
+// any is nan: a nan logit must make the row's lse, log-probs and gradient nan, as IEEE arithmetic would).
+// The max reduction itself ignores nan (vectorised compare-select), so nan is counted separately.
 template <typename T>
 float load_t(const T* p, int64_t sv, int64_t n, float scale, float* __restrict out) {
   float m = kNegInf;
+  int nan = 0;
   if (sv == 1) {
-#pragma omp simd reduction(max : m)
+#pragma omp simd reduction(max : m) reduction(| : nan)
     for (int64_t i = 0; i < n; ++i) {
       const float v = to_f<T>(p[i]) * scale;
       out[i] = v;
       m = v > m ? v : m;
+      nan |= v != v;
     }
   } else {
-#pragma omp simd reduction(max : m)
+#pragma omp simd reduction(max : m) reduction(| : nan)
     for (int64_t i = 0; i < n; ++i) {
       const float v = to_f<T>(p[i * sv]) * scale;
       out[i] = v;
       m = v > m ? v : m;
+      nan |= v != v;
     }
   }
-  return m;
+  return nan ? kNaN : m;
 }
 
 // Fills out[0, n) with the chunk as float32 * scale and out[n, round_up(n, kLanes)) with -inf; returns the max.
@@ -229,7 +239,7 @@ template <bool kEntropy>
 // the arithmetic here would otherwise leave the memory system idle between the loads of two chunks.
 inline void accumulate(Stats& st, const float* __restrict x, int64_t n, float chunk_max, const char* pf,
                        int64_t pf_step) {
-  const float m_new = std::max(st.m, chunk_max);
+  const float m_new = nan_max(st.m, chunk_max);  // nan stays nan: every later exp and sum of the row is nan
   if (m_new == kNegInf) return;  // only -inf so far: nothing to add (and no -inf - -inf = nan)
   vf vs{}, ves{};
   const vf vm = vsplat(m_new);

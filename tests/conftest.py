@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -8,38 +9,38 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from rlsd_kernels.dispatch import force_backend  # noqa: E402
+# tests/helpers.py is imported as a plain module, by tests in sub-folders too.
+sys.path.insert(0, os.path.dirname(__file__))
 
+from helpers import linear_params, machine_backends, running_on  # noqa: E402
 
-def available_backends():
-    """Backends that can run on this machine's test device."""
-    names = ["reference"]
-    try:
-        import triton  # noqa: F401
-
-        if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-            names.append("triton")
-    except ImportError:
-        pass
-    from rlsd_kernels.backends import cpp
-
-    if not torch.cuda.is_available() and cpp.available():
-        names.append("cpp")
-    return names
-
-
+# Each backend with the device it serves here: on a GPU machine triton on CUDA, cpp and reference on CPU.
+BACKENDS = machine_backends()
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.fixture(params=available_backends())
+def available_backends():
+    """The backends this machine runs, each a name (``== "triton"``) carrying its ``.device``."""
+    return list(BACKENDS)
+
+
+@pytest.fixture(params=BACKENDS, ids=str)
 def backend(request):
-    """Runs the test once per backend, forcing the dispatcher to it."""
-    with force_backend(request.param):
-        yield request.param
+    """Runs the test once per backend, forcing the dispatcher to it; build tensors on ``backend.device``."""
+    with running_on(request.param) as b:
+        yield b
+
+
+@pytest.fixture(params=linear_params(BACKENDS), ids=lambda b: b.linear)
+def linear_path(request):
+    """The fused linear op's routes: ``chunked`` (over the C++ or reference backend, CPU) and ``triton``."""
+    with running_on(request.param) as b:
+        yield b
 
 
 @pytest.fixture
 def device():
+    """The machine's accelerator if it has one, else the CPU (for tests that pick no backend)."""
     return DEVICE
 
 
@@ -55,9 +56,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-# tests/helpers.py is imported as a plain module by tests in sub-folders too.
-import sys  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(__file__))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rlsd_kernels
-from helpers import as64, assert_matches_reference, make_inputs, run_loss
+from helpers import as64, assert_matches_reference, make_inputs, randn, run_loss
 from rlsd_kernels import RLSDLoss, reference, rlsd_loss, token_logprobs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -14,14 +14,14 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
 def test_rlsd_matches_reference_dtypes(backend, dtype, lam):
-    inputs = make_inputs(B=3, T=7, V=301, dtype=dtype, seed=int(lam * 10))
+    inputs = make_inputs(B=3, T=7, V=301, dtype=dtype, seed=int(lam * 10), device=backend.device)
     assert_matches_reference(inputs, lam=lam, return_entropy=True)
 
 
 @pytest.mark.parametrize("loss_type", ["ppo", "cispo"])
 @pytest.mark.parametrize("agg", ["token", "seq", "sum"])
 def test_loss_types_and_aggregation(backend, loss_type, agg):
-    inputs = make_inputs(B=3, T=6, V=53, seed=3)
+    inputs = make_inputs(B=3, T=6, V=53, seed=3, device=backend.device)
     norm = 17.0 if agg == "sum" else None
     assert_matches_reference(inputs, lam=0.5, loss_type=loss_type, loss_agg_mode=agg, norm=norm)
 
@@ -30,17 +30,17 @@ def test_loss_types_and_aggregation(backend, loss_type, agg):
 @pytest.mark.parametrize("per_seq", [True, False])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_old_logprobs_advantages_temperature(backend, old, per_seq, temperature):
-    inputs = make_inputs(B=2, T=5, V=41, seed=5, old=old, per_seq_adv=per_seq)
+    inputs = make_inputs(B=2, T=5, V=41, seed=5, old=old, per_seq_adv=per_seq, device=backend.device)
     assert_matches_reference(inputs, lam=0.5, temperature=temperature)
 
 
 def test_grpo_without_teacher(backend):
-    inputs = make_inputs(B=2, T=5, V=41, seed=7, teacher=False)
+    inputs = make_inputs(B=2, T=5, V=41, seed=7, teacher=False, device=backend.device)
     out = assert_matches_reference(inputs, lam=0.7)
     assert out.teacher_logprobs is None
     assert torch.all(out.weights == 1.0)
     # lam = 0 with a teacher is GRPO too: same loss and gradient as no teacher at all
-    with_t = make_inputs(B=2, T=5, V=41, seed=7, teacher=True)
+    with_t = make_inputs(B=2, T=5, V=41, seed=7, teacher=True, device=backend.device)
     a, ga = run_loss(rlsd_loss, with_t, lam=0.0)
     b, gb = run_loss(rlsd_loss, inputs, lam=0.0)
     torch.testing.assert_close(a.loss, b.loss)
@@ -50,19 +50,19 @@ def test_grpo_without_teacher(backend):
 @pytest.mark.parametrize("V", [5003, 151936])
 def test_odd_and_real_vocab(backend, V):
     # N = 3 rows is not a multiple of any block; V = 151936 (Qwen) and 5003 (prime-ish) are not powers of two
-    inputs = make_inputs(B=1, T=3, V=V, seed=11, ignore_frac=0.0, mask_frac=0.0)
+    inputs = make_inputs(B=1, T=3, V=V, seed=11, ignore_frac=0.0, mask_frac=0.0, device=backend.device)
     assert_matches_reference(inputs, lam=0.5, return_entropy=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_strided_views(backend, dtype):
-    inputs = make_inputs(B=2, T=12, V=67, dtype=dtype, seed=13, strided=True)
+    inputs = make_inputs(B=2, T=12, V=67, dtype=dtype, seed=13, strided=True, device=backend.device)
     assert not inputs["student_logits"].is_contiguous()
     assert_matches_reference(inputs, lam=0.5, return_entropy=True)
 
 
 def test_noncontiguous_vocab_dim(backend):
-    inputs = make_inputs(B=2, T=3, V=29, seed=17)
+    inputs = make_inputs(B=2, T=3, V=29, seed=17, device=backend.device)
     for k in ("student_logits", "teacher_logits"):
         inputs[k] = inputs[k].transpose(0, 2).contiguous().transpose(0, 2)  # stride(-1) != 1
         assert inputs[k].stride(-1) != 1
@@ -70,9 +70,9 @@ def test_noncontiguous_vocab_dim(backend):
 
 
 def test_extreme_logits(backend):
-    inputs = make_inputs(B=2, T=4, V=97, seed=19, old=False, ignore_frac=0.0, mask_frac=0.0)
+    inputs = make_inputs(B=2, T=4, V=97, seed=19, old=False, ignore_frac=0.0, mask_frac=0.0, device=backend.device)
     s, t = inputs["student_logits"], inputs["teacher_logits"]
-    s[0, 0] = torch.where(torch.arange(97) % 2 == 0, 1e4, -1e4)  # +-1e4
+    s[0, 0] = torch.where(torch.arange(97, device=backend.device) % 2 == 0, 1e4, -1e4)  # +-1e4
     t[0, 0] = -s[0, 0]
     s[0, 1] = 2.5  # a row of equal logits
     t[0, 1] = 2.5
@@ -89,7 +89,7 @@ def test_extreme_logits(backend):
 
 
 def test_all_masked_batch(backend):
-    inputs = make_inputs(B=2, T=3, V=31, seed=23)
+    inputs = make_inputs(B=2, T=3, V=31, seed=23, device=backend.device)
     inputs["mask"] = torch.zeros_like(inputs["mask"])
     for agg, norm in (("token", None), ("seq", None), ("sum", 4.0)):
         out, g = run_loss(rlsd_loss, inputs, loss_agg_mode=agg, norm=norm)
@@ -100,7 +100,7 @@ def test_all_masked_batch(backend):
 
 def test_padding_with_minus_inf_outside_mask(backend):
     # masked positions may hold garbage (here -inf logits at the label): no nan may leak into loss or grads
-    inputs = make_inputs(B=2, T=4, V=31, seed=29)
+    inputs = make_inputs(B=2, T=4, V=31, seed=29, device=backend.device)
     inputs["mask"][1, 2] = False
     inputs["student_logits"][1, 2] = float("-inf")
     out, g = run_loss(rlsd_loss, inputs, lam=0.5)
@@ -109,7 +109,7 @@ def test_padding_with_minus_inf_outside_mask(backend):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_inplace_backward_equals_out_of_place(backend, dtype):
-    inputs = make_inputs(B=2, T=4, V=83, dtype=dtype, seed=31)
+    inputs = make_inputs(B=2, T=4, V=83, dtype=dtype, seed=31, device=backend.device)
     out, g = run_loss(rlsd_loss, inputs, lam=0.5)
     buf = inputs["student_logits"].detach().clone().requires_grad_()
     out2 = rlsd_loss(**dict(inputs, student_logits=buf * 1), lam=0.5, inplace_backward=True)
@@ -123,7 +123,7 @@ def test_inplace_backward_equals_out_of_place(backend, dtype):
 
 
 def test_teacher_logprobs_route_equals_teacher_logits(backend):
-    inputs = make_inputs(B=2, T=5, V=57, seed=37)
+    inputs = make_inputs(B=2, T=5, V=57, seed=37, device=backend.device)
     a, ga = run_loss(rlsd_loss, inputs, lam=0.5)
     t_lp = token_logprobs(inputs["teacher_logits"], inputs["labels"])
     b, gb = run_loss(rlsd_loss, dict(inputs, teacher_logits=None), teacher_logprobs=t_lp, lam=0.5)
@@ -134,9 +134,9 @@ def test_teacher_logprobs_route_equals_teacher_logits(backend):
 
 def test_packed_batch_with_cu_seqlens(backend):
     # three sequences of lengths 3, 0 and 6 packed padding-free into [1, 9]; per-sequence advantages
-    inputs = make_inputs(B=1, T=9, V=45, seed=41)
-    cu = torch.tensor([0, 3, 3, 9], dtype=torch.int32)
-    inputs["advantages"] = torch.tensor([0.5, 1.0, -1.5])
+    inputs = make_inputs(B=1, T=9, V=45, seed=41, device=backend.device)
+    cu = torch.tensor([0, 3, 3, 9], dtype=torch.int32, device=backend.device)
+    inputs["advantages"] = torch.tensor([0.5, 1.0, -1.5], device=backend.device)
     assert_matches_reference(inputs, lam=0.5, loss_agg_mode="seq", cu_seqlens=cu)
     # seq mode: equal to the mean of the per-sequence token means, computed by hand
     out, _ = run_loss(rlsd_loss, inputs, grad=False, lam=0.5, loss_agg_mode="seq", cu_seqlens=cu)
@@ -152,11 +152,11 @@ def test_packed_batch_with_cu_seqlens(backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_token_logprobs(backend, dtype):
     g = torch.Generator().manual_seed(43)
-    x = (torch.randn(3, 4, 1001, generator=g) * 4).to(dtype).requires_grad_()
-    y = torch.randint(0, 1001, (3, 4), generator=g)
+    x = randn(3, 4, 1001, generator=g, scale=4.0, device=backend.device, dtype=dtype).requires_grad_()
+    y = torch.randint(0, 1001, (3, 4), generator=g, device="cpu").to(backend.device)
     y[0, 0] = -100
     lp, ent = token_logprobs(x, y, temperature=0.8, return_entropy=True)
-    w = torch.randn(3, 4, generator=g)
+    w = randn(3, 4, generator=g, device=backend.device)
     (gx,) = torch.autograd.grad((lp * w).sum(), x)
     x64 = x.detach().double().requires_grad_()
     lp64, ent64 = reference.token_logprobs(x64, y, temperature=0.8, return_entropy=True)
@@ -173,7 +173,7 @@ def test_token_logprobs(backend, dtype):
 
 
 def test_rlsd_loss_module(backend):
-    inputs = make_inputs(B=2, T=4, V=33, seed=47)
+    inputs = make_inputs(B=2, T=4, V=33, seed=47, device=backend.device)
     mod = RLSDLoss(lam=0.5, loss_type="cispo")
     a = mod(**inputs)
     b = rlsd_loss(**inputs, lam=0.5, loss_type="cispo")
@@ -183,7 +183,7 @@ def test_rlsd_loss_module(backend):
 
 
 def test_metrics_are_python_floats(backend):
-    inputs = make_inputs(B=2, T=4, V=33, seed=53)
+    inputs = make_inputs(B=2, T=4, V=33, seed=53, device=backend.device)
     out = rlsd_loss(**inputs, lam=0.5)
     assert set(out.metrics) == {"pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "weight_clip_low_frac",
                                 "weight_clip_high_frac", "delta_mean", "weight_mean"}
@@ -194,7 +194,7 @@ def test_metrics_are_python_floats(backend):
 
 
 def test_compile_fullgraph():
-    inputs = make_inputs(B=2, T=4, V=50, seed=61)
+    inputs = make_inputs(B=2, T=4, V=50, seed=61, device="cpu")
 
     def f(s, t, labels, adv, old, mask):
         out = rlsd_kernels.rlsd_loss(s, t, labels, adv, old, mask, lam=0.5, loss_agg_mode="seq", return_entropy=True)
@@ -215,7 +215,7 @@ def test_compile_fullgraph():
 
 def test_opcheck():
     # torch.library's own consistency checks of the custom op: schema, fake kernel, autograd registration
-    inputs = make_inputs(B=2, T=3, V=20, seed=67)
+    inputs = make_inputs(B=2, T=3, V=20, seed=67, device="cpu")
     s = inputs["student_logits"].clone().requires_grad_()
     torch.library.opcheck(torch.ops.rlsd_kernels.fused_logprobs.default,
                           (s, inputs["teacher_logits"], inputs["labels"], 1.0, -100, True, False))
@@ -223,10 +223,11 @@ def test_opcheck():
 
 def test_row_of_only_minus_inf_gets_zero_gradient(backend):
     # degenerate but possible with aggressive logit masking: every backend zeroes the row instead of emitting nan
-    x = torch.randn(2, 3, 13)
+    g = torch.Generator().manual_seed(73)
+    x = randn(2, 3, 13, generator=g, device=backend.device)
     x[1, 1] = float("-inf")
     x.requires_grad_()
-    y = torch.randint(0, 13, (2, 3))
+    y = torch.randint(0, 13, (2, 3), generator=g, device="cpu").to(backend.device)
     lp = token_logprobs(x, y)
     assert torch.isnan(lp[1, 1])  # undefined, as eager log_softmax says
     (g,) = torch.autograd.grad(lp.sum(), x)  # the -inf row still receives coefficient 1

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from helpers import LOW_PREC_SLACK
+from helpers import LOW_PREC_SLACK, Backend, running_on
 from rlsd_kernels import reference, rlsd_loss
-from rlsd_kernels.dispatch import force_backend
 
 pytestmark = pytest.mark.gpu
 N, V = 4096, 151936
+TRITON = Backend("triton", "cuda")
 
 
 def _inputs(dtype=torch.bfloat16, seed=0):
@@ -28,7 +28,7 @@ def _reference_rows(x, labels, rows):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_real_size_accuracy(dtype):
     s, t, labels, adv, old = _inputs(dtype)
-    with force_backend("triton"):
+    with running_on(TRITON):
         out = rlsd_loss(s, t, labels, adv, old, lam=0.5, return_entropy=True)
     rows = torch.arange(0, N, 61, device="cuda")
     ref_s, ref_t = _reference_rows(s, labels, rows), _reference_rows(t, labels, rows)
@@ -42,7 +42,7 @@ def test_real_size_accuracy(dtype):
     # gradient on a slice of rows, against the float64 reference of the same rows
     sub = slice(0, 256)
     x = s[sub].clone().requires_grad_()
-    with force_backend("triton"):
+    with running_on(TRITON):
         loss = rlsd_loss(x, t[sub], labels[sub], adv[sub], old[sub], lam=0.5).loss
     (g,) = torch.autograd.grad(loss, x)
     x64 = s[sub].double().requires_grad_()
@@ -66,7 +66,7 @@ def test_real_size_peak_memory(inplace):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    with force_backend("triton"):
+    with running_on(TRITON):
         out = rlsd_loss(s, t, labels, adv, old, lam=0.5, inplace_backward=inplace)
         (g,) = torch.autograd.grad(out.loss, s)
     torch.cuda.synchronize()

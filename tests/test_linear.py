@@ -5,41 +5,41 @@ import torch
 import rlsd_kernels
 from rlsd_kernels import reference, rlsd_linear_loss, token_logprobs_linear
 from rlsd_kernels.backends import linear_chunked
-from rlsd_kernels.dispatch import force_backend
 from rlsd_kernels.linear import linear_backend
 
-from conftest import DEVICE, available_backends
+from conftest import BACKENDS, DEVICE
+from helpers import Backend, linear_params, randn, running_on
 
-PATHS = ["chunked"] + (["triton"] if "triton" in available_backends() else [])
 B, T, H, V = 3, 5, 40, 1003  # odd V and H: no dimension is a multiple of any block
+CPU = torch.device("cpu")
 
 
-@pytest.fixture(params=PATHS)
-def path(request):
-    """``chunked``: the token-chunked path over the logits op (reference/C++); ``triton``: the tile kernels."""
-    name = request.param
-    forced = "triton" if name == "triton" else ("cpp" if "cpp" in available_backends() else "reference")
-    with force_backend(forced):
-        assert linear_backend(DEVICE) == ("triton" if name == "triton" else "chunked")
-        yield name
+@pytest.fixture
+def path(linear_path):
+    """``chunked``: the token-chunked path over the logits op (C++/reference, CPU tensors); ``triton``: the tile
+    kernels (CUDA tensors on a GPU machine). Build tensors on ``path.device``."""
+    assert linear_backend(linear_path.device) == linear_path.linear
+    return linear_path
 
 
-def _inputs(seed=0, dtype=torch.float64, bias=True, teacher=True, scale=0.3):
+def _inputs(device, seed=0, dtype=torch.float64, bias=True, teacher=True, scale=0.3):
+    """float64 inputs on ``device`` (drawn on the CPU: the same numbers on every machine)."""
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(B, T, H, generator=g, dtype=torch.float64)
-    w = torch.randn(V, H, generator=g, dtype=torch.float64) * scale
-    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
-    th = (h + 0.5 * torch.randn(B, T, H, generator=g, dtype=torch.float64)) if teacher else None
-    labels = torch.randint(0, V, (B, T), generator=g)
+    f64 = dict(generator=g, dtype=torch.float64, device=CPU)
+    h = torch.randn(B, T, H, **f64)
+    w = torch.randn(V, H, **f64) * scale
+    b = torch.randn(V, **f64) if bias else None
+    th = (h + 0.5 * torch.randn(B, T, H, **f64)) if teacher else None
+    labels = torch.randint(0, V, (B, T), generator=g, device=CPU)
     labels[0, 1] = -100
-    mask = torch.ones(B, T, dtype=torch.bool)
+    mask = torch.ones(B, T, dtype=torch.bool, device=CPU)
     mask[2, 3:] = False
-    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, **f64)
     adv[1] = 0.0
     old = None
-    cast = lambda x: None if x is None else x.to(DEVICE, dtype)  # noqa: E731
-    return dict(h=cast(h), w=cast(w), b=cast(b), th=cast(th), labels=labels.to(DEVICE), mask=mask.to(DEVICE),
-                adv=adv.to(DEVICE, torch.float32), old=old)
+    cast = lambda x: None if x is None else x.to(device, dtype)  # noqa: E731
+    return dict(h=cast(h), w=cast(w), b=cast(b), th=cast(th), labels=labels.to(device), mask=mask.to(device),
+                adv=adv.to(device, torch.float32), old=old)
 
 
 def _leaf(x):
@@ -74,7 +74,7 @@ def _close(a, b, rtol=1e-5, atol=1e-6):
 def test_default_dispatch_is_chunked_on_cpu():
     if DEVICE.type == "cpu":
         assert linear_backend(DEVICE) == "chunked"  # TRITON_INTERPRET=1 alone does not pick the interpreter
-        with force_backend("triton"):
+        with running_on(Backend("triton", DEVICE)):
             assert linear_backend(DEVICE) == "triton"
             assert linear_backend(DEVICE, torch.float64) == "chunked"
     else:
@@ -83,7 +83,7 @@ def test_default_dispatch_is_chunked_on_cpu():
 
 @pytest.mark.parametrize("teacher", ["hidden", "logprobs", None])
 def test_float32_matches_float64_reference(path, teacher):
-    inp = _inputs(teacher=teacher is not None)
+    inp = _inputs(path.device, teacher=teacher is not None)
     kw = dict(lam=0.7, return_entropy=True)
     ref, ref_g = _truth(inp, **kw)
     if teacher == "logprobs":  # the teacher scored elsewhere, e.g. with token_logprobs_linear
@@ -108,12 +108,12 @@ def test_float32_matches_float64_reference(path, teacher):
     dict(loss_agg_mode="sum", norm=7.0, eps_w=0.05),
 ], ids=["cispo", "seq-temp", "sum"])
 def test_loss_variants_with_old_logprobs(path, kw):
-    inp = _inputs(seed=1)
+    inp = _inputs(path.device, seed=1)
     g = torch.Generator().manual_seed(5)
     # off-policy: old log-probs near the current ones so that some tokens clip and some do not
     z = inp["h"] @ inp["w"].T + inp["b"]
     cur = reference.token_logprobs(z, inp["labels"], temperature=kw.get("temperature", 1.0))
-    inp["old"] = (cur + 0.3 * torch.randn(cur.shape, generator=g, dtype=cur.dtype)).float()
+    inp["old"] = (cur + randn(*cur.shape, generator=g, dtype=cur.dtype, device=path.device, scale=0.3)).float()
     ref, ref_g = _truth(inp, **kw)
     out, got_g = _fused(inp, torch.float32, **kw)
     _close(out.loss, ref.loss)
@@ -124,7 +124,7 @@ def test_loss_variants_with_old_logprobs(path, kw):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_within_eager_error(path, dtype):
-    inp = _inputs(seed=2)
+    inp = _inputs(path.device, seed=2)
     q = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and k in ("h", "w", "b", "th")
              else v) for k, v in inp.items()}
     # truth: float64 on the same (rounded) inputs; eager: logits computed in `dtype`, then the eager loss
@@ -152,19 +152,20 @@ def test_low_precision_within_eager_error(path, dtype):
 def test_tied_embeddings(path):
     """lm_head weight = input embedding: the op's weight gradient adds to the embedding-lookup gradient."""
     g = torch.Generator().manual_seed(3)
-    emb = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3
-    ids = torch.randint(0, V, (B, T), generator=g)
+    dev = path.device
+    emb = randn(V, H, generator=g, dtype=torch.float64, scale=0.3, device=dev)
+    ids = torch.randint(0, V, (B, T), generator=g, device=CPU).to(dev)
     labels = torch.roll(ids, -1, 1)
-    adv = torch.randn(B, generator=g)
-    proj = torch.randn(H, H, generator=g, dtype=torch.float64) / H ** 0.5
+    adv = randn(B, generator=g, device=dev)
+    proj = randn(H, H, generator=g, dtype=torch.float64, scale=H ** -0.5, device=dev)
 
     def run(fused):
-        e = emb.to(DEVICE, torch.float64 if not fused else torch.float32).clone().requires_grad_()
-        hid = torch.tanh(e[ids.to(DEVICE)] @ proj.to(e.dtype))
+        e = emb.to(torch.float64 if not fused else torch.float32).clone().requires_grad_()
+        hid = torch.tanh(e[ids] @ proj.to(e.dtype))
         if fused:
-            loss = rlsd_linear_loss(hid, e, labels.to(DEVICE), adv.to(DEVICE)).loss
+            loss = rlsd_linear_loss(hid, e, labels, adv).loss
         else:
-            loss = reference.rlsd_loss(hid @ e.T, None, labels.to(DEVICE), adv.to(DEVICE).double()).loss
+            loss = reference.rlsd_loss(hid @ e.T, None, labels, adv.double()).loss
         loss.backward()
         return loss, e.grad
 
@@ -175,15 +176,16 @@ def test_tied_embeddings(path):
 
 
 def test_token_logprobs_linear(path):
-    inp = _inputs(seed=4, teacher=False)
+    inp = _inputs(path.device, seed=4, teacher=False)
     h, w, b = (_leaf(inp[k]) for k in ("h", "w", "b"))
     want, want_ent = reference.token_logprobs(h @ w.T + b, inp["labels"], 0.8, True)
-    (want * torch.linspace(-1, 1, want.numel(), dtype=want.dtype).view(want.shape)).sum().backward()
+    weights = torch.linspace(-1, 1, want.numel(), dtype=torch.float64, device=path.device).view(want.shape)
+    (want * weights).sum().backward()
     want_g = [x.grad for x in (h, w, b)]
     hf, wf, bf = (_leaf(inp[k].float()) for k in ("h", "w", "b"))
     got, ent = token_logprobs_linear(hf, wf, inp["labels"], bf, 0.8, True)
     assert got.shape == inp["labels"].shape and got.dtype == torch.float32
-    (got * torch.linspace(-1, 1, got.numel()).view(got.shape)).sum().backward()
+    (got * weights.float()).sum().backward()
     _close(got, want)
     _close(ent, want_ent)
     for x, y in zip((hf, wf, bf), want_g):
@@ -191,7 +193,7 @@ def test_token_logprobs_linear(path):
 
 
 def test_fully_masked_batch(path):
-    inp = _inputs(seed=5)
+    inp = _inputs(path.device, seed=5)
     inp["mask"] = torch.zeros_like(inp["mask"])
     out, g = _fused(inp, torch.float32)
     assert out.loss.item() == 0.0
@@ -200,7 +202,7 @@ def test_fully_masked_batch(path):
 
 
 def test_frozen_head_and_no_bias(path):
-    inp = _inputs(seed=6, bias=False, teacher=False)
+    inp = _inputs(path.device, seed=6, bias=False, teacher=False)
     ref, ref_g = _truth(inp)
     h = _leaf(inp["h"].float())
     w = inp["w"].float()  # frozen: no weight gradient is computed
@@ -214,8 +216,9 @@ def test_chunked_many_chunks(monkeypatch):
     """Several chunks (the budget shrunk to 3 rows), including float32 accumulation of a bf16 weight gradient."""
     monkeypatch.setattr(linear_chunked, "CHUNK_BUDGET_BYTES", 3 * 4 * V)
     assert linear_chunked.rows_per_chunk(1000, V) == 3
-    with force_backend("cpp" if "cpp" in available_backends() else "reference"):
-        inp = _inputs(seed=7)
+    host = linear_params(BACKENDS)[0]  # the chunked route, over the C++ (else reference) backend on CPU
+    with running_on(host):
+        inp = _inputs(host.device, seed=7)
         ref, ref_g = _truth(inp, lam=0.6, return_entropy=True)
         out, g = _fused(inp, torch.float32, lam=0.6, return_entropy=True)
         _close(out.loss, ref.loss)
@@ -228,10 +231,11 @@ def test_chunked_many_chunks(monkeypatch):
 
 
 def test_triton_backward_is_deterministic():
-    if "triton" not in available_backends():
+    triton = [b for b in BACKENDS if b == "triton"]
+    if not triton:
         pytest.skip("no triton")
-    inp = _inputs(seed=8)
-    with force_backend("triton"):
+    with running_on(triton[0]):
+        inp = _inputs(triton[0].device, seed=8)
         g1 = _fused(inp, torch.float32)[1]
         g2 = _fused(inp, torch.float32)[1]
     for a, b in zip(g1, g2):
@@ -297,7 +301,7 @@ def test_gpu_real_size_memory(V_):
 
 
 def test_compile_fullgraph():
-    inp = _inputs(seed=9)
+    inp = _inputs(DEVICE, seed=9)  # no backend forced: Triton on a GPU machine, chunks over C++ on CPU
     h0, w0, b0, th = (inp[k].float() for k in ("h", "w", "b", "th"))
 
     def f(h, w, b):
@@ -319,7 +323,7 @@ def test_compile_fullgraph():
 
 
 def test_opcheck():
-    inp = _inputs(seed=10)
+    inp = _inputs(DEVICE, seed=10)
     h, w, b = (_leaf(inp[k].float().reshape(-1, H) if k == "h" else inp[k].float()) for k in ("h", "w", "b"))
     th = inp["th"].float().reshape(-1, H)
     torch.library.opcheck(torch.ops.rlsd_kernels.fused_linear_logprobs.default,

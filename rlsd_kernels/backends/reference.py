@@ -66,14 +66,18 @@ def backward(grad_logp, student, labels, lse, temperature, out):
         for r0, r1, blk in _row_blocks(student):
             x = blk.to(torch.float32) / temperature
             lse_b = lse[r0:r1, None]
-            # a row of only -inf has lse = -inf: zero gradient rather than nan (as the Triton kernel)
-            p = torch.where(torch.isinf(lse_b), 0.0, torch.exp(x - lse_b))
+            coef = grad_logp[r0:r1, None] / temperature
+            # Exactly zero for a row with a zero coefficient (ignored or masked: it may hold garbage, even nan) or
+            # of only -inf logits (lse = -inf), as the other backends; any other row by IEEE arithmetic, so a nan
+            # logit gives a nan gradient.
+            zero = (coef == 0) | torch.isinf(lse_b)
+            p = torch.where(zero, 0.0, torch.exp(x - lse_b))
             g = -p
             lab = labels[r0:r1]
             hit = (lab >= 0) & (lab < V)
             rows = torch.nonzero(hit).squeeze(1)
             # target term 1 - p[y] formed in float32 before any cast (bf16 cancellation near p = 1)
             g[rows, lab[rows]] += 1.0
-            g *= torch.where(torch.isinf(lse_b), 0.0, grad_logp[r0:r1, None] / temperature)
+            g = torch.where(zero, 0.0, g * coef)
             idx = torch.arange(r0, r1, device=out.device)
             out[idx // T, idx % T] = g.to(out.dtype)

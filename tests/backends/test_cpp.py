@@ -159,6 +159,30 @@ def test_target_on_minus_inf_entry_and_all_minus_inf_row():
     assert out[0, 5] == 1.0  # onehot - p with p = 0 at the -inf target
 
 
+def test_nan_logit_makes_its_row_nan():
+    # the max reductions must propagate nan: a row whose other entries are all -inf (one chunk, or a nan alone in a
+    # later chunk) would otherwise get max = -inf, skip its sums and look like an all--inf row (lse = -inf, zero grad)
+    V = 5000  # three 2048-element chunks
+    s = _gen(4, V)
+    s[0, 17] = float("nan")  # among finite logits
+    s[1] = float("-inf")
+    s[1, 4000] = float("nan")  # alone in the third chunk, after two chunks of -inf
+    s[2] = float("-inf")
+    s[2, 100] = float("nan")  # among -inf in its own chunk
+    s[3, 9] = float("nan")  # the label's own logit
+    lab = torch.tensor([3, 4000, 5, 9])
+    for dtype in (torch.float32, torch.bfloat16):
+        x = s.to(dtype)
+        logp_s, logp_t, lse, ent = _run_backend(x, x, lab, 1.0)
+        for v in (logp_s, logp_t, lse, ent):
+            assert torch.isnan(v).all(), v
+        out = torch.empty(as_rows3d(x).shape, dtype=dtype)
+        cpp.backward(torch.tensor([1.0, -2.0, 0.5, 1.0]), as_rows3d(x), lab, lse, 1.0, out)
+        assert torch.isnan(out).all()
+        cpp.backward(torch.zeros(4), as_rows3d(x), lab, lse, 1.0, out)  # zero coefficient: masked, exactly 0
+        assert (out == 0).all()
+
+
 def test_ignored_rows_zero_logprob_and_zero_grad():
     s = _gen(4, 100)
     lab = torch.tensor([IGN, 3, IGN, 99])
