@@ -43,9 +43,15 @@ def token_weights(logp_s, logp_t, advantages, lam: float, eps_w: float):
     return g, w, delta
 
 
+def _clamp(x, low: float, high: float):
+    """``x.clamp(low, high)`` whose value and gradient stay NaN at a NaN input (torch.clamp's backward gives 0
+    there, which would make a NaN row look masked); at the bounds the gradient passes, as torch.clamp's does."""
+    return torch.where(x < low, low, torch.where(x > high, high, x))
+
+
 def _inside(x, low, high):
-    """1 where clamp(x, low, high) passes the gradient (torch's clamp: bounds included), else 0."""
-    return ((x >= low) & (x <= high)).to(x.dtype)
+    """1 where ``_clamp(x, low, high)`` passes the gradient (bounds included; NaN counts as inside), else 0."""
+    return (~((x < low) | (x > high))).to(x.dtype)
 
 
 def token_terms(logp_s, logp_t, advantages, old_logp, h: Hyper) -> TokenTerms:
@@ -64,8 +70,8 @@ def token_terms(logp_s, logp_t, advantages, old_logp, h: Hyper) -> TokenTerms:
     old = ls if old_logp is None else old_logp
     log_ratio = logp_s - old
     lo, hi = math.log(1.0 - h.clip_low), math.log(1.0 + h.clip_high)
-    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
-    ratio_c = torch.exp(log_ratio.clamp(lo, hi))
+    ratio = torch.exp(_clamp(log_ratio, -20.0, 20.0))
+    ratio_c = torch.exp(_clamp(log_ratio, lo, hi))
     with torch.no_grad():
         lr = log_ratio.detach()
         d_ratio = ratio.detach() * _inside(lr, -20.0, 20.0)    # d ratio / d logp_s

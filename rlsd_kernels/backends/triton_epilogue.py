@@ -28,9 +28,9 @@ def policy_terms(logp_s, old, a_hat, log_lo, log_hi, clip_dual, CISPO: tl.conste
     lr = logp_s - old
     ratio = tl.exp(clamp_nan(lr, -20.0, 20.0))
     ratio_c = tl.exp(clamp_nan(lr, log_lo, log_hi))
-    # clamp passes the gradient only inside its bounds (bounds included, as torch.clamp)
-    d_ratio = tl.where((lr >= -20.0) & (lr <= 20.0), ratio, 0.0)
-    d_ratio_c = tl.where((lr >= log_lo) & (lr <= log_hi), ratio_c, 0.0)
+    # clamp passes the gradient only inside its bounds (bounds included, as torch.clamp; NaN stays NaN)
+    d_ratio = tl.where((lr < -20.0) | (lr > 20.0), 0.0, ratio)
+    d_ratio_c = tl.where((lr < log_lo) | (lr > log_hi), 0.0, ratio_c)
     if CISPO:
         loss_t = -a_hat * ratio_c * logp_s
         c = -a_hat * ratio_c
