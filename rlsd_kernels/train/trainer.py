@@ -113,15 +113,13 @@ class Trainer:
             with torch.no_grad():
                 t_logits = self._logits(teacher, priv, resp, valid)
         s_logits = self._logits(self.model, prompts, resp, valid)
-        with force_backend(self.backend):
-            if cfg.method == "opsd":
-                loss, div = opsd_loss(s_logits, t_logits, labels, valid, divergence=cfg.opsd_divergence,
-                                      loss_agg_mode=self.hyper.loss_agg_mode)
-                with torch.no_grad():
-                    _, ent = token_logprobs(s_logits.detach(), labels, return_entropy=True)
-                return loss, ent, {"opsd_div": float((div * valid).sum() / valid.sum())}
-            out = rlsd_loss(s_logits, t_logits, labels, adv, mask=valid, return_entropy=True,
-                            **self._loss_kwargs(lam))
+        if cfg.method == "opsd":
+            loss, div = opsd_loss(s_logits, t_logits, labels, valid, divergence=cfg.opsd_divergence,
+                                  loss_agg_mode=self.hyper.loss_agg_mode)
+            with torch.no_grad():
+                _, ent = token_logprobs(s_logits.detach(), labels, return_entropy=True)
+            return loss, ent, {"opsd_div": float((div * valid).sum() / valid.sum())}
+        out = rlsd_loss(s_logits, t_logits, labels, adv, mask=valid, return_entropy=True, **self._loss_kwargs(lam))
         return out.loss, out.entropy, dict(out.metrics)
 
     def _fused_linear_loss(self, teacher, prompts, priv, resp, valid, labels, adv, lam):
@@ -134,14 +132,12 @@ class Trainer:
                     t_hidden = th
                 else:  # a synced copy has its own LM head
                     tw, tb = lm_head_of(teacher)
-                    with force_backend(self.backend):
-                        t_logp = token_logprobs_linear(th, tw, labels, tb)
+                    t_logp = token_logprobs_linear(th, tw, labels, tb)
         weight, bias = lm_head_of(self.model)
         hidden = self._hidden(self.model, prompts, resp, valid)
-        with force_backend(self.backend):
-            return rlsd_linear_loss(hidden, weight, labels, adv, mask=valid, teacher_hidden=t_hidden,
-                                    teacher_logprobs=t_logp, lm_head_bias=bias, return_entropy=True,
-                                    **self._loss_kwargs(lam))
+        return rlsd_linear_loss(hidden, weight, labels, adv, mask=valid, teacher_hidden=t_hidden,
+                                teacher_logprobs=t_logp, lm_head_bias=bias, return_entropy=True,
+                                **self._loss_kwargs(lam))
 
     def _make_optimizer(self):
         return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -175,11 +171,11 @@ class Trainer:
                 gr["lr"] = lr
             logits = self._logits(self.model, prompts, resp, valid)
             labels = torch.where(valid, resp, -100)
-            with force_backend(self.backend):
-                logp = token_logprobs(logits, labels)
-            loss = -(logp * valid).sum() / valid.sum()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with force_backend(self.backend):  # spans the backward, which dispatches again (see rl_step)
+                logp = token_logprobs(logits, labels)
+                loss = -(logp * valid).sum() / valid.sum()
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
             opt.step()
         log(f"warm start: {cfg.warm_steps} supervised steps ({cfg.warm_hint_frac:.0%} with the answer in the prompt)"
@@ -225,13 +221,17 @@ class Trainer:
         if use_teacher:
             priv = [self.tok.encode(self.task.privileged_prompt(p)) for p in probs for _ in range(G)]
             teacher = self.teacher if self.teacher is not None else self.model
-        if cfg.fused_linear:
-            out = self._fused_linear_loss(teacher, prompts, priv, resp, valid, labels, adv, lam)
-            loss, ent, rec = out.loss, out.entropy, dict(out.metrics)
-        else:
-            loss, ent, rec = self._logits_loss(teacher, prompts, priv, resp, valid, labels, adv, lam)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # The op's backward picks its backend again when autograd runs it: the block must span backward() too,
+        # or the gradient would come from the automatic choice (e.g. the Triton interpreter under
+        # TRITON_INTERPRET=1) instead of the trainer's backend.
+        with force_backend(self.backend):
+            if cfg.fused_linear:
+                out = self._fused_linear_loss(teacher, prompts, priv, resp, valid, labels, adv, lam)
+                loss, ent, rec = out.loss, out.entropy, dict(out.metrics)
+            else:
+                loss, ent, rec = self._logits_loss(teacher, prompts, priv, resp, valid, labels, adv, lam)
+            loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
         self.opt.step()
         self.step = step
