@@ -176,13 +176,14 @@ def given_fields(cfg: TrainConfig) -> set:
     return {name for name in FIELD_NAMES if getattr(cfg, name) != getattr(default, name)}
 
 
-def resumed_config(saved: Mapping[str, Any], run_dir: str, cfg: TrainConfig,
+def resumed_config(saved: Mapping[str, Any], saved_step: int, run_dir: str, cfg: TrainConfig,
                    given: Optional[Iterable[str]] = None) -> TrainConfig:
-    """The settings of a resumed run: the checkpoint's own (its ``--steps`` included), writing into ``run_dir``
-    (the run's own folder), except the fields named in ``given`` (what the operator set on purpose; None = the
-    fields of ``cfg`` that differ from the defaults), whose values come from ``cfg``. Only operational settings
-    may change (the resume stays exact); a given setting that shapes the math and differs from the checkpoint's is
-    a ValueError naming its flag, never silently ignored."""
+    """The settings of a run resumed from a checkpoint with config ``saved`` at step ``saved_step``: the
+    checkpoint's own (its ``--steps`` included), writing into ``run_dir`` (the run's own folder), except the fields
+    named in ``given`` (what the operator set on purpose; None = the fields of ``cfg`` that differ from the
+    defaults), whose values come from ``cfg``. Only operational settings may change (the resume stays exact); a
+    given setting that shapes the math and differs from the checkpoint's is a ValueError naming its flag, never
+    silently ignored."""
     base = TrainConfig(**{k: v for k, v in saved.items() if k in FIELD_NAMES})
     changes: Dict[str, Any] = {"out": run_dir, "resume": cfg.resume}
     for name in sorted(given_fields(cfg) if given is None else set(given)):
@@ -194,4 +195,7 @@ def resumed_config(saved: Mapping[str, Any], run_dir: str, cfg: TrainConfig,
         elif value != getattr(base, name):
             raise ValueError(f"{flag(name)}: the resumed run has {getattr(base, name)!r}, got {value!r}; a resumed "
                              f"run keeps the settings that shape its math (start a new run to change them)")
-    return dataclasses.replace(base, **changes)
+    resumed = dataclasses.replace(base, **changes)
+    _need(resumed.steps >= saved_step, "steps",
+          f"the checkpoint is at step {saved_step}; a resumed run cannot end before it, got {resumed.steps}")
+    return resumed

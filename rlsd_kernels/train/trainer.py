@@ -45,11 +45,7 @@ class Trainer:
         if cfg.resume is not None:
             self.resume_ck = load_checkpoint(cfg.resume, "resume")
             run_dir = run_dir_of(self.resume_ck["path"])
-            cfg = resumed_config(self.resume_ck["config"], run_dir, cfg, given)
-            at = int(self.resume_ck["step"])
-            if cfg.steps < at:
-                raise ValueError(f"--steps: the checkpoint is at step {at}; a resumed run cannot end before it, "
-                                 f"got {cfg.steps}")
+            cfg = resumed_config(self.resume_ck["config"], int(self.resume_ck["step"]), run_dir, cfg, given)
             if same_folder(cfg.out, run_dir):  # the same run: it keeps rotating the checkpoints it wrote
                 inherited_ckpts = self.resume_ck.get("checkpoints_written")
         validate(cfg)
