@@ -11,8 +11,9 @@ import sys
 import typing
 from typing import List, Optional
 
+from ..hyper import LOSS_TYPES
 from ..reference import OPSD_DIVERGENCES
-from .config import AGG_MODES, BACKEND_CHOICES, DEVICE_CHOICES, LOSS_TYPES, METHODS, TrainConfig, validate
+from .config import AGG_MODES, BACKEND_CHOICES, DEVICE_CHOICES, METHODS, TrainConfig, validate
 from .tasks import TASKS
 
 PRESETS = {

@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional
 import torch
 
 from ..dispatch import select_backend
-from ..hyper import LOSS_TYPES, Hyper
+from ..hyper import Hyper
 from ..reference import OPSD_DIVERGENCES
 
 METHODS = ("grpo", "rlsd", "opsd")
