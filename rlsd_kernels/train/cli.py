@@ -11,8 +11,10 @@ import sys
 import typing
 from typing import List, Optional
 
+from ..hyper import LOSS_TYPES
+from ..reference import OPSD_DIVERGENCES
+from .config import AGG_MODES, BACKEND_CHOICES, DEVICE_CHOICES, METHODS, TrainConfig, validate
 from .tasks import TASKS
-from .trainer import BACKEND_CHOICES, METHODS, TrainConfig
 
 PRESETS = {
     "default": {},
@@ -29,7 +31,7 @@ HELP = {
     "task": "built-in verifiable task",
     "digits": "operand digits of the addition task",
     "eval_size": "held-out eval problems",
-    "model": "local transformers causal-LM checkpoint directory (default: tiny Qwen2 + char tokenizer)",
+    "model": "local transformers causal-LM checkpoint directory",
     "hidden": "hidden size of the built-in model",
     "layers": "layers of the built-in model",
     "heads": "attention heads of the built-in model",
@@ -52,57 +54,73 @@ HELP = {
     "clip_low": "PPO clip (lower)",
     "clip_high": "PPO clip (upper, DAPO clip-higher)",
     "clip_dual": "dual-clip constant",
-    "loss_type": "ppo or cispo",
-    "loss_agg_mode": "token or seq",
+    "loss_type": "policy loss",
+    "loss_agg_mode": "loss aggregation over tokens",
     "teacher_sync": "teacher = copy of the student synced every N steps (0 = the live student)",
     "opsd_divergence": "OPSD divergence",
     "fused_linear": "grpo/rlsd: compute the loss from hidden states + LM head (rlsd_linear_loss), no logits",
     "eval_every": "evaluate the held-out split every N steps",
     "ckpt_every": "checkpoint every N steps",
-    "keep_checkpoints": "checkpoints kept in OUT/ckpt",
-    "resume": "checkpoint file or run directory to continue exactly (math flags come from the checkpoint)",
+    "keep_checkpoints": "checkpoints kept in OUT/ckpt (only this run's own are ever deleted)",
+    "resume": "continue a run exactly from a checkpoint file or run directory: it keeps the run's settings, "
+              "folder and --steps unless flags say otherwise (only operational ones such as --steps, --out, "
+              "--device may change; a different --out continues in a copy there)",
     "init_from": "start RL from this warm-start checkpoint (skip the warm start)",
-    "backend": "loss backend: auto = cpp if built else reference on CPU, triton on CUDA",
-    "device": "auto, cpu or cuda",
+    "backend": "loss backend; auto = triton on CUDA, else cpp if it builds, else reference (the Triton interpreter "
+               "only when forced)",
+    "device": "auto = cuda if available, else cpu",
     "threads": "torch CPU threads (0 = torch default, all cores)",
     "progress": "tqdm progress bar",
     "plot": "write OUT/curves.png",
     "save_model": "save the final policy + tokenizer to OUT/model (loadable with --model)",
 }
 
-CHOICES = {"method": METHODS, "backend": BACKEND_CHOICES, "device": ("auto", "cpu", "cuda"),
-           "loss_type": ("ppo", "cispo"), "loss_agg_mode": ("token", "seq"),
-           "opsd_divergence": ("forward_kl", "reverse_kl", "jsd")}
+# What "(default: ...)" shows where the field's value alone would not say it.
+DEFAULT_SHOWN = {"model": "a tiny Qwen2 built from a config, with a character tokenizer", "resume": "a new run",
+                 "init_from": "warm start from scratch"}
+
+CHOICES = {"method": METHODS, "backend": BACKEND_CHOICES, "device": DEVICE_CHOICES, "loss_type": LOSS_TYPES,
+           "loss_agg_mode": AGG_MODES, "opsd_divergence": OPSD_DIVERGENCES, "task": tuple(TASKS)}
 
 
 def _add_config_flags(p: argparse.ArgumentParser, skip=()) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="base settings (flags override)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="named base settings that flags override (default: %(default)s)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         typ = hints[f.name]
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{HELP.get(f.name, '')} (default: {f.default})")
+        # default=SUPPRESS: a flag the operator did not give is absent from the namespace, so `_config` knows which
+        # settings were given on purpose (what --resume needs); the help states the default itself, once.
+        # argparse's %-formatting of help strings needs literal % doubled.
+        shown = str(DEFAULT_SHOWN.get(f.name, f.default)).replace("%", "%%")
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{HELP[f.name]} (default: {shown})")
         if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             continue
         base = typ
         if typing.get_origin(typ) is typing.Union:
             base = [a for a in typing.get_args(typ) if a is not type(None)][0]
-        choices = tuple(TASKS) if f.name == "task" else CHOICES.get(f.name)
+        choices = CHOICES.get(f.name)
         if choices:
             p.add_argument(flag, type=base, choices=choices, **kw)
         else:
             p.add_argument(flag, type=base, metavar=f.name.upper(), **kw)
 
 
-def _config(args: argparse.Namespace, skip=()) -> TrainConfig:
+def _config_values(args: argparse.Namespace, skip=()) -> dict:
+    """The settings the operator gave: the preset's, overridden by the flags on the command line."""
     values = dict(PRESETS[args.preset])
     for f in dataclasses.fields(TrainConfig):
         if f.name not in skip and hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
-    return TrainConfig(**values)
+    return values
+
+
+def _config(args: argparse.Namespace, skip=()) -> TrainConfig:
+    return TrainConfig(**_config_values(args, skip))
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -115,10 +133,11 @@ def train_parser() -> argparse.ArgumentParser:
 def compare_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlsd-train compare", description="Run several methods x seeds from a shared "
                                 "warm start per seed; plot mean and spread of held-out accuracy; write a table.")
-    p.add_argument("--methods", default="grpo,rlsd,opsd", help="comma-separated subset of " + ",".join(METHODS))
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
-    p.add_argument("--out", default="runs/compare", help="output directory")
+    p.add_argument("--methods", default="grpo,rlsd,opsd",
+                   help="comma-separated subset of " + ",".join(METHODS) + " (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1) (default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes) (default: %(default)s)")
+    p.add_argument("--out", default="runs/compare", help="output directory (default: %(default)s)")
     _add_config_flags(p, skip=("method", "seed", "out", "resume", "init_from"))
     return p
 
@@ -151,15 +170,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     from .trainer import Trainer
 
-    cfg = _config(args)
-    trainer = _parse_or_exit(parser, lambda: Trainer(cfg))
+    values = _config_values(args)
+    # `given`: with --resume only these settings differ from the resumed run's own (its folder and --steps included)
+    trainer = _parse_or_exit(parser, lambda: Trainer(TrainConfig(**values), given=set(values)))
     _parse_or_exit(parser, lambda: trainer.run())
     return 0
 
 
 def _checked(cfg: TrainConfig, compare: bool = False) -> TrainConfig:
-    from .trainer import validate
-
     validate(cfg)
     return cfg
 

@@ -9,7 +9,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from .trainer import METHODS, TrainConfig
+from .config import METHODS, TrainConfig
 
 __all__ = ["compare", "parse_methods", "summarize"]
 

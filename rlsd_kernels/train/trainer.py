@@ -1,219 +1,61 @@
-"""The reference RLSD / GRPO / OPSD trainer (one optimizer step per rollout batch, SPEC sections 2 and 2b)."""
+"""The reference RLSD / GRPO / OPSD trainer: one optimizer step per rollout batch (SPEC sections 2 and 2b).
+
+Settings and their validation live in ``config.py``, checkpoint files in ``checkpoint.py``; this module is the
+loop: warm start, rollouts, the loss, evaluation, checkpoints and outputs.
+"""
 from __future__ import annotations
 
 import copy
 import dataclasses
-import glob
 import json
-import math
 import os
 import random
-import re
 import time
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
 
 from .. import rlsd_linear_loss, rlsd_loss, token_logprobs, token_logprobs_linear
-from .._inputs import Hyper
 from ..dispatch import force_backend
 from ..hf import causal_lm_hidden, lm_head_of
-from ..reference import OPSD_DIVERGENCES, opsd_loss
+from ..reference import opsd_loss
+from .checkpoint import (WARMSTART, Rotation, atomic_save, load_checkpoint, rng_state, run_dir_of, same_folder,
+                         set_rng_state)
+from .config import (BACKEND_CHOICES, METHODS, RESUME_OVERRIDABLE, TIMING_KEYS, TrainConfig, choose_backend,
+                     choose_device, lam_at, resumed_config, validate)
 from .model import Forward, TokenizerAdapter, build_char_tokenizer, build_tiny_model, load_pretrained
 from .rollout import generate, pack
 from .tasks import Task, make_task
 
-METHODS = ("grpo", "rlsd", "opsd")
-BACKEND_CHOICES = ("auto", "cpp", "reference", "triton")
-# Fields that depend on the machine or the operator, not on the math: excluded from resume-equality checks.
-TIMING_KEYS = ("tokens_per_s", "step_time_s", "elapsed_s")
-
-
-@dataclass
-class TrainConfig:
-    method: str = "rlsd"
-    seed: int = 0
-    out: str = "runs/train"
-    # task
-    task: str = "addition"
-    digits: int = 2
-    eval_size: int = 256
-    # model
-    model: Optional[str] = None  # local transformers checkpoint; None = tiny Qwen2 built from a config
-    hidden: int = 128
-    layers: int = 3
-    heads: int = 4
-    # warm start (supervised, part of the data in the privileged teacher format)
-    warm_steps: int = 220
-    warm_batch: int = 64
-    warm_lr: float = 1e-3
-    warm_hint_frac: float = 0.5
-    # RL
-    steps: int = 400
-    prompts_per_step: int = 16
-    group_size: int = 8
-    temperature: float = 1.0
-    eval_temperature: float = 0.0
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    # RLSD (SPEC section 2): lam schedule = warm-up 0 -> lam, then linear decay to 0 over lam_decay_steps
-    lam: float = 0.5
-    lam_warmup_steps: int = 0
-    lam_decay_steps: int = 50
-    eps_w: float = Hyper.eps_w  # the op's defaults (SPEC section 2)
-    clip_low: float = Hyper.clip_low
-    clip_high: float = Hyper.clip_high
-    clip_dual: float = Hyper.clip_dual
-    loss_type: str = Hyper.loss_type
-    loss_agg_mode: str = Hyper.loss_agg_mode
-    teacher_sync: int = 10  # 0 = the live student is the teacher
-    opsd_divergence: str = "forward_kl"
-    fused_linear: bool = False  # grpo/rlsd loss from hidden states + LM head (rlsd_linear_loss), no logits
-    # operations
-    eval_every: int = 20
-    ckpt_every: int = 50
-    keep_checkpoints: int = 2
-    resume: Optional[str] = None
-    init_from: Optional[str] = None  # start RL from a warm-start checkpoint (skips the warm start)
-    backend: str = "auto"
-    device: str = "auto"
-    threads: int = 0  # 0 = torch default (all cores)
-    progress: bool = True
-    plot: bool = True
-    save_model: bool = True  # OUT/model: the final policy as a transformers checkpoint (for --model)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-# Flags that may differ when resuming (they do not change the math of the run).
-RESUME_OVERRIDABLE = ("steps", "out", "ckpt_every", "keep_checkpoints", "resume", "backend", "device", "threads",
-                      "progress", "plot", "init_from", "save_model")
-
-
-def validate(cfg: TrainConfig) -> None:
-    """ValueError naming the flag for every bad setting, before anything is built."""
-
-    def need(cond, flag, msg):
-        if not cond:
-            raise ValueError(f"--{flag.replace('_', '-')}: {msg}")
-
-    need(cfg.method in METHODS, "method", f"must be one of {METHODS}, got {cfg.method!r}")
-    need(cfg.backend in BACKEND_CHOICES, "backend", f"must be one of {BACKEND_CHOICES}, got {cfg.backend!r}")
-    need(cfg.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {cfg.device!r}")
-    need(cfg.opsd_divergence in OPSD_DIVERGENCES, "opsd_divergence", f"must be one of {OPSD_DIVERGENCES}")
-    need(cfg.loss_type in ("ppo", "cispo"), "loss_type", "must be ppo or cispo")
-    need(cfg.loss_agg_mode in ("token", "seq"), "loss_agg_mode", "must be token or seq")
-    need(not (cfg.fused_linear and cfg.method == "opsd"), "fused_linear",
-         "OPSD needs the full distributions (logits); use --fused-linear with grpo or rlsd")
-    for name in ("steps", "warm_steps", "lam_warmup_steps", "lam_decay_steps", "teacher_sync", "threads"):
-        need(getattr(cfg, name) >= 0, name, f"must be >= 0, got {getattr(cfg, name)}")
-    for name in ("prompts_per_step", "warm_batch", "eval_size", "hidden", "layers", "heads", "eval_every",
-                 "ckpt_every", "keep_checkpoints"):
-        need(getattr(cfg, name) >= 1, name, f"must be >= 1, got {getattr(cfg, name)}")
-    need(cfg.group_size >= 2, "group_size", f"GRPO needs at least 2 samples per prompt, got {cfg.group_size}")
-    need(cfg.hidden % cfg.heads == 0, "hidden", f"must be divisible by --heads ({cfg.heads})")
-    for name in ("lr", "warm_lr", "temperature", "max_grad_norm"):
-        v = getattr(cfg, name)
-        need(math.isfinite(v) and v > 0, name, f"must be a positive finite number, got {v}")
-    need(math.isfinite(cfg.eval_temperature) and cfg.eval_temperature >= 0, "eval_temperature", "must be >= 0")
-    need(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
-    need(0.0 <= cfg.lam <= 1.0, "lam", f"must be in [0, 1], got {cfg.lam}")
-    need(0.0 <= cfg.warm_hint_frac <= 1.0, "warm_hint_frac", f"must be in [0, 1], got {cfg.warm_hint_frac}")
-    need(0.0 < cfg.eps_w < 1.0, "eps_w", f"must be in (0, 1), got {cfg.eps_w}")
-    need(0.0 < cfg.clip_low < 1.0, "clip_low", f"must be in (0, 1), got {cfg.clip_low}")
-    need(cfg.clip_high > 0, "clip_high", f"must be > 0, got {cfg.clip_high}")
-    need(cfg.clip_dual > 1.0, "clip_dual", f"must be > 1, got {cfg.clip_dual}")
-    if cfg.model is not None:
-        need(os.path.isdir(cfg.model), "model", f"{cfg.model!r} is not a local checkpoint directory")
-    for name in ("resume", "init_from"):
-        p = getattr(cfg, name)
-        if p is not None:
-            need(os.path.exists(p), name, f"{p!r} does not exist")
-    if cfg.device == "cuda":
-        need(torch.cuda.is_available(), "device", "cuda requested but no CUDA device is available")
-
-
-def lam_at(cfg: TrainConfig, step: int) -> float:
-    """lam for RL step ``step`` (1-based): linear warm-up to ``lam``, then linear decay to 0 (paper schedule)."""
-    if cfg.method != "rlsd":  # GRPO is lam = 0; OPSD has no lam
-        return 0.0
-    i = step - 1
-    if cfg.lam_warmup_steps > 0 and i < cfg.lam_warmup_steps:
-        return cfg.lam * (i + 1) / cfg.lam_warmup_steps
-    if cfg.lam_decay_steps == 0:
-        return cfg.lam
-    i -= cfg.lam_warmup_steps
-    return max(0.0, cfg.lam * (1.0 - i / cfg.lam_decay_steps))
-
-
-def resolve_backend(name: str, device: torch.device) -> str:
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "triton"
-    from ..backends import cpp
-
-    return "cpp" if cpp.available() else "reference"
-
-
-def _rng_state() -> Dict[str, Any]:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: Dict[str, Any]) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def load_checkpoint(path: str, flag: str = "resume") -> Dict[str, Any]:
-    """A checkpoint file, or the latest ``step_*.pt`` of a run directory; ValueError naming the flag otherwise."""
-    if os.path.isdir(path):
-        files = glob.glob(os.path.join(path, "step_*.pt")) + glob.glob(os.path.join(path, "ckpt", "step_*.pt"))
-        files += glob.glob(os.path.join(path, "warmstart.pt"))
-        if not files:
-            raise ValueError(f"--{flag.replace('_', '-')}: no checkpoint (step_*.pt) in directory {path!r}")
-
-        def key(f):
-            m = re.search(r"step_(\d+)\.pt$", f)
-            return int(m.group(1)) if m else -1
-
-        path = max(files, key=key)
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"--{flag.replace('_', '-')}: cannot read checkpoint {path!r}: {e}") from e
-    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
-        raise ValueError(f"--{flag.replace('_', '-')}: {path!r} is not an rlsd-train checkpoint")
-    ck["path"] = path
-    return ck
+# Re-exported: these names were importable from this module before config.py / checkpoint.py existed.
+__all__ = ["Trainer", "train", "TrainConfig", "validate", "lam_at", "load_checkpoint", "METHODS", "BACKEND_CHOICES",
+           "TIMING_KEYS", "RESUME_OVERRIDABLE"]
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    """One run. ``cfg.resume`` continues a run exactly: its settings, folder and ``--steps`` are the checkpoint's,
+    except the fields named in ``given`` (the flags the operator set; None = the fields of ``cfg`` that differ
+    from TrainConfig's defaults), see :func:`config.resumed_config`. Every bad setting is a ValueError naming its
+    flag, raised here before a model is built."""
+
+    def __init__(self, cfg: TrainConfig, given: Optional[Iterable[str]] = None):
         self.resume_ck = None
+        inherited_ckpts = None
         if cfg.resume is not None:
             self.resume_ck = load_checkpoint(cfg.resume, "resume")
-            saved = dict(self.resume_ck["config"])
-            for k in RESUME_OVERRIDABLE:
-                saved[k] = getattr(cfg, k)
-            cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+            run_dir = run_dir_of(self.resume_ck["path"])
+            cfg = resumed_config(self.resume_ck["config"], int(self.resume_ck["step"]), run_dir, cfg, given)
+            if same_folder(cfg.out, run_dir):  # the same run: it keeps rotating the checkpoints it wrote
+                inherited_ckpts = self.resume_ck.get("checkpoints_written")
         validate(cfg)
         self.cfg = cfg
+        self.device = choose_device(cfg)
+        self.backend = choose_backend(cfg, self.device)
+        self.hyper = cfg.loss_hyper()  # the op's hyper-parameters; lam is replaced by its schedule every step
+        self.rotation = Rotation(cfg.out, cfg.keep_checkpoints, inherited_ckpts)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if cfg.device == "auto" else cfg.device))
-        self.backend = resolve_backend(cfg.backend, self.device)
         self.task: Task = make_task(cfg.task, digits=cfg.digits, eval_size=cfg.eval_size)
         self._seed(cfg.seed)
         if cfg.model is not None:
@@ -255,6 +97,10 @@ class Trainer:
         R = responses.shape[1]
         return causal_lm_hidden(model, ids, attn, position_ids=pos)[:, P - 1:P - 1 + R]
 
+    def _loss_kwargs(self, lam: float) -> Dict[str, Any]:
+        """The op's keyword arguments for one step: the run's Hyper with this step's scheduled lam."""
+        return dataclasses.asdict(dataclasses.replace(self.hyper, lam=lam))
+
     def _logits_loss(self, teacher, prompts, priv, resp, valid, labels, adv, lam):
         """GRPO/RLSD (rlsd_loss) or OPSD (reference.opsd_loss) on the strided logits of the response positions."""
         cfg = self.cfg
@@ -263,21 +109,17 @@ class Trainer:
             with torch.no_grad():
                 t_logits = self._logits(teacher, priv, resp, valid)
         s_logits = self._logits(self.model, prompts, resp, valid)
-        with force_backend(self.backend):
-            if cfg.method == "opsd":
-                loss, div = opsd_loss(s_logits, t_logits, labels, valid, divergence=cfg.opsd_divergence,
-                                      loss_agg_mode=cfg.loss_agg_mode)
-                with torch.no_grad():
-                    _, ent = token_logprobs(s_logits.detach(), labels, return_entropy=True)
-                return loss, ent, {"opsd_div": float((div * valid).sum() / valid.sum())}
-            out = rlsd_loss(s_logits, t_logits, labels, adv, mask=valid, lam=lam, eps_w=cfg.eps_w,
-                            clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_dual=cfg.clip_dual,
-                            loss_type=cfg.loss_type, loss_agg_mode=cfg.loss_agg_mode, return_entropy=True)
+        if cfg.method == "opsd":
+            loss, div = opsd_loss(s_logits, t_logits, labels, valid, divergence=cfg.opsd_divergence,
+                                  loss_agg_mode=self.hyper.loss_agg_mode)
+            with torch.no_grad():
+                _, ent = token_logprobs(s_logits.detach(), labels, return_entropy=True)
+            return loss, ent, {"opsd_div": float((div * valid).sum() / valid.sum())}
+        out = rlsd_loss(s_logits, t_logits, labels, adv, mask=valid, return_entropy=True, **self._loss_kwargs(lam))
         return out.loss, out.entropy, dict(out.metrics)
 
     def _fused_linear_loss(self, teacher, prompts, priv, resp, valid, labels, adv, lam):
         """GRPO/RLSD from hidden states and the LM-head weight: the logits are never materialised."""
-        cfg = self.cfg
         t_hidden = t_logp = None
         if teacher is not None:
             with torch.no_grad():
@@ -286,15 +128,12 @@ class Trainer:
                     t_hidden = th
                 else:  # a synced copy has its own LM head
                     tw, tb = lm_head_of(teacher)
-                    with force_backend(self.backend):
-                        t_logp = token_logprobs_linear(th, tw, labels, tb)
+                    t_logp = token_logprobs_linear(th, tw, labels, tb)
         weight, bias = lm_head_of(self.model)
         hidden = self._hidden(self.model, prompts, resp, valid)
-        with force_backend(self.backend):
-            return rlsd_linear_loss(hidden, weight, labels, adv, mask=valid, teacher_hidden=t_hidden,
-                                    teacher_logprobs=t_logp, lm_head_bias=bias, lam=lam, eps_w=cfg.eps_w,
-                                    clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_dual=cfg.clip_dual,
-                                    loss_type=cfg.loss_type, loss_agg_mode=cfg.loss_agg_mode, return_entropy=True)
+        return rlsd_linear_loss(hidden, weight, labels, adv, mask=valid, teacher_hidden=t_hidden,
+                                teacher_logprobs=t_logp, lm_head_bias=bias, return_entropy=True,
+                                **self._loss_kwargs(lam))
 
     def _make_optimizer(self):
         return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -328,11 +167,11 @@ class Trainer:
                 gr["lr"] = lr
             logits = self._logits(self.model, prompts, resp, valid)
             labels = torch.where(valid, resp, -100)
-            with force_backend(self.backend):
-                logp = token_logprobs(logits, labels)
-            loss = -(logp * valid).sum() / valid.sum()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with force_backend(self.backend):  # spans the backward, which dispatches again (see rl_step)
+                logp = token_logprobs(logits, labels)
+                loss = -(logp * valid).sum() / valid.sum()
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
             opt.step()
         log(f"warm start: {cfg.warm_steps} supervised steps ({cfg.warm_hint_frac:.0%} with the answer in the prompt)"
@@ -378,13 +217,17 @@ class Trainer:
         if use_teacher:
             priv = [self.tok.encode(self.task.privileged_prompt(p)) for p in probs for _ in range(G)]
             teacher = self.teacher if self.teacher is not None else self.model
-        if cfg.fused_linear:
-            out = self._fused_linear_loss(teacher, prompts, priv, resp, valid, labels, adv, lam)
-            loss, ent, rec = out.loss, out.entropy, dict(out.metrics)
-        else:
-            loss, ent, rec = self._logits_loss(teacher, prompts, priv, resp, valid, labels, adv, lam)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # The op's backward picks its backend again when autograd runs it: the block must span backward() too,
+        # or the gradient would come from the automatic choice (e.g. the Triton interpreter under
+        # TRITON_INTERPRET=1) instead of the trainer's backend.
+        with force_backend(self.backend):
+            if cfg.fused_linear:
+                out = self._fused_linear_loss(teacher, prompts, priv, resp, valid, labels, adv, lam)
+                loss, ent, rec = out.loss, out.entropy, dict(out.metrics)
+            else:
+                loss, ent, rec = self._logits_loss(teacher, prompts, priv, resp, valid, labels, adv, lam)
+            loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
         self.opt.step()
         self.step = step
@@ -400,26 +243,22 @@ class Trainer:
         return rec
 
     # -------------------------------------------------------------------------------------------- checkpoints
-    def _ckpt_dir(self) -> str:
-        return os.path.join(self.cfg.out, "ckpt")
-
     def state(self) -> Dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": None if self.opt is None else self.opt.state_dict(),
-                "teacher": None if self.teacher is None else self.teacher.state_dict(), "rng": _rng_state(),
-                "data_rng": self.data_rng.getstate(), "step": self.step, "config": self.cfg.to_dict(),
-                "history": list(self.history)}
+                "teacher": None if self.teacher is None else self.teacher.state_dict(),
+                "rng": rng_state(self.device), "data_rng": self.data_rng.getstate(), "step": self.step,
+                "config": self.cfg.to_dict(), "history": list(self.history),
+                "checkpoints_written": list(self.rotation.written)}
 
     def save_checkpoint(self, path: Optional[str] = None) -> str:
-        if path is None:
-            os.makedirs(self._ckpt_dir(), exist_ok=True)
-            path = os.path.join(self._ckpt_dir(), f"step_{self.step:06d}.pt")
-        tmp = path + ".tmp"
-        torch.save(self.state(), tmp)
-        os.replace(tmp, path)
-        if path.startswith(self._ckpt_dir()):
-            old = sorted(glob.glob(os.path.join(self._ckpt_dir(), "step_*.pt")))
-            for f in old[:-self.cfg.keep_checkpoints]:
-                os.remove(f)
+        """``path``, or ``OUT/ckpt/step_*.pt`` with rotation of this run's own checkpoints (see checkpoint.py)."""
+        if path is not None:
+            atomic_save(self.state(), path)
+            return path
+        path, stale = self.rotation.add(self.step)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_save(self.state(), path)
+        Rotation.delete(stale)  # only once the new checkpoint is safely on disk
         return path
 
     def _restore(self, ck: Dict[str, Any], full: bool) -> None:
@@ -428,7 +267,7 @@ class Trainer:
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"--{'resume' if full else 'init-from'}: checkpoint {ck.get('path')!r} does not match "
                              f"the model: {e}") from e
-        _set_rng_state(ck["rng"])
+        set_rng_state(ck["rng"], self.device)
         self.data_rng.setstate(ck["data_rng"])
         self.step = int(ck["step"]) if full else 0
         self.history = [h for h in ck.get("history", []) if h["step"] <= self.step]
@@ -453,7 +292,9 @@ class Trainer:
         if self.resume_ck is not None:
             self._setup_rl()
             self._restore(self.resume_ck, full=True)
-            log(f"resumed from {self.resume_ck['path']} at step {self.step}")
+            log(f"resumed from {self.resume_ck['path']} at step {self.step} of {cfg.steps}; outputs in {cfg.out}")
+            if self.step == cfg.steps:
+                log("the run already reached its --steps: nothing to train (pass --steps to extend it)")
         else:
             if cfg.init_from is not None:
                 ck = load_checkpoint(cfg.init_from, "init_from")
@@ -470,7 +311,7 @@ class Trainer:
                 self.history = [{"step": 0, "eval_acc": acc0, "hint_eval_acc": hint0, "lam": lam_at(cfg, 1)}]
                 # the warm-start state (reused by `compare` for every method of a seed)
                 if cfg.init_from is None:
-                    self.save_checkpoint(os.path.join(cfg.out, "warmstart.pt"))
+                    self.save_checkpoint(os.path.join(cfg.out, WARMSTART))
         acc0 = self.history[0]["eval_acc"]
         log(f"post-warm-start held-out accuracy: {acc0:.3f} (with the answer in the prompt: "
             f"{self.history[0].get('hint_eval_acc', float('nan')):.3f}); method={cfg.method} backend={self.backend} "

@@ -1,25 +1,15 @@
-"""Smoke run, exact resume, bad flags. Every run forces the C++ or reference loss backend (CI sets
-TRITON_INTERPRET=1, which would otherwise route CPU tensors to the slow Triton interpreter)."""
+"""Smoke run, exact resume, bad flags. Every run is pinned to the CPU (pinned.py); the GPU run is in
+test_train_gpu.py."""
 import json
 import os
 
 import pytest
+import torch
 
 from rlsd_kernels.train import cli
 from rlsd_kernels.train.trainer import TIMING_KEYS, TrainConfig, Trainer, lam_at, train
 
-
-
-def train_backend():
-    from rlsd_kernels.backends import cpp
-
-    return "cpp" if cpp.available() else "reference"
-
-TINY = dict(cli.PRESETS["tiny"], progress=False, plot=False, threads=1)
-
-
-def _cfg(tmp_path, name, **kw):
-    return TrainConfig(**{**TINY, "out": str(tmp_path / name), "backend": train_backend(), **kw})
+from pinned import TINY, tiny_cfg as _cfg, train_backend
 
 
 def _read_jsonl(path):
@@ -60,6 +50,14 @@ def test_resume_continues_exactly(tmp_path):
     assert _strip(resumed) == _strip(straight)
     on_disk = _read_jsonl(tmp_path / "split" / "metrics.jsonl")
     assert _strip(on_disk) == _strip(straight)
+
+
+def test_tests_stay_on_cpu_on_a_gpu_machine(tmp_path, monkeypatch):
+    # With CUDA present, --device auto would pick it; the tests' configs must not depend on that.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    tr = Trainer(_cfg(tmp_path, "pinned"))
+    assert tr.device.type == "cpu" and tr.backend == train_backend()
+    assert next(tr.model.parameters()).device.type == "cpu"
 
 
 def test_lam_schedule():
