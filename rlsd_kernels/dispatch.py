@@ -44,6 +44,12 @@ def force_backend(name: Optional[str]):
         _forced = prev
 
 
+def forced_by_context() -> Optional[str]:
+    """The backend forced by an enclosing :func:`force_backend` block (None outside one). Ops record it in the
+    forward so that their backward runs on the same backend even outside the block."""
+    return _forced
+
+
 def interpreter_on() -> bool:
     """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1`` when triton was imported)."""
     try:

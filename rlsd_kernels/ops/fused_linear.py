@@ -69,6 +69,7 @@ def _(grad_logp, hidden, weight, bias, labels, lse, temperature, need_hidden, ne
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.forced = dispatch.forced_by_context()  # the backward runs on the forward's backend
     hidden, weight, bias, teacher_hidden, labels, temperature, ignore_index, want_entropy = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, output[2])
     ctx.temperature = temperature
@@ -76,7 +77,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad_logp, grad_logp_t, grad_lse, grad_ent):
+def _backward_on_backend(ctx, grad_logp, grad_logp_t, grad_lse, grad_ent):
     hidden, weight, bias, labels, lse = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     if grad_logp is None or not (need_h or need_w or need_b):
@@ -88,5 +89,10 @@ def _backward(ctx, grad_logp, grad_logp_t, grad_lse, grad_ent):
     return (dh if need_h else None, dw if need_w else None, db if (need_b and ctx.has_bias) else None,
             None, None, None, None, None)
 
+
+
+def _backward(ctx, grad_logp, grad_logp_t, grad_lse, grad_ent):
+    with dispatch.force_backend(ctx.forced):
+        return _backward_on_backend(ctx, grad_logp, grad_logp_t, grad_lse, grad_ent)
 
 fused_linear_logprobs.register_autograd(_backward, setup_context=_setup_context)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .._layout import as_rows3d
+from .. import dispatch
 from ..dispatch import get_backend
 
 _EMPTY = (0,)
@@ -75,6 +76,7 @@ def fused_logprobs_backward_inplace(grad_logp: Tensor, student: Tensor, labels: 
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.forced = dispatch.forced_by_context()  # the backward runs on the forward's backend
     student, teacher, labels, temperature, ignore_index, want_entropy, inplace_backward = inputs
     ctx.save_for_backward(student, labels, output[2])
     ctx.temperature = temperature
@@ -82,7 +84,7 @@ def _setup_context(ctx, inputs, output):
     ctx.inplace = inplace_backward
 
 
-def _backward(ctx, grad_logp, grad_logp_t, grad_lse, grad_ent):
+def _backward_on_backend(ctx, grad_logp, grad_logp_t, grad_lse, grad_ent):
     student, labels, lse = ctx.saved_tensors
     if grad_logp is None:
         return None, None, None, None, None, None, None
@@ -95,5 +97,10 @@ def _backward(ctx, grad_logp, grad_logp_t, grad_lse, grad_ent):
         grad = fused_logprobs_backward(grad_logp, student, labels, lse, ctx.temperature)
     return grad, None, None, None, None, None, None
 
+
+
+def _backward(ctx, grad_logp, grad_logp_t, grad_lse, grad_ent):
+    with dispatch.force_backend(ctx.forced):
+        return _backward_on_backend(ctx, grad_logp, grad_logp_t, grad_lse, grad_ent)
 
 fused_logprobs.register_autograd(_backward, setup_context=_setup_context)

@@ -23,6 +23,7 @@ from torch import Tensor
 from .. import loss as loss_math
 from .._inputs import token_seq_ids
 from .._layout import as_rows3d
+from .. import dispatch
 from ..dispatch import get_backend, select_backend
 from ..hyper import Hyper
 from .fused_logprobs import fused_logprobs_backward_inplace
@@ -124,6 +125,7 @@ def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.forced = dispatch.forced_by_context()  # the backward runs on the forward's backend
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(*output[1:])  # only the loss is differentiable; log-probs etc. are detached
     student, labels = inputs[0], inputs[3]
@@ -139,7 +141,7 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(output[7])
 
 
-def _backward(ctx, grad_loss, *_):
+def _backward_on_backend(ctx, grad_loss, *_):
     nones = (None,) * 23
     if grad_loss is None or not ctx.saved_tensors:
         return (None,) + nones
@@ -156,5 +158,10 @@ def _backward(ctx, grad_loss, *_):
     scale_grad_(grad, grad_loss)
     return (grad,) + nones
 
+
+
+def _backward(ctx, grad_loss, *_):
+    with dispatch.force_backend(ctx.forced):
+        return _backward_on_backend(ctx, grad_loss, *_)
 
 fused_rlsd_loss.register_autograd(_backward, setup_context=_setup_context)
