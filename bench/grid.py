@@ -128,7 +128,7 @@ def check(e: Entry, cfg: GridConfig, N: int, V: int) -> dict:
     except Exception as ex:  # noqa: BLE001 -- reported, never fatal
         res.update(_error(ex, "check"))
     res["seconds"] = round(time.perf_counter() - t0, 2)
-    timing.free_memory(cfg.device)
+    timing.free_memory(cfg.device, collect=True)
     return res
 
 
@@ -184,7 +184,7 @@ def run_case(e: Entry, w: Workload, shared: Tuple[Inputs, Inputs], gate: dict, c
     except Exception as ex:  # noqa: BLE001 -- reported (oom / error), never fatal to the grid
         res.update(_error(ex, stage))
     runner = inp = None  # noqa: F841 -- drop the graph and the views before freeing
-    timing.free_memory(cfg.device)
+    timing.free_memory(cfg.device, collect=res["status"] in ("oom", "error"))
     return res
 
 
@@ -211,7 +211,7 @@ def run_shape(N: int, V: int, plan: List[Entry], gates: dict, cfg: GridConfig, d
         shared = make_shared_inputs(w)
     except Exception as ex:  # noqa: BLE001
         err = _error(ex, f"inputs {N}x{V}")
-        timing.free_memory(cfg.device)
+        timing.free_memory(cfg.device, collect=True)
         for e in plan:
             emit({**_base(e, w), **err})
         return cases
@@ -228,5 +228,5 @@ def run_shape(N: int, V: int, plan: List[Entry], gates: dict, cfg: GridConfig, d
         c["inputs_bytes"] = 2 * shared[1].student_buf.numel() * w.itemsize
         emit(c)
     shared = None  # noqa: F841
-    timing.free_memory(cfg.device)
+    timing.free_memory(cfg.device, collect=True)
     return cases

@@ -2,7 +2,8 @@
 
 - :func:`profile_counts`: kernel launches and host synchronisations in one forward+backward, from
   ``torch.profiler`` (after one warm-up call outside the profiler). ``kernels``: device-side kernel events (CUDA
-  activity, neither memcpy nor memset); ``memcpy`` / ``memset``: the device copies and fills; ``launch_calls``:
+  activity, neither memcpy nor memset); ``memcpy`` / ``memset``: the device copies and fills (``other_device``:
+  any other device activity kineto reports, e.g. sync records; record_function ranges never count); ``launch_calls``:
   host-side launch API calls (``cudaLaunchKernel``, ``cuLaunchKernel``, ...); ``sync_calls``: host calls that
   wait for the device (``cudaStreamSynchronize``, ``cudaDeviceSynchronize``, ``cudaEventSynchronize``, ...);
   ``local_scalar_dense``: ``aten::_local_scalar_dense`` (``.item()``, ``float(tensor)``: each one waits for the
@@ -31,6 +32,15 @@ SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
               "cuCtxSynchronize", "cuEventSynchronize", "hipStreamSynchronize", "hipDeviceSynchronize")
 
 
+def _device_kind(name: str, activity: str) -> str:
+    low = name.lower()
+    if "memcpy" in activity or low.startswith("memcpy"):
+        return "memcpy"
+    if "memset" in activity or low.startswith("memset"):
+        return "memset"
+    return "kernels" if activity in ("", "kernel", "concurrent_kernel") else "other_device"
+
+
 def profile_counts(step, device: torch.device) -> dict:
     """Counts over one ``step()`` (see the module docstring); ``kernels`` etc. are ``None`` on CPU."""
     from torch.autograd import DeviceType
@@ -56,11 +66,11 @@ def profile_counts(step, device: torch.device) -> dict:
     c = Counter()
     for ev in evs:
         name = ev.name
-        if name == MARK:
-            continue
+        at = str(getattr(ev, "activity_type", None) or "").lower()  # kineto's kind, where torch records it
+        if name == MARK or getattr(ev, "is_user_annotation", False) or "annotation" in at:
+            continue  # record_function ranges (ours, inductor's), on the host or mirrored on the device
         if ev.device_type != DeviceType.CPU:  # device side: every kernel of the profile is the step's
-            low = name.lower()
-            c["memcpy" if low.startswith("memcpy") else "memset" if low.startswith("memset") else "kernels"] += 1
+            c[_device_kind(name, at)] += 1
             continue
         if not lo <= ev.time_range.start <= hi:  # host side: only inside the step (not our own final sync)
             continue
@@ -70,13 +80,13 @@ def profile_counts(step, device: torch.device) -> dict:
             c["sync_calls"] += 1
         elif name == "aten::_local_scalar_dense":
             c["local_scalar_dense"] += 1
-    res = {k: c.get(k, 0) for k in ("kernels", "memcpy", "memset", "launch_calls", "sync_calls",
+    res = {k: c.get(k, 0) for k in ("kernels", "memcpy", "memset", "other_device", "launch_calls", "sync_calls",
                                    "local_scalar_dense")}
     res["syncs"] = max(res["sync_calls"], res["local_scalar_dense"])
     res["host_ms"] = round(host_ms, 3)
     res["marked"] = bool(spans)
     if device.type != "cuda":  # no device activity to count on CPU
-        for k in ("kernels", "memcpy", "memset", "launch_calls", "sync_calls", "syncs"):
+        for k in ("kernels", "memcpy", "memset", "other_device", "launch_calls", "sync_calls", "syncs"):
             res[k] = None
     return res
 
@@ -139,7 +149,7 @@ def launch_sweep(w, shared, backend: str, device: torch.device, deadline, copy_b
             except Exception as e:  # noqa: BLE001 -- e.g. a key the kernels reject, or out of memory
                 row.update(status="oom" if timing.is_oom(e) else "error", reason=f"{type(e).__name__}: {str(e)[:300]}")
             runner = inp = step = None  # noqa: F841
-            timing.free_memory(device)
+            timing.free_memory(device, collect=row["status"] != "ok")
     return {"status": "ok", "rows": rows}
 
 

@@ -262,3 +262,35 @@ def test_shell_wrapper_dry_run(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "torch " in r.stdout and r.stdout.strip().splitlines()[-1].startswith("total wall")
     assert list(tmp_path.glob("gpu-check-cpu-*.json")) and (tmp_path / "gpu-check.log").exists()
+
+
+def test_cli_past_deadline_skips_every_stage_and_still_writes(tmp_path):
+    """Budget spent before the bench starts (reserve = budget): every stage is reported "skipped (time)", the files
+    and the summary are still written, and the run ends cleanly."""
+    cmd = [sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--quick", "--tests", "none",
+           "--budget-s", "300", "--reserve-s", "300", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=str(ROOT), env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("gpu-check-cpu-*.json")
+    res = json.loads(path.read_text())
+    assert res["checks"] and all(c["status"] == "skipped" and c["reason"].startswith("time") for c in res["checks"])
+    assert res["cases"] and all(gpu_report._status(c) == "skipped (time)" for c in res["cases"])
+    assert all(r["status"] == "skipped" for r in res["linear"])
+    assert "skipped (time)" in proc.stdout and proc.stdout.strip().splitlines()[-1].startswith("total wall")
+
+
+def test_exit_code_and_watchdog_summary(tmp_path, capsys):
+    from bench import gpu_check
+
+    args = gpu_check.parse_args(["--device", "cpu", "--quick", "--out", str(tmp_path)])
+    run = gpu_check.Run(args, [], CPU, time.time())
+    run.res["tests"] = {"status": "failed", "counts": {"passed": 1, "failed": 1}, "rc": 1, "wall_s": 1.0,
+                        "timeout_s": 150.0, "failures": ["FAILED tests/x.py::y"]}
+    run.add("cases", {"contender": "rlsd[x]", "role": "ours_rlsd", "N": 64, "V": 1000, "status": "wrong",
+                      "reason": "check: differs", "modes": {}})
+    assert run.exit_code() == 3
+    assert run.finish(watchdog=True) == 7
+    out = capsys.readouterr().out
+    assert "WATCHDOG" in out and "FAILED tests/x.py::y" in out and "WRONG rlsd[x]" in out
+    assert json.loads(run.json_path.read_text())["watchdog"] is True
+    assert run.finish() == 7  # once finished, a second exit path changes nothing
