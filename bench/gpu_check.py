@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import json
 import os
 import shlex
@@ -180,12 +181,11 @@ def _run_tests(run: Run, args, deadline) -> None:
 
 
 def _bench(run: Run, args, deadline) -> None:
-    from . import grid, linear, probes
-    from .workload import DTYPES
-
-    import gc
-
     import rlsd_kernels  # noqa: F401 -- imported before gc.freeze() below
+
+    from . import grid, linear, probes
+    from .contenders import backends_for
+    from .workload import DTYPES
 
     dev = run.device
     t0 = time.time()
@@ -213,8 +213,6 @@ def _bench(run: Run, args, deadline) -> None:
 
     sweep_rows, swept = [], set()
     run.res["sweep"] = {"status": "pending", "rows": sweep_rows}
-    from .contenders import backends_for
-
     backend = backends_for(dev)[0] if "ours_rlsd" in args.roles else None
 
     def sweep_hook(w, shared):
@@ -311,8 +309,6 @@ def main(argv=None) -> int:
                                  "reason": f"harness: {type(e).__name__}: {e}", "modes": {},
                                  "traceback": traceback.format_exc()[-3000:]})
     finally:
-        import gc
-
         gc.unfreeze()  # frozen objects must be collectable at exit (else nanobind reports them as leaks)
     dog.cancel()
     return run.finish()

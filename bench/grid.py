@@ -18,7 +18,7 @@ errors or cannot run is reported with that status at every shape and never timed
 
 One shape: one pair of ``(N + B) x V`` logits buffers (``workload.make_shared_inputs``) serves every contender. Per
 contender and mode: a first call (its wall time is ``first_call_s``: Triton JIT, a torch.compile recompile), a
-call for the peak memory above the inputs, then ``time_fn``. A CUDA out-of-memory error is reported ``oom`` and the
+call for the peak memory above the inputs (whose wall time sets the number of reps), then ``time_fn``. A CUDA out-of-memory error is reported ``oom`` and the
 memory freed; any other exception is ``error`` with the traceback's tail. Contenders that overwrite the logits
 (in-place backward) run after the shape's hooks (profile, launch sweep), last.
 """
@@ -99,7 +99,7 @@ class GridConfig:
 
 def _base(e: Entry, w: Workload) -> dict:
     return {"contender": e.name, "role": e.role, "N": w.N, "V": w.V, "dtype": str(w.dtype).replace("torch.", ""),
-            "lam": w.lam, "status": "error", "reason": None, "modes": {}}
+            "lam": 0.0 if e.grpo else w.lam, "status": "error", "reason": None, "modes": {}}
 
 
 def _error(e: BaseException, stage: str) -> dict:
@@ -149,8 +149,10 @@ def _timed_mode(runner, m: str, e: Entry, w: Workload, cfg: GridConfig, st_out: 
     timing.sync(cfg.device)
     first = time.perf_counter() - t0
     cfg.first_call_s[e.name] = first
-    peak = timing.peak_above(step, cfg.device)
-    st = timing.time_fn(step, cfg.device, budget_s=cfg.rep_budget_s, flush=cfg.flush)
+    t0 = time.perf_counter()
+    peak = timing.peak_above(step, cfg.device)  # the second call: its wall time is the estimate for the reps
+    est = time.perf_counter() - t0
+    st = timing.time_fn(step, cfg.device, budget_s=cfg.rep_budget_s, flush=cfg.flush, est_s=est)
     nbytes = e.passes[m] * w.N * w.V * w.itemsize
     st.update(first_call_s=round(first, 3), peak_mem_bytes=peak, bytes_model=nbytes, passes=e.passes[m],
               achieved_gbps=nbytes / (st["median_ms"] * 1e-3) / 1e9)
@@ -176,11 +178,16 @@ def run_case(e: Entry, w: Workload, shared: Tuple[Inputs, Inputs], gate: dict, c
                 break
             stage = m
             _timed_mode(runner, m, e, w, cfg, res["modes"])
-        if cfg.profile_fn and cfg.profile_shape == (w.N, w.V) and deadline.allows(need):
-            stage = "profile"
-            res["profile"] = cfg.profile_fn(lambda: worker._step(runner, "fwd+bwd"), cfg.device)
         res.update(status="ok" if res["modes"] else "skipped",
                    reason=None if res["modes"] else res.get("modes_skipped"))
+        if cfg.profile_fn and cfg.profile_shape == (w.N, w.V) and res["modes"] and deadline.allows(need):
+            stage = "profile"
+            try:
+                res["profile"] = cfg.profile_fn(lambda: worker._step(runner, "fwd+bwd"), cfg.device)
+            except Exception as ex:  # noqa: BLE001 -- a profiler problem must not lose the timings
+                if timing.is_oom(ex):
+                    raise
+                res["profile"] = {"error": f"{type(ex).__name__}: {str(ex)[:300]}"}
     except Exception as ex:  # noqa: BLE001 -- reported (oom / error), never fatal to the grid
         res.update(_error(ex, stage))
     runner = inp = None  # noqa: F841 -- drop the graph and the views before freeing

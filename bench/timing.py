@@ -3,7 +3,7 @@ memory above the inputs, the device's copy bandwidth, and out-of-memory handling
 
 - :class:`Deadline`: one global wall-clock deadline; every stage asks ``left()`` / ``allows(need_s)`` before it
   starts, and a case that would not fit is reported ``skipped`` with a reason starting ``"time"``.
-- :func:`time_fn`: one untimed call (it also gives a first estimate), then ``reps = budget / estimate`` calls
+- :func:`time_fn`: one untimed call (or the caller's estimate), then ``reps = budget / estimate`` calls
   (clamped to ``[min_reps, max_reps]``). CUDA: CUDA events around each call, with ``L2_FLUSH_BYTES`` zeroed before
   each one so that no call starts with its inputs in L2 (as ``triton.testing.do_bench`` does). CPU:
   ``time.perf_counter``. Returns the median, the 20th and 80th percentiles, min, max and the number of reps.
@@ -93,10 +93,11 @@ def _stats(ms: list) -> dict:
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, budget_s: float = 0.3, min_reps: int = 3,
-            max_reps: int = 50, flush: Optional[Flush] = None, warm: bool = True) -> dict:
-    """Median time of ``fn()`` (its outputs are dropped after each call); see the module docstring."""
-    est = None
-    if warm:
+            max_reps: int = 50, flush: Optional[Flush] = None, est_s: Optional[float] = None) -> dict:
+    """Median time of ``fn()`` (its outputs are dropped after each call); see the module docstring. ``est_s``: the
+    wall time of a call already made (then no untimed call is made here)."""
+    est = est_s
+    if est is None:
         sync(device)
         t0 = time.perf_counter()
         out = fn()
@@ -149,7 +150,8 @@ def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, reps: int
     nbytes = nbytes or ((1 << 30) if device.type == "cuda" else (64 << 20))
     src = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
-    st = time_fn(lambda: dst.copy_(src), device, budget_s=0.0, min_reps=reps, max_reps=reps)
+    dst.copy_(src)
+    st = time_fn(lambda: dst.copy_(src), device, budget_s=0.0, min_reps=reps, max_reps=reps, est_s=0.0)
     del src, dst
     free_memory(device)
     return {"bytes_per_s": 2 * nbytes / (st["median_ms"] * 1e-3), "buffer_bytes": nbytes, "median_ms": st["median_ms"],
