@@ -63,12 +63,14 @@ def profile_counts(step, device: torch.device) -> dict:
     evs = list(prof.events())
     spans = [ev.time_range for ev in evs if ev.name == MARK and ev.device_type == DeviceType.CPU]
     lo, hi = (spans[0].start, spans[0].end) if spans else (-math.inf, math.inf)
+    # record_function ranges (ours, inductor's) are recorded on the host and mirrored on the device: never kernels
+    ranges = {MARK} | {ev.name for ev in evs if getattr(ev, "is_user_annotation", False)}
     c = Counter()
     for ev in evs:
         name = ev.name
         at = str(getattr(ev, "activity_type", None) or "").lower()  # kineto's kind, where torch records it
-        if name == MARK or getattr(ev, "is_user_annotation", False) or "annotation" in at:
-            continue  # record_function ranges (ours, inductor's), on the host or mirrored on the device
+        if name in ranges or "annotation" in at:
+            continue
         if ev.device_type != DeviceType.CPU:  # device side: every kernel of the profile is the step's
             c[_device_kind(name, at)] += 1
             continue

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import List, Optional
 
 COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected)\b")
+PROGRESS = re.compile(r"^([.FEsxX]+)(\s+\[\s*\d+%\])?$")
 
 
 def command(targets: List[str], workers: int) -> List[str]:
@@ -37,8 +38,16 @@ def parse(text: str) -> dict:
             for n, k in found:
                 counts["errors" if k.startswith("error") else k] = int(n)
             break
+    source = "summary line"
+    if not counts:  # killed before pytest's summary: count its progress characters instead
+        marks = "".join(m.group(1) for ln in text.splitlines() if (m := PROGRESS.match(ln.strip())))
+        names = {".": "passed", "F": "failed", "E": "errors", "s": "skipped", "x": "xfailed", "X": "xpassed"}
+        for ch, k in names.items():
+            if marks.count(ch):
+                counts[k] = marks.count(ch)
+        source = "progress characters (no summary line)" if counts else "none"
     failures = [ln.strip() for ln in text.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
-    return {"counts": counts, "failures": failures[:30], "n_failure_lines": len(failures)}
+    return {"counts": counts, "counts_from": source, "failures": failures[:30], "n_failure_lines": len(failures)}
 
 
 def _killpg(proc: subprocess.Popen, sig) -> None:

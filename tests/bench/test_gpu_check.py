@@ -239,6 +239,9 @@ def test_testrun_parse_and_command(monkeypatch):
     assert p["counts"] == {"failed": 3, "passed": 221, "skipped": 5, "errors": 2}
     assert p["failures"] == ["FAILED tests/test_x.py::test_y - assert 0"]
     assert testrun.parse("== 7 passed in 1.0s ==")["counts"] == {"passed": 7}
+    cut = testrun.parse("$ python -m pytest -q tests\n..F.s.....  [ 40%]\n..E\n!!! KeyboardInterrupt !!!\n")
+    assert cut["counts"] == {"passed": 10, "failed": 1, "errors": 1, "skipped": 1}
+    assert cut["counts_from"].startswith("progress")
     import importlib.util
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
