@@ -6,4 +6,9 @@ reference's loss and gradient on the benchmark inputs. See ``bench/README.md`` f
 
 Modules: ``workload`` (inputs, byte model), ``contenders`` (who is timed and how), ``worker`` (one case, one
 process), ``devices`` (device names, peak bandwidths), ``report`` (table, markdown, plot), ``__main__`` (CLI).
+
+``bash bench/gpu_check.sh`` / ``python -m bench.gpu_check`` is the one-process, time-budgeted check for a lent GPU:
+``gpu_check`` (stages, deadline, files), ``testrun`` (the test suite), ``grid`` (contenders, gate, one shape),
+``timing`` (timed calls, peak memory, copy bandwidth), ``probes`` (launch/sync counts, launch sweep), ``gpu_report``
+(summary and markdown), ``linear.run_in_process`` (the fused-linear rows).
 """

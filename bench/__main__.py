@@ -35,8 +35,12 @@ CPU_V = (32000, 151936)
 QUICK_SHAPES = ((128, 8192), (256, 32000))
 DEFAULT_CONTENDERS = "rlsd,eager,compile,liger"
 ROOT = Path(__file__).resolve().parent.parent
-# bench/results of the source checkout; an installed package writes to ./bench-results instead of site-packages.
-DEFAULT_OUT = ROOT / "bench" / "results" if (ROOT / "setup.py").exists() else Path.cwd() / "bench-results"
+CHECKOUT = (ROOT / "setup.py").exists()
+# bench/results of the source checkout (tracked: the committed tables); an installed package writes to
+# ./bench-results instead of site-packages. --quick (a smoke run, never a result to commit) and the GPU check write
+# to bench/out/ of the checkout, which .gitignore ignores, so they never leave the checkout dirty.
+DEFAULT_OUT = ROOT / "bench" / "results" if CHECKOUT else Path.cwd() / "bench-results"
+SCRATCH_OUT = ROOT / "bench" / "out" if CHECKOUT else Path.cwd() / "bench-results"
 
 
 def _ints(s: str):
@@ -48,9 +52,10 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     p.add_argument("--backends", "--contenders", dest="backends", default=DEFAULT_CONTENDERS,
-                   help="comma list of contenders: rlsd (= every backend of the op for the device), rlsd[triton], "
-                        "rlsd[cpp], rlsd[reference], eager, compile, liger; a +inplace suffix selects the in-place backward "
-                        "(default: %(default)s)")
+                   help="comma list of contenders: rlsd (= the backends rlsd_kernels.dispatch.select_backend "
+                        "accepts for the device), rlsd[triton], rlsd[cpp], rlsd[reference], grpo (the op without a "
+                        "teacher), eager, compile, compile[dynamic], liger, liger_grpo; a +inplace suffix selects the "
+                        "in-place backward (default: %(default)s)")
     p.add_argument("--inplace", action="store_true",
                    help="also time the in-place-backward variant (gradient written into the logits) of every "
                         "contender that has one: rlsd[...]+inplace, liger+inplace")
@@ -64,8 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--lam", type=float, default=0.5, help="RLSD lam (0 = plain GRPO)")
     p.add_argument("--seqs", type=int, default=8, help="sequences per batch (N = seqs * T)")
     p.add_argument("--quick", action="store_true", help=f"small shapes {QUICK_SHAPES}, 3 reps: seconds on CPU")
-    p.add_argument("--out", default=str(DEFAULT_OUT),
-                   help="output directory (default: bench/results of the checkout)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: bench/results of the checkout; with --quick the ignored "
+                        "bench/out)")
     p.add_argument("--name", default=None, help="file stem of the outputs (default: device slug, +-<dtype> unless bf16, +-quick)")
     p.add_argument("--resume", action="store_true",
                    help="merge into an existing results file with the same stem: its finished cases are kept and "
@@ -91,24 +97,6 @@ def shapes_from(args, device):
     if args.quick:
         return list(QUICK_SHAPES)
     return list(itertools.product(*((SPEC_N, SPEC_V) if device.type == "cuda" else (CPU_N, CPU_V))))
-
-
-def versions() -> dict:
-    v = {"torch": torch.__version__, "python": sys.version.split()[0]}
-    for mod in ("triton", "rlsd_kernels", "liger_kernel", "numpy"):
-        try:
-            m = __import__(mod)
-            v[mod] = getattr(m, "__version__", "unknown")
-        except Exception:
-            v[mod] = None
-    try:
-        from importlib.metadata import version
-        v["liger_kernel"] = version("liger-kernel") if v["liger_kernel"] else None
-    except Exception:
-        pass
-    if torch.version.cuda:
-        v["cuda"] = torch.version.cuda
-    return v
 
 
 def run_subprocess(spec: dict, timeout: float) -> dict:
@@ -162,7 +150,7 @@ def main(argv=None):
     slug = devices.device_slug(device)
     # one results file per device and dtype (bf16, the SPEC's benchmark dtype, keeps the bare device name)
     stem = args.name or (slug + ("" if args.dtype == "bf16" else f"-{args.dtype}") + ("-quick" if args.quick else ""))
-    out_dir = Path(args.out)
+    out_dir = Path(args.out or (SCRATCH_OUT if args.quick else DEFAULT_OUT))
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{stem}.json"
 
@@ -174,7 +162,7 @@ def main(argv=None):
         "schema": "rlsd-bench/1",
         "device": {"type": device.type, "name": devices.device_name(device), "slug": slug,
                    "peak_bw_bytes_per_s": peak_bw},
-        "versions": versions(),
+        "versions": devices.versions(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in ["python", "-m", "bench"] + (sys.argv[1:] if argv is None
                                                                                   else list(argv))),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import sys
 from typing import Optional
 
 import torch
@@ -81,3 +82,22 @@ def cpu_threads() -> int:
 def host_info() -> dict:
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_model(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def versions() -> dict:
+    """Versions of what the numbers depend on (``None`` for what is not importable)."""
+    v = {"torch": torch.__version__, "python": sys.version.split()[0]}
+    for mod in ("triton", "rlsd_kernels", "liger_kernel", "numpy"):
+        try:
+            m = __import__(mod)
+            v[mod] = getattr(m, "__version__", "unknown")
+        except Exception:
+            v[mod] = None
+    try:
+        from importlib.metadata import version
+        v["liger_kernel"] = version("liger-kernel") if v["liger_kernel"] else None
+    except Exception:
+        pass
+    if torch.version.cuda:
+        v["cuda"] = torch.version.cuda
+    return v

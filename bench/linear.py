@@ -17,7 +17,8 @@ Usage::
     python -m bench.linear --shapes 2048x256x32000 --dtype float32 --reps 3
     python -m bench.linear --device cuda      # N x H x V in {4096, 16384} x 4096 x {128256, 151936}, bf16
 
-Results go to ``bench/results/linear-<device>.json`` and ``.md``.
+Results go to ``bench/results/linear-<device>.json`` and ``.md``. The GPU check (``bench.gpu_check``) runs the
+same rows in its own process instead (:func:`run_in_process`).
 """
 from __future__ import annotations
 
@@ -130,6 +131,37 @@ def _case(row: str, shape: str, dtype_name: str, device: str, reps: int) -> dict
                logits_backend=select_backend(dev), linear_backend=linear_backend(dev, dt))
     if not cuda:  # ru_maxrss never decreases: a case peaking below this floor is over-estimated, never under-
         out["rss_floor_mib"] = max(0, floor - base) / 2 ** 20
+    return out
+
+
+def run_in_process(shape: str, dtype: str, device: str, reps: int, rows=ROWS, deadline=None,
+                   need_s: float = 30.0, log=print) -> list:
+    """Every row of ``shape`` in this process (the GPU check: no start-up per case; peak memory is still each
+    row's own, since ``_case`` measures it above what is allocated once its inputs exist, and every row's tensors
+    are freed before the next). Out of memory is recorded, as in the subprocess design."""
+    import gc
+
+    import torch
+
+    out = []
+    for row in rows:
+        base = dict(row=row, shape=shape, dtype=dtype, device=device)
+        if deadline is not None and not deadline.allows(need_s):
+            out.append({**base, "status": "skipped", "error": deadline.reason(need_s)})
+            continue
+        t0 = time.perf_counter()
+        try:
+            r = {**_case(row, shape, dtype, device, reps), "status": "ok"}
+        except Exception as e:  # noqa: BLE001 -- recorded, the check goes on
+            oom = isinstance(e, getattr(torch, "OutOfMemoryError", MemoryError)) or "out of memory" in str(e)
+            r = {**base, "status": "oom" if oom else "error", "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        r["wall_s"] = round(time.perf_counter() - t0, 2)
+        out.append(r)
+        log(f"linear {shape} {row}: " + (f"fwd+bwd {r['fwd_bwd_ms']:.1f} ms, peak {r['peak_mem_mib']:.0f} MiB"
+                                         if r["status"] == "ok" else f"{r['status']}: {r['error'][:120]}"))
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     return out
 
 

@@ -115,8 +115,9 @@ def _reference_chunks(inp, w: Workload):
         for t0 in range(0, T, rows):
             t1 = min(T, t0 + rows)
             zs = inp.student[b:b + 1, t0:t1].detach().float().requires_grad_(True)
+            adv = inp.advantages[b:b + 1] if inp.advantages.dim() == 1 else inp.advantages[b:b + 1, t0:t1]
             out = reference.rlsd_loss(zs, inp.teacher[b:b + 1, t0:t1].detach().float(), inp.labels[b:b + 1, t0:t1],
-                                      inp.advantages[b:b + 1, t0:t1], inp.old_logprobs[b:b + 1, t0:t1],
+                                      adv, inp.old_logprobs[b:b + 1, t0:t1],
                                       lam=w.lam, loss_agg_mode="sum", norm=float(w.N))
             (g,) = torch.autograd.grad(out.loss, zs)
             yield b, t0, t1, g[0], float(out.loss.detach())
@@ -127,7 +128,7 @@ def check(runner, inp, w: Workload) -> dict:
     loss = runner.loss()
     (grad,) = torch.autograd.grad(loss, runner.leaf)
     loss = float(loss.detach())
-    grad = runner.grad_view(grad)
+    grad = runner.grad_view(grad).detach()
     if runner.inplace:  # the gradient now lives in the student buffer: copy it out, then restore the logits
         grad = grad.clone()
         refill_student(inp, w)

@@ -106,3 +106,29 @@ def test_liger_adapter_matches_reference():
             inp = make_inputs(w, "liger")
             res = worker.check(contenders.factory("liger")(inp, w), inp, w)
             assert res["ok"], (dtype, lam, res)
+
+
+def _git(*args):
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+    except FileNotFoundError:  # no git on this machine
+        return subprocess.CompletedProcess(args, 127, "", "git not found")
+
+
+def test_quick_leaves_the_checkout_clean():
+    """``python -m bench --quick`` with its default output folder writes into the git-ignored bench/out, never into
+    the tracked bench/results."""
+    if _git("rev-parse", "--is-inside-work-tree").stdout.strip() != "true":
+        pytest.skip("not a git checkout")
+    from bench.__main__ import SCRATCH_OUT
+
+    assert _git("check-ignore", "-q", str(SCRATCH_OUT / "x.json")).returncode == 0  # ignored
+    before = _git("status", "--porcelain", "--untracked-files=all").stdout
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    cmd = [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--shapes", "64x1000", "--backends", "eager",
+           "--reps", "1", "--warmup", "0", "--no-plot"]
+    proc = subprocess.run(cmd, cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert str(SCRATCH_OUT) in proc.stdout
+    assert _git("status", "--porcelain", "--untracked-files=all").stdout == before

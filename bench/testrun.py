@@ -1,0 +1,95 @@
+"""The test-suite stage of the GPU check: ``python -m pytest -q <targets> -n <workers> -p no:cacheprovider`` with a
+wall-clock cap, its output in a log file, its outcome parsed from pytest's last line.
+
+``-n`` needs pytest-xdist; without it the run is serial. At the cap the process group gets SIGINT (pytest then
+prints its summary of what ran), then SIGKILL 20 s later. Status: ``passed`` (exit 0), ``failed`` (exit 1),
+``timeout`` (the cap was hit), ``error`` (any other exit: interrupted, internal error, usage, nothing collected).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected)\b")
+PROGRESS = re.compile(r"^([.FEsxX]+)(\s+\[\s*\d+%\])?$")
+
+
+def command(targets: List[str], workers: int) -> List[str]:
+    cmd = [sys.executable, "-m", "pytest", "-q", *targets, "-p", "no:cacheprovider"]
+    if workers > 1 and importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", str(workers)]
+    return cmd
+
+
+def parse(text: str) -> dict:
+    """Counts from pytest's final summary line, and the ``FAILED``/``ERROR`` lines of its short summary."""
+    counts = {}
+    for line in reversed(text.strip().splitlines()[-40:]):
+        found = COUNT.findall(line)
+        if found and (" in " in line or line.startswith("=")):
+            for n, k in found:
+                counts["errors" if k.startswith("error") else k] = int(n)
+            break
+    source = "summary line"
+    if not counts:  # killed before pytest's summary: count its progress characters instead
+        marks = "".join(m.group(1) for ln in text.splitlines() if (m := PROGRESS.match(ln.strip())))
+        names = {".": "passed", "F": "failed", "E": "errors", "s": "skipped", "x": "xfailed", "X": "xpassed"}
+        for ch, k in names.items():
+            if marks.count(ch):
+                counts[k] = marks.count(ch)
+        source = "progress characters (no summary line)" if counts else "none"
+    failures = [ln.strip() for ln in text.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
+    return {"counts": counts, "counts_from": source, "failures": failures[:30], "n_failure_lines": len(failures)}
+
+
+def _killpg(proc: subprocess.Popen, sig) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the group of the pytest process this function started (its xdist workers)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run(targets, timeout_s: float, log_path: Path, workers: int = 8, cwd: Optional[Path] = None,
+        env: Optional[dict] = None) -> dict:
+    targets = shlex.split(targets) if isinstance(targets, str) else list(targets)
+    cmd = command(targets, workers)
+    t0 = time.perf_counter()
+    timed_out = False
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=max(1.0, timeout_s))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _killpg(proc, signal.SIGINT)
+            try:
+                rc = proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                _killpg(proc, signal.SIGKILL)
+                rc = proc.wait()
+    text = log_path.read_text(errors="replace")
+    res = {"command": " ".join(shlex.quote(c) for c in cmd), "rc": rc, "wall_s": round(time.perf_counter() - t0, 1),
+           "timeout_s": timeout_s, "xdist": "-n" in cmd, "log": str(log_path), **parse(text)}
+    res["status"] = "timeout" if timed_out else {0: "passed", 1: "failed"}.get(rc, "error")
+    res["tail"] = text.strip().splitlines()[-5:]
+    return res
+
+
+def brief(t: dict) -> str:
+    if t.get("status") == "skipped":
+        return f"tests: skipped ({t.get('reason')})"
+    c = t.get("counts", {})
+    parts = [f"{c[k]} {k}" for k in ("passed", "failed", "errors", "skipped", "xfailed", "xpassed") if c.get(k)]
+    what = ", ".join(parts) or "no counts"
+    return f"tests: {t['status'].upper()}: {what} in {t['wall_s']:.0f} s (exit {t['rc']}, cap {t['timeout_s']:.0f} s)"
