@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import make_inputs
+from helpers import Backend, make_inputs, running_on
 from rlsd_kernels import reference, rlsd_loss
-from rlsd_kernels.dispatch import force_backend, interpreter_on
+from rlsd_kernels.dispatch import interpreter_on
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(DEVICE == "cpu" and not interpreter_on(), reason="Triton needs CUDA or the interpreter")
@@ -36,7 +36,7 @@ def _step(inputs, **kw):
 @pytest.mark.parametrize("kw", [dict(), dict(loss_agg_mode="seq"), dict(loss_type="cispo", return_entropy=True)])
 def test_forward_backward_is_a_handful_of_ops_and_never_syncs(kw):
     inputs = make_inputs(B=3, T=5, V=97, per_seq_adv=True, device=DEVICE)
-    with force_backend("triton"):
+    with running_on(Backend("triton", DEVICE)):
         ops, out, s = _step(inputs, **kw)
     assert not [op for op in ops if op in SYNC_OPS], ops
     assert len(ops) <= 12, ops
@@ -46,12 +46,13 @@ def test_forward_backward_is_a_handful_of_ops_and_never_syncs(kw):
 @needs_triton
 def test_grpo_without_teacher_is_a_handful_of_ops():
     inputs = make_inputs(B=3, T=5, V=97, teacher=False, old=False, device=DEVICE)
-    with force_backend("triton"):
+    with running_on(Backend("triton", DEVICE)):
         ops, _, _ = _step(inputs)
     assert not [op for op in ops if op in SYNC_OPS] and len(ops) <= 12, ops
 
 
-def test_backward_scales_the_stored_gradient_by_grad_output(backend, device):
+def test_backward_scales_the_stored_gradient_by_grad_output(backend):
+    device = backend.device
     inputs = make_inputs(B=2, T=4, V=53, device=device)
     grads = []
     for scale in (1.0, -2.5):
@@ -61,7 +62,8 @@ def test_backward_scales_the_stored_gradient_by_grad_output(backend, device):
     torch.testing.assert_close(grads[1], -2.5 * grads[0])
 
 
-def test_second_backward_through_the_same_graph_raises(backend, device):
+def test_second_backward_through_the_same_graph_raises(backend):
+    device = backend.device
     inputs = make_inputs(B=2, T=4, V=53, device=device)
     s = inputs["student_logits"].detach().clone().requires_grad_(True)
     out = rlsd_loss(**dict(inputs, student_logits=s))
@@ -70,10 +72,10 @@ def test_second_backward_through_the_same_graph_raises(backend, device):
         out.loss.backward()
 
 
-def test_no_gradient_work_without_grad(backend, device):
+def test_no_gradient_work_without_grad(backend):
     """Scoring under no_grad (or a student that needs no gradient) computes the same loss and allocates no
     gradient buffer."""
-    inputs = make_inputs(B=2, T=4, V=53, device=device)
+    inputs = make_inputs(B=2, T=4, V=53, device=backend.device)
     s = inputs["student_logits"].detach().clone().requires_grad_(True)
     with_grad = rlsd_loss(**dict(inputs, student_logits=s), lam=0.5)
     with torch.no_grad():
@@ -82,7 +84,8 @@ def test_no_gradient_work_without_grad(backend, device):
     torch.testing.assert_close(with_grad.loss.detach(), without.loss)
 
 
-def test_per_token_outputs_are_detached(backend, device):
+def test_per_token_outputs_are_detached(backend):
+    device = backend.device
     inputs = make_inputs(B=2, T=4, V=53, device=device)
     s = inputs["student_logits"].detach().clone().requires_grad_(True)
     out = rlsd_loss(**dict(inputs, student_logits=s))

@@ -96,7 +96,8 @@ def test_no_kernel_runs_on_bad_input(inputs, monkeypatch):
 def test_device_side_label_check_leaves_bad_tokens_out():
     """Triton backend: no host sync for the label range; bad tokens are left out of the loss (as masked) and the
     ValueError names labels (and the first bad value) when the metrics are read."""
-    from rlsd_kernels.dispatch import force_backend, interpreter_on
+    from helpers import Backend, running_on
+    from rlsd_kernels.dispatch import interpreter_on
 
     pytest.importorskip("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,7 +106,7 @@ def test_device_side_label_check_leaves_bad_tokens_out():
     inputs = make_inputs(B=2, T=3, V=11, seed=0, device=device)
     lab = inputs["labels"].clone()
     lab[0, 1] = 99
-    with force_backend("triton"):
+    with running_on(Backend("triton", device)):
         out = rlsd_loss(**dict(inputs, labels=lab))
         masked = inputs["mask"].clone()
         masked[0, 1] = False
