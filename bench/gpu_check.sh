@@ -56,6 +56,10 @@ except Exception as e:
 print(f"torch {torch.__version__} (cuda {torch.version.cuda}, available {torch.cuda.is_available()}), triton {tv}")
 EOF
 
+# Build the C++ CPU backend now, in the background, so that the CPU tests do not wait for it at the end of the
+# test run (on a fresh machine the build takes about a minute).
+"$PY" -m rlsd_kernels.backends.cpp --build >"$OUT_DIR/cpp-build.log" 2>&1 &
+
 MARK="$OUT_DIR/.gpu-check-started"
 touch "$MARK"
 "$PY" -m bench.gpu_check --out "$OUT_DIR" --started-at "$START" "$@" 2>&1 | tee "$OUT_DIR/gpu-check.log"

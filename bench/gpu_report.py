@@ -102,6 +102,10 @@ def _sweep_lines(res: dict) -> List[str]:
         return [f"launch sweep: {sw.get('status', 'not run')}" + (f" ({sw['reason']})" if sw.get("reason") else "")]
     out = [f"launch sweep: fastest overall {summ['overall']} {summ['overall_params']}"]
     out += [f"  {p['N']}x{p['V']} {p['op']}: {p['fastest']} {p['median_ms']:.3f} ms" for p in summ["per_case"]]
+    adopted = res.get("adopted_launch")
+    if adopted:
+        out.append(f"grid timed with the fastest RLSD setting {adopted['setting']} "
+                   f"(geomean {adopted['geomean_vs_best']}x of the per-shape best)")
     return out
 
 

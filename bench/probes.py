@@ -175,3 +175,23 @@ def sweep_summary(rows: list) -> dict:
     params = next((r["params"] for r in ok if r["setting"] == overall), None)
     return {"per_case": per, "overall": overall, "overall_params": params,
             "geomean_vs_best": {k: round(v, 4) for k, v in sorted(score.items())}}
+
+
+def fastest_setting(rows: list, op: str = "rlsd fwd+bwd"):
+    """The setting with the smallest geometric mean of ``time / best time`` for ``op`` over the shapes that every
+    counted setting completed: ``{"setting", "params", "geomean_vs_best"}``, or None without a complete row."""
+    ok = [r for r in rows if r.get("status") == "ok" and r["op"] == op]
+    best = {}
+    for r in ok:
+        k = (r["N"], r["V"])
+        best[k] = min(best.get(k, float("inf")), r["median_ms"])
+    score = {}
+    for s in {r["setting"] for r in ok}:
+        mine = {(r["N"], r["V"]): r["median_ms"] for r in ok if r["setting"] == s}
+        if best and set(mine) == set(best):
+            score[s] = math.exp(sum(math.log(mine[k] / best[k]) for k in best) / len(best))
+    if not score:
+        return None
+    top = min(score, key=score.get)
+    params = next(r["params"] for r in ok if r["setting"] == top)
+    return {"setting": top, "params": params, "geomean_vs_best": round(score[top], 4)}

@@ -139,3 +139,17 @@ def test_peak_memory_above_inputs_is_the_gradient(inplace):
     grad_bytes = logits.numel() * logits.element_size()
     small = 64 * 2 ** 20  # O(N) outputs and scratch
     assert peak <= (0 if inplace else grad_bytes) + small, (peak, grad_bytes, base)
+
+
+@needs_triton
+@pytest.mark.parametrize("launch", [dict(loss_block_v=128), dict(loss_block_v=128, loss_prefetch=1),
+                                    dict(loss_block_v=64, loss_prefetch=1, loss_l2_budget_mib=32)])
+def test_every_launch_variant_matches_the_reference(launch):
+    """Multi-chunk rows (odd V), software prefetch, persistent programs: the launch variants the GPU check sweeps."""
+    from helpers import assert_matches_reference
+    from rlsd_kernels.backends.triton_launch import override
+
+    with running_on(Backend("triton", DEVICE)), override(**launch):
+        for kw in (dict(lam=0.5), dict(loss_agg_mode="seq", return_entropy=True, loss_type="cispo")):
+            assert_matches_reference(make_inputs(B=3, T=5, V=517, per_seq_adv=True, device=DEVICE), **kw)
+            assert_matches_reference(make_inputs(B=2, T=4, V=517, strided=True, teacher=False, device=DEVICE), **kw)

@@ -28,16 +28,17 @@ LAUNCH = {
     # gradient pass: 2-D grid (row, chunk of BLOCK_V columns)
     "bwd_block_v": 2048,
     "bwd_warps": 4,
-    # fused loss (triton_loss.py): persistent programs, one row at a time, two sweeps per row. Rows in flight are
-    # sized so that their student rows fit in this much L2 (H100: 50 MB, H200: 60 MB) until the gradient sweep
-    # re-reads them, but never fewer than loss_min_programs_per_sm per SM; 0 MiB = one program per row.
-    # NOT YET MEASURED on a GPU: the first GPU check's sweep decides these.
-    # One row per program in flight means few loads in flight per SM at V >= 128k (one program per SM fits L2), so
-    # each step loads long chunks: 8192 columns x 16 warps (16 values per thread per tensor).
-    "loss_block_v": 8192,
-    "loss_warps": 16,
-    "loss_l2_budget_mib": 32,
+    # fused loss (triton_loss.py): programs walk rows (persistent: ``loss_l2_budget_mib`` > 0 bounds the rows in
+    # flight so that their student rows stay in L2 until the gradient sweep re-reads them, never fewer than
+    # loss_min_programs_per_sm per SM; 0 = one program per row). H200, 2026-11-26 (gpu-check run 1, bf16,
+    # rlsd fwd+bwd at 16384 x 32000 / 16384 x 151936): one program per row, 4096 cols, 4 warps: 1.10 / 5.13 ms;
+    # persistent 1 row per SM, 8192 cols, 16 warps: 1.54 / 10.4 ms; 16384 cols, 16 warps: 1.78 / 7.92 ms;
+    # 2 per SM: 1.53 / 7.09 ms. Too few loads in flight per SM beat the L2 saving, so one program per row it is.
+    "loss_block_v": 4096,
+    "loss_warps": 4,
+    "loss_l2_budget_mib": 0,
     "loss_min_programs_per_sm": 1,
+    "loss_prefetch": 0,  # 1: load the next chunk while reducing this one (more bytes in flight per program)
     "loss_interpreter_programs": 3,  # CPU interpreter: exercise the persistent loop on small inputs
     # single-program O(N) kernels: wide blocks keep their serial loops short (N = 16384: 4 steps per pass)
     "prologue_block": 4096,
@@ -49,14 +50,15 @@ LAUNCH = {
 
 SWEEP = [
     {},  # the defaults above
-    {"loss_block_v": 4096, "loss_warps": 8},
-    {"loss_block_v": 16384, "loss_warps": 16},
     {"loss_block_v": 8192, "loss_warps": 8},
-    {"loss_min_programs_per_sm": 2},
-    {"loss_min_programs_per_sm": 2, "loss_block_v": 4096, "loss_warps": 8},
-    {"loss_l2_budget_mib": 0, "loss_block_v": 4096, "loss_warps": 4},  # one program per row: no L2 scheduling
-    {"loss_l2_budget_mib": 48},
-    {"fwd_warps": 8, "fwd_block_v": 4096, "bwd_block_v": 4096, "bwd_warps": 8},
+    {"loss_l2_budget_mib": 48, "loss_block_v": 16384, "loss_warps": 16, "loss_prefetch": 1},
+    {"loss_l2_budget_mib": 48, "loss_block_v": 8192, "loss_warps": 16, "loss_prefetch": 1},
+    {"loss_l2_budget_mib": 32, "loss_min_programs_per_sm": 2, "loss_block_v": 8192, "loss_warps": 8,
+     "loss_prefetch": 1},
+    {"loss_l2_budget_mib": 32, "loss_min_programs_per_sm": 4, "loss_prefetch": 1},
+    {"loss_l2_budget_mib": 32, "loss_min_programs_per_sm": 4},
+    {"loss_l2_budget_mib": 32, "loss_min_programs_per_sm": 8},
+    {"loss_block_v": 2048},
 ]
 
 

@@ -137,6 +137,25 @@ def _prologue(LABELS, MASK, CU, ADV, AGG, ADV_ROW, SEQ_CNT, ERR,
 
 
 @triton.jit
+def _load_chunk(s_row, t_row, start, cols0, V, s_sv, t_sv, HAS_T: tl.constexpr, CONTIG: tl.constexpr):
+    """Student (and teacher) logits of columns ``start + cols0`` (-inf beyond V), in their own dtype: the student
+    ``evict_last`` (the gradient sweep re-reads it), the teacher ``evict_first`` (read once)."""
+    cols = start + cols0
+    inb = cols < V
+    if CONTIG:
+        s_off = cols
+        t_off = cols
+    else:
+        s_off = cols.to(tl.int64) * s_sv
+        t_off = cols.to(tl.int64) * t_sv
+    x = tl.load(s_row + s_off, mask=inb, other=float("-inf"), eviction_policy="evict_last")
+    y = x
+    if HAS_T:
+        y = tl.load(t_row + t_off, mask=inb, other=float("-inf"), eviction_policy="evict_first")
+    return x, y
+
+
+@triton.jit
 def _loss_rows(
     S, TCH, GRAD, LABELS, AGG, ADV, OLD, TLP,
     LOGP_S, LOGP_T, WEIGHT, ENT, LSE, COEF, PARTS,
@@ -144,7 +163,7 @@ def _loss_rows(
     s_sb, s_st, s_sv, t_sb, t_st, t_sv, g_sb, g_st, g_sv,
     inv_temp, ignore_index, lam, eps_w, log_lo, log_hi, clip_dual,
     TEACHER: tl.constexpr, HAS_OLD: tl.constexpr, WANT_ENT: tl.constexpr, CISPO: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, CONTIG: tl.constexpr, BLOCK_V: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, CONTIG: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     # TEACHER: 0 none (GRPO), 1 teacher logits (read in the same sweep), 2 teacher log-probs per token
     NEG_INF: tl.constexpr = float("-inf")
@@ -169,17 +188,15 @@ def _loss_rows(
         e_s = tl.zeros((), tl.float32)
         m_t = tl.full((), NEG_INF, tl.float32)
         d_t = tl.zeros((), tl.float32)
+        if PREFETCH:  # software pipelining: the next chunk's loads are in flight while this one is reduced
+            x_next, y_next = _load_chunk(s_row, t_row, 0, cols0, V, s_sv, t_sv, TEACHER == 1, CONTIG)
         for start in range(0, V, BLOCK_V):
-            cols = start + cols0
-            inb = cols < V
-            if CONTIG:
-                s_off = cols
-                t_off = cols
+            if PREFETCH:
+                x, y = x_next, y_next
+                x_next, y_next = _load_chunk(s_row, t_row, start + BLOCK_V, cols0, V, s_sv, t_sv, TEACHER == 1, CONTIG)
             else:
-                s_off = cols.to(tl.int64) * s_sv
-                t_off = cols.to(tl.int64) * t_sv
-            x = tl.load(s_row + s_off, mask=inb, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
-            x = x * inv_temp
+                x, y = _load_chunk(s_row, t_row, start, cols0, V, s_sv, t_sv, TEACHER == 1, CONTIG)
+            x = x.to(tl.float32) * inv_temp
             m_new, shift, alpha, p = lse_chunk(m_s, d_s, x)
             if WANT_ENT:
                 # running sum of p * (x - max), relative to the running max (see triton_kernels.py)
@@ -188,8 +205,7 @@ def _loss_rows(
             d_s = d_s * alpha + tl.sum(p, axis=0)
             m_s = m_new
             if TEACHER == 1:
-                y = tl.load(t_row + t_off, mask=inb, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
-                y = y * inv_temp
+                y = y.to(tl.float32) * inv_temp
                 mt_new, t_shift, t_alpha, q = lse_chunk(m_t, d_t, y)
                 d_t = d_t * t_alpha + tl.sum(q, axis=0)
                 m_t = mt_new
@@ -241,8 +257,10 @@ def _loss_rows(
             scale = coef * inv_temp
             # masked rows and rows of only -inf get exactly 0 (0 * nan would be nan); NaN rows stay NaN
             live = (scale != 0) & (lse != NEG_INF)
-            for start in range(0, V, BLOCK_V):
-                cols = start + cols0
+            # backwards: the chunks read last in sweep 1 are the likeliest still in L2
+            n_chunks = tl.cdiv(V, BLOCK_V)
+            for k in range(0, n_chunks):
+                cols = (n_chunks - 1 - k) * BLOCK_V + cols0
                 inb = cols < V
                 if CONTIG:
                     s_off = cols
@@ -254,7 +272,8 @@ def _loss_rows(
                 p = tl.exp(x * inv_temp - lse)
                 # the target term 1 - p[y] is formed in float32 before the cast (bf16 cancellation near p = 1)
                 grad = tl.where(live, scale * tl.where(cols == label, 1.0 - p, -p), 0.0)
-                tl.store(g_row + g_off, grad.to(GRAD.dtype.element_ty), mask=inb)
+                # streaming store: the gradient is not re-read, keep L2 for the student rows
+                tl.store(g_row + g_off, grad.to(GRAD.dtype.element_ty), mask=inb, eviction_policy="evict_first")
 
 
 @triton.jit
@@ -355,7 +374,7 @@ def fused_loss(student, teacher, teacher_logprobs, labels, advantages, adv_per_s
         TEACHER=1 if teacher is not None else (2 if teacher_logprobs is not None else 0),
         HAS_OLD=old_logprobs is not None, WANT_ENT=want_entropy, CISPO=h.loss_type == "cispo",
         WRITE_GRAD=grad is not None, CONTIG=unit_vocab_stride(student, tch, out), BLOCK_V=block,
-        num_warps=LAUNCH["loss_warps"],
+        PREFETCH=bool(LAUNCH["loss_prefetch"]) and V > block, num_warps=LAUNCH["loss_warps"],
     )
     _finalize[(1,)](parts, loss, metrics, n, BLOCK=LAUNCH["finalize_block"], K=16, num_warps=LAUNCH["small_warps"])
     return loss, logp_s, logp_t, weights, ent, metrics, errors, lse, coef

@@ -98,7 +98,8 @@ def compile_fused_loss():
                "lam": "fp32", "eps_w": "fp32", "log_lo": "fp32", "log_hi": "fp32", "clip_dual": "fp32"}
         compile_one(f"loss_rows[{dt}]", tloss._loss_rows, sig,
                     {"TEACHER": teacher, "HAS_OLD": has_old, "WANT_ENT": want_ent, "CISPO": cispo,
-                     "WRITE_GRAD": write_grad, "CONTIG": contig, "BLOCK_V": LAUNCH["loss_block_v"]},
+                     "WRITE_GRAD": write_grad, "CONTIG": contig, "BLOCK_V": LAUNCH["loss_block_v"],
+                     "PREFETCH": (teacher + has_old) % 2 == 1},
                     LAUNCH["loss_warps"])
     compile_one("loss_finalize", tloss._finalize, {"PARTS": "*fp32", "LOSS": "*fp32", "METRICS": "*fp32", "N": "i64"},
                 {"BLOCK": LAUNCH["finalize_block"], "K": 16}, LAUNCH["small_warps"])
