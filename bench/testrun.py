@@ -26,6 +26,11 @@ def command(targets: List[str], workers: int) -> List[str]:
     cmd = [sys.executable, "-m", "pytest", "-q", *targets, "-p", "no:cacheprovider"]
     if workers > 1 and importlib.util.find_spec("xdist") is not None:
         cmd += ["-n", str(workers)]
+    # Name the slow tests, and make a hanging one fail with its traceback instead of eating the stage's cap (on the
+    # 2026-11-26 H200 runs ~10 tests were still running at the cap and the log could not say which).
+    cmd += ["--durations=15", "-rfE"]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        cmd += ["--timeout=120"]
     return cmd
 
 

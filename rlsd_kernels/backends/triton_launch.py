@@ -4,7 +4,8 @@ Every kernel reads :data:`LAUNCH` at call time, so :func:`override` (the GPU che
 other settings without touching the kernels. ``SWEEP`` lists the settings the GPU check re-measures on each new
 card; keep the table below in step with what it reports.
 
-Measured on one H200 (2026-11-26, bf16, the kernels alone; % of the measured 4273 GB/s copy bandwidth):
+Scoring kernels, measured on one H200 (2026-11-26, bf16, the kernels alone; % of the measured 4273 GB/s copy
+bandwidth):
 
 | kernel | shape | setting | time | % of copy BW |
 |---|---|---|---|---|
@@ -16,6 +17,25 @@ Measured on one H200 (2026-11-26, bf16, the kernels alone; % of the measured 427
 | backward (reads student, writes grad) | 16384 x 151936 | 4096 cols, 8 warps | 2.59 ms | 90% |
 | | | **2048 cols, 4 warps** | 2.53 ms | 92% |
 | | 16384 x 32000 | 4096 cols, 8 warps | 0.53-0.54 ms | 91-92% |
+
+Fused loss (``rlsd_loss`` forward+backward with a teacher, bf16), the GPU check's sweep on one H200 (2026-11-26,
+``bench/results/gpu-check-cuda-nvidia-h200.json``; the sweep's own timing, ms, at N = 16384):
+
+| SWEEP entry | V = 32000 | 151936 | 262144 |
+|---|---|---|---|
+| [0] defaults: one program per row, 4096 cols, 4 warps | 1.50 | **5.30** | **9.06** |
+| [1] one program per row, 8192 cols, 8 warps | 1.54 | 5.39 | 9.18 |
+| [2] persistent, 1 row per SM in L2, 16384 cols, 16 warps, prefetch | 1.55 | 9.81 | 11.13 |
+| [3] persistent, 1 row per SM in L2, 8192 cols, 16 warps, prefetch | 1.76 | 11.47 | 13.21 |
+| [4] persistent, >= 2 per SM, 8192 cols, 8 warps, prefetch | 2.21 | 9.98 | 17.38 |
+| [5] persistent, >= 4 per SM, 4096 cols, 4 warps, prefetch | **1.27** | 6.00 | 10.19 |
+| [6] persistent, >= 4 per SM, 4096 cols, 4 warps | 1.30 | 6.34 | 10.79 |
+| [7] persistent, >= 8 per SM, 4096 cols, 4 warps | 1.51 | 6.13 | 10.97 |
+| [8] one program per row, 2048 cols, 4 warps | 1.61 | 5.65 | 9.68 |
+
+Keeping few rows in flight (so that the gradient sweep re-reads the student row from L2) leaves too few loads in
+flight per SM: it loses more bandwidth than the re-read costs at V >= 128k. One program per row wins there and
+is the default; the grid of the same run (timed with it) is in that results file.
 """
 from __future__ import annotations
 
@@ -30,10 +50,7 @@ LAUNCH = {
     "bwd_warps": 4,
     # fused loss (triton_loss.py): programs walk rows (persistent: ``loss_l2_budget_mib`` > 0 bounds the rows in
     # flight so that their student rows stay in L2 until the gradient sweep re-reads them, never fewer than
-    # loss_min_programs_per_sm per SM; 0 = one program per row). H200, 2026-11-26 (gpu-check run 1, bf16,
-    # rlsd fwd+bwd at 16384 x 32000 / 16384 x 151936): one program per row, 4096 cols, 4 warps: 1.10 / 5.13 ms;
-    # persistent 1 row per SM, 8192 cols, 16 warps: 1.54 / 10.4 ms; 16384 cols, 16 warps: 1.78 / 7.92 ms;
-    # 2 per SM: 1.53 / 7.09 ms. Too few loads in flight per SM beat the L2 saving, so one program per row it is.
+    # loss_min_programs_per_sm per SM; 0 = one program per row). The table above: one program per row.
     "loss_block_v": 4096,
     "loss_warps": 4,
     "loss_l2_budget_mib": 0,

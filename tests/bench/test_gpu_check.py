@@ -247,7 +247,8 @@ def test_testrun_parse_and_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert "-n" not in testrun.command(["tests"], 8)  # no xdist: serial
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
-    assert testrun.command(["tests"], 8)[-2:] == ["-n", "8"]
+    cmd = testrun.command(["tests"], 8)
+    assert cmd[cmd.index("-n") + 1] == "8" and "--timeout=120" in cmd and "--durations=15" in cmd
 
 
 def test_shell_wrapper_syntax():
