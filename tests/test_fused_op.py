@@ -153,3 +153,23 @@ def test_every_launch_variant_matches_the_reference(launch):
         for kw in (dict(lam=0.5), dict(loss_agg_mode="seq", return_entropy=True, loss_type="cispo")):
             assert_matches_reference(make_inputs(B=3, T=5, V=517, per_seq_adv=True, device=DEVICE), **kw)
             assert_matches_reference(make_inputs(B=2, T=4, V=517, strided=True, teacher=False, device=DEVICE), **kw)
+
+
+@pytest.mark.parametrize("want_grad,inplace", [(True, False), (True, True), (False, False)])
+def test_opcheck_fused_loss(want_grad, inplace):
+    """torch.library's consistency checks of the loss op: schema, fake kernel, autograd registration."""
+    import rlsd_kernels.ops  # noqa: F401  (registers the ops)
+
+    inputs = make_inputs(B=2, T=3, V=20, seed=5, device="cpu", per_seq_adv=True)
+    s = inputs["student_logits"].clone().requires_grad_(want_grad)
+    args = (s, inputs["teacher_logits"], None, inputs["labels"], inputs["advantages"], inputs["old_logprobs"],
+            inputs["mask"], None, 0.5, 0.2, 0.2, 0.28, 3.0, "ppo", "token", 0.0, 1.0, -100, True, 2, 3, True,
+            want_grad, inplace)
+    # With the gradient formed in the forward, the op returns the gradient buffer that its backward then scales in
+    # place; AOT's generic check of forward outputs mutated by the backward (test_aot_dispatch_dynamic) rejects
+    # that pattern, so it runs only where no such buffer exists. torch.compile of the real use (the buffer is saved,
+    # never returned to the caller) is checked end to end, gradients included, by test_api.test_compile_fullgraph.
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if not want_grad or inplace:
+        utils += ("test_aot_dispatch_dynamic",)
+    torch.library.opcheck(torch.ops.rlsd_kernels.fused_rlsd_loss.default, args, test_utils=utils)
