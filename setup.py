@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["rlsd_kernels", "rlsd_kernels.*", "bench", "bench.*"]) + ["rlsd_kernels.csrc"],
     # The C++ CPU backend's sources live in the top-level csrc/ and ship inside the package as rlsd_kernels/csrc,
-    # where rlsd_kernels.backends.cpp looks for them in an installed package (a checkout uses csrc/ directly).
+    # where rlsd_kernels.backends.logits.cpp looks for them in an installed package (a checkout uses csrc/ directly).
     package_dir={"rlsd_kernels.csrc": "csrc"},
     package_data={"rlsd_kernels.csrc": ["*.cpp", "*.h"]},
     install_requires=[

@@ -1,4 +1,4 @@
-"""Benchmark suite of the fused RLSD loss (SPEC section 8).
+"""Benchmark suite of the fused RLSD loss (docs/math.md section 8).
 
 ``python -m bench`` (or ``rlsd-bench``) times the fused op against the eager reference, ``torch.compile`` of the
 eager reference and, on CUDA, Liger-Kernel's Triton GRPO loss, after checking that every contender gives the

@@ -1,10 +1,10 @@
-"""``python -m bench`` / ``rlsd-bench``: the benchmark suite of SPEC section 8.
+"""``python -m bench`` / ``rlsd-bench``: the benchmark suite of docs/math.md section 8.
 
 Examples::
 
     python -m bench --quick                                   # seconds on CPU: small shapes, every contender
     python -m bench --device cpu --n 1024,4096 --v 32000,151936
-    python -m bench --device cuda                             # the full SPEC grid, bf16 (see bench/gpu_sweep.sh)
+    python -m bench --device cuda                             # the full section 8 grid, bf16 (see bench/gpu_sweep.sh)
 
 Each (contender, shape) case runs in a fresh subprocess (``bench.worker``), is first checked against the float32
 reference, then timed; results go to ``<out>/<device-slug>.{json,md,png}`` (``-fp32``/``-fp16`` appended for those dtypes, ``-quick`` for
@@ -28,8 +28,8 @@ import torch
 
 from . import contenders, devices, report
 
-SPEC_N = (4096, 16384, 32768)
-SPEC_V = (32000, 128256, 151936, 262144)
+GRID_N = (4096, 16384, 32768)
+GRID_V = (32000, 128256, 151936, 262144)
 CPU_N = (1024, 4096)
 CPU_V = (32000, 151936)
 QUICK_SHAPES = ((128, 8192), (256, 32000))
@@ -92,11 +92,11 @@ def shapes_from(args, device):
                 out.append((int(n), int(v)))
         return out
     if args.n or args.v:
-        dn, dv = (SPEC_N, SPEC_V) if device.type == "cuda" else (CPU_N, CPU_V)
+        dn, dv = (GRID_N, GRID_V) if device.type == "cuda" else (CPU_N, CPU_V)
         return list(itertools.product(_ints(args.n) if args.n else dn, _ints(args.v) if args.v else dv))
     if args.quick:
         return list(QUICK_SHAPES)
-    return list(itertools.product(*((SPEC_N, SPEC_V) if device.type == "cuda" else (CPU_N, CPU_V))))
+    return list(itertools.product(*((GRID_N, GRID_V) if device.type == "cuda" else (CPU_N, CPU_V))))
 
 
 def run_subprocess(spec: dict, timeout: float) -> dict:
@@ -148,7 +148,8 @@ def main(argv=None):
     names = contenders.expand(args.backends.split(","), device, args.inplace)
     peak_bw = args.peak_bw_tbs * 1e12 if args.peak_bw_tbs else devices.peak_bandwidth(device)
     slug = devices.device_slug(device)
-    # one results file per device and dtype (bf16, the SPEC's benchmark dtype, keeps the bare device name)
+    # one results file per device and dtype (bf16, the benchmark dtype of docs/math.md section 8, keeps the bare
+    # device name)
     stem = args.name or (slug + ("" if args.dtype == "bf16" else f"-{args.dtype}") + ("-quick" if args.quick else ""))
     out_dir = Path(args.out or (SCRATCH_OUT if args.quick else DEFAULT_OUT))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ taken with respect to and ``Runner.loss()`` builds the differentiable scalar los
   choice for the device (``triton`` on CUDA), plus on CPU every other backend it accepts there (``cpp``,
   ``reference``). Triton on CPU only runs in its interpreter and is never timed.
 - ``grpo[<backend>]``: the same op without a teacher (plain GRPO; the teacher pass is skipped).
-- ``eager``: :func:`rlsd_kernels.reference.rlsd_loss`, what RL frameworks do today (full-vocabulary float32
+- ``eager``: :func:`rlsd_kernels.reference.rlsd_loss_eager`, what RL frameworks do today (full-vocabulary float32
   ``log_softmax`` of student and teacher, gather, weights, PPO loss, autograd).
 - ``compile``: ``torch.compile`` of that same eager function (default mode, static shapes); ``compile[dynamic]``
   compiles once with dynamic shapes and reuses the graph for every shape of the process (the GPU check).
@@ -187,7 +187,7 @@ def _eager_fn(w: Workload):
     hyp = _hyper(w)
 
     def f(zs, zt, labels, adv, old):
-        return reference.rlsd_loss(zs, zt, labels, adv, old, **hyp).loss
+        return reference.rlsd_loss_eager(zs, zt, labels, adv, old, **hyp).loss
 
     return f
 

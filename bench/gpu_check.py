@@ -7,7 +7,7 @@ what does not fit is reported ``skipped`` with a reason starting ``"time"``:
 1. the test suite on the device (``bench.testrun``: pytest with ``-n`` workers, capped at ``--tests-timeout``);
 2. the device's copy bandwidth (the roofline);
 3. the correctness gate of every contender on small inputs (``bench.grid.check``);
-4. the SPEC section 8 grid (``bench.grid``), N = 16384 first, then the smaller N, the fused-linear rows
+4. the docs/math.md section 8 grid (``bench.grid``), N = 16384 first, then the smaller N, the fused-linear rows
    (``bench.linear.run_in_process``), then the larger N; at ``--profile-shape`` every contender's kernel launches
    and host syncs (``bench.probes.profile_counts``), at ``--sweep-shapes`` the launch-parameter sweep
    (``bench.probes.launch_sweep``);
@@ -37,8 +37,8 @@ import torch
 from . import devices, gpu_report, testrun, timing
 
 ROOT = Path(__file__).resolve().parent.parent
-SPEC_N = (16384, 4096, 32768)  # run order: the SPEC targets are stated at N = 16384
-SPEC_V = (32000, 128256, 151936, 262144)
+GRID_N = (16384, 4096, 32768)  # run order: the targets of docs/math.md section 8 are stated at N = 16384
+GRID_V = (32000, 128256, 151936, 262144)
 DEFAULT_OUT = ROOT / "bench" / "out"  # ignored by .gitignore
 
 
@@ -62,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--tests", default="tests", help='pytest targets, or "none" (default: tests)')
     p.add_argument("--tests-timeout", type=float, default=210.0)
     p.add_argument("--tests-workers", type=int, default=8, help="pytest-xdist workers (serial without xdist)")
-    p.add_argument("--shapes", default=None, help="NxV,... in run order (default: the SPEC grid, N=16384 first)")
+    p.add_argument("--shapes", default=None,
+                   help="NxV,... in run order (default: the docs/math.md section 8 grid, N=16384 first)")
     p.add_argument("--check-shape", default=None, help="NxV of the correctness gate (default 512x32000)")
     p.add_argument("--profile-shape", default=None, help="NxV of the launch/sync counts (default 16384x32000)")
     p.add_argument("--sweep-shapes", default=None, help='NxV,... of the launch sweep (default 16384x32000,'
@@ -82,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny defaults (CPU dry run of the whole harness)")
     a = p.parse_args(argv)
     q = a.quick
-    a.shapes = _shapes(a.shapes) if a.shapes else ([(64, 1000)] if q else [(n, v) for n in SPEC_N for v in SPEC_V])
+    a.shapes = _shapes(a.shapes) if a.shapes else ([(64, 1000)] if q else [(n, v) for n in GRID_N for v in GRID_V])
     a.check_shape = _shapes(a.check_shape)[0] if a.check_shape else ((64, 1000) if q else (512, 32000))
     a.profile_shape = _shapes(a.profile_shape)[0] if a.profile_shape else (a.shapes[0] if q else (16384, 32000))
     a.sweep_shapes = (_shapes(a.sweep_shapes) if a.sweep_shapes else

@@ -7,9 +7,9 @@
 # 1. installs the package without dependencies (pip install -e .) and, if ./.whl/ holds wheels (e.g. liger-kernel),
 #    installs them into /tmp/site and puts that on PYTHONPATH;
 # 2. prints the GPU (nvidia-smi) and the torch / triton versions;
-# 3. runs python -m bench.gpu_check: the test suite on the GPU (capped), the correctness gate, the SPEC section 8
-#    grid with every contender, launch/sync counts, the launch-parameter sweep and the fused-linear rows, within
-#    the budget counted from this script's start (--budget-s, default 480 s).
+# 3. runs python -m bench.gpu_check: the test suite on the GPU (capped), the correctness gate, the docs/math.md
+#    section 8 grid with every contender, launch/sync counts, the launch-parameter sweep and the fused-linear rows,
+#    within the budget counted from this script's start (--budget-s, default 480 s).
 #
 # Results go to $OUT (the device tool's output folder) or else bench/out/ (git-ignored): gpu-check-<device>.json
 # and .md, tests.log, install.log, gpu-check.log. The summary table is printed last. Exit status: 0 clean, +1 tests
@@ -58,7 +58,7 @@ EOF
 
 # Build the C++ CPU backend now, in the background, so that the CPU tests do not wait for it at the end of the
 # test run (on a fresh machine the build takes about a minute).
-"$PY" -m rlsd_kernels.backends.cpp --build >"$OUT_DIR/cpp-build.log" 2>&1 &
+"$PY" -m rlsd_kernels.backends.logits.cpp --build >"$OUT_DIR/cpp-build.log" 2>&1 &
 
 MARK="$OUT_DIR/.gpu-check-started"
 touch "$MARK"

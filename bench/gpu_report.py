@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from .report import _num
+from .report import fmt_num
 
 SUMMARY_HEADER = ["shape", "ours RLSD f+b", "Liger RLSD", "vs Liger", "ours GRPO f+b", "Liger GRPO", "vs Liger",
                   "eager f+b", "% copy BW", "launches", "syncs"]
@@ -13,7 +13,8 @@ def _by_role(cases: List[dict]) -> dict:
     return {(c["N"], c["V"], c["role"]): c for c in cases}
 
 
-def _status(c: Optional[dict]) -> str:
+def status_cell(c: Optional[dict]) -> str:
+    """The table cell of a case that has no time: its status, ``skipped (time)`` or ``n/a`` (skipped otherwise)."""
     if c is None:
         return "-"
     st = c["status"]
@@ -29,8 +30,8 @@ def _status(c: Optional[dict]) -> str:
 
 def _ms(c: Optional[dict], mode: str = "fwd+bwd") -> str:
     if c is None or c["status"] != "ok" or mode not in c.get("modes", {}):
-        return _status(c) if (c is None or c["status"] != "ok") else "-"
-    return f"{_num(c['modes'][mode]['median_ms'])} ms"
+        return status_cell(c) if (c is None or c["status"] != "ok") else "-"
+    return f"{fmt_num(c['modes'][mode]['median_ms'])} ms"
 
 
 def _speedup(ours: Optional[dict], other: Optional[dict], mode: str = "fwd+bwd") -> str:
@@ -82,7 +83,7 @@ def _md_table(header: List[str], rows: List[List[str]]) -> List[str]:
 def _checks_line(res: dict) -> str:
     parts = []
     for c in res.get("checks", []):
-        parts.append(f"{c['contender']} {_status(c) if c['status'] == 'skipped' else c['status']}")
+        parts.append(f"{c['contender']} {status_cell(c) if c['status'] == 'skipped' else c['status']}")
     return "checks (small inputs vs float32 reference): " + (", ".join(parts) or "none")
 
 
@@ -113,7 +114,7 @@ def _linear_line(res: dict) -> Optional[str]:
     lin = res.get("linear")
     if not lin:
         return None
-    items = [f"{r['row']} " + (f"{_num(r['fwd_bwd_ms'])} ms" if r.get("status") == "ok" else r.get("status", "?"))
+    items = [f"{r['row']} " + (f"{fmt_num(r['fwd_bwd_ms'])} ms" if r.get("status") == "ok" else r.get("status", "?"))
              for r in lin]
     return f"fused linear {lin[0]['shape']} fwd+bwd: " + ", ".join(items)
 
@@ -149,9 +150,10 @@ def summary(res: dict) -> str:
 def _case_row(c: dict) -> List[str]:
     ms = c.get("modes", {})
     f, fb = ms.get("fwd"), ms.get("fwd+bwd")
-    cell = (lambda st: "-" if not st else f"{_num(st['median_ms'])} [{_num(st['p20_ms'])}-{_num(st['p80_ms'])}]")
-    peak = (lambda st: "-" if not st or st.get("peak_mem_bytes") is None else _num(st["peak_mem_bytes"] / 2**20))
-    status = c["status"] if c["status"] != "skipped" else _status(c)
+    cell = (lambda st: "-" if not st else
+            f"{fmt_num(st['median_ms'])} [{fmt_num(st['p20_ms'])}-{fmt_num(st['p80_ms'])}]")
+    peak = (lambda st: "-" if not st or st.get("peak_mem_bytes") is None else fmt_num(st["peak_mem_bytes"] / 2**20))
+    status = c["status"] if c["status"] != "skipped" else status_cell(c)
     return [f"{c['N']}x{c['V']}", c["contender"], status, cell(f), cell(fb), peak(f), peak(fb), _bw(c),
             "-" if not fb else f"{fb['first_call_s']:.2f}"]
 
@@ -166,7 +168,8 @@ def markdown(res: dict) -> str:
            + (f"{bw / 1e9:.0f} GB/s (`dst.copy_(src)` of {d['copy_bw']['buffer_bytes'] >> 20} MiB, read + write)"
               if bw else "not measured"),
            f"- workload: {cfg['dtype']}, lam {cfg['lam']}, {cfg['seqs']} sequences, per-sequence advantages; "
-           "bytes the op must move (SPEC 8): RLSD fwd 2, fwd+bwd 3 passes of N*V*itemsize; GRPO fwd 1, fwd+bwd 2",
+           "bytes the op must move (docs/math.md section 8): RLSD fwd 2, fwd+bwd 3 passes of N*V*itemsize; "
+           "GRPO fwd 1, fwd+bwd 2",
            f"- times: median [p20-p80] ms of "
            + ("CUDA-event timed calls, L2 flushed before each" if d["type"] == "cuda" else "perf_counter timed calls")
            + f" (~{cfg['rep_budget_s']} s of reps per case and mode, 3 to 50); memory: peak above everything "
@@ -217,9 +220,9 @@ def markdown(res: dict) -> str:
         out += ["", "## Fused linear (hidden states + LM head)", ""]
         out += _md_table(["shape", "row", "status", "fwd ms", "fwd+bwd ms", "peak MiB above inputs", "backends"],
                          [[r["shape"], r["row"], r.get("status", "?"),
-                           _num(r["fwd_ms"]) if "fwd_ms" in r else "-",
-                           _num(r["fwd_bwd_ms"]) if "fwd_bwd_ms" in r else (r.get("error") or "")[:80],
-                           _num(r["peak_mem_mib"]) if "peak_mem_mib" in r else "-",
+                           fmt_num(r["fwd_ms"]) if "fwd_ms" in r else "-",
+                           fmt_num(r["fwd_bwd_ms"]) if "fwd_bwd_ms" in r else (r.get("error") or "")[:80],
+                           fmt_num(r["peak_mem_mib"]) if "peak_mem_mib" in r else "-",
                            f"logits={r.get('logits_backend')}, linear={r.get('linear_backend')}"
                            if "logits_backend" in r else "-"] for r in res["linear"]])
     if res.get("stages"):

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Full SPEC section 8 sweep on one CUDA GPU: N in {4096, 16384, 32768} x V in {32000, 128256, 151936, 262144}, bf16,
-# forward and forward+backward, contenders rlsd[triton], eager, torch.compile(eager) and Liger-Kernel (skipped, with
-# the reason recorded, when liger-kernel is not installed: `pip install liger-kernel` first to include it), plus the
-# in-place-backward variants rlsd[triton]+inplace and liger+inplace.
+# Full docs/math.md section 8 sweep on one CUDA GPU: N in {4096, 16384, 32768} x V in {32000, 128256, 151936,
+# 262144}, bf16, forward and forward+backward, contenders rlsd[triton], eager, torch.compile(eager) and Liger-Kernel
+# (skipped, with the reason recorded, when liger-kernel is not installed: `pip install liger-kernel` first to include
+# it), plus the in-place-backward variants rlsd[triton]+inplace and liger+inplace.
 #
 # One invocation per N, merged into one results file with --resume, so that each command stays well under a
 # 10-minute command limit and an interrupted sweep continues where it stopped (rerun the script: finished cases are

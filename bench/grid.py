@@ -1,14 +1,15 @@
-"""The SPEC section 8 grid of the GPU check, in one process: contenders, their correctness gate, one shape's cases.
+"""The docs/math.md section 8 grid of the GPU check, in one process: contenders, their correctness gate, one
+shape's cases.
 
 Contenders (``Entry``; ``name`` is a ``bench.contenders`` name, ``role`` what the tables call it):
 
-| role | name | bytes the op must move (SPEC 8), fwd / fwd+bwd |
+| role | name | bytes the op must move (docs/math.md section 8), fwd / fwd+bwd |
 |---|---|---|
 | ours_rlsd | ``rlsd[<select_backend(device)>]`` (teacher logits) | 2 / 3 passes of N*V*itemsize (read z_S, z_T; write grad) |
 | ours_grpo | ``grpo[...]`` (no teacher) | 1 / 2 passes (read z_S; write grad) |
 | liger_rlsd | ``liger`` (GRPO loss + 2 selective log-softmax passes) | 2 / 3 (the same useful bytes as ours) |
 | liger_grpo | ``liger_grpo`` | 1 / 2 |
-| eager | ``eager`` (``rlsd_kernels.reference.rlsd_loss``) | 2 / 3 |
+| eager | ``eager`` (``rlsd_kernels.reference.rlsd_loss_eager``) | 2 / 3 |
 | ours_inplace | ``rlsd[...]+inplace`` (fwd+bwd only: the forward is ours_rlsd's) | - / 3 |
 | compile | ``compile[dynamic]`` (torch.compile of eager, compiled once) | 2 / 3 |
 
@@ -121,7 +122,7 @@ def check(e: Entry, cfg: GridConfig, N: int, V: int) -> dict:
     try:
         inp = make_inputs(w, contenders.layout(e.name))
         runner = e.factory()(inp, w)
-        res["check"] = worker.check(runner, inp, w)
+        res["check"] = worker.check_runner(runner, inp, w)
         ok = res["check"]["ok"]
         res.update(status="ok" if ok else "wrong",
                    reason=None if ok else "loss or gradient differs from the float32 reference; not timed")
@@ -133,7 +134,7 @@ def check(e: Entry, cfg: GridConfig, N: int, V: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ one shape
-def _own_views(x: Inputs) -> Inputs:
+def own_views(x: Inputs) -> Inputs:
     """Fresh leaves over the shared buffers: each contender sets requires_grad on its own views."""
     d = (lambda t: None if t is None else t.detach())
     return Inputs(d(x.student), d(x.teacher), x.labels, x.advantages, x.old_logprobs, d(x.student_buf),
@@ -141,7 +142,7 @@ def _own_views(x: Inputs) -> Inputs:
 
 
 def _timed_mode(runner, m: str, e: Entry, w: Workload, cfg: GridConfig, st_out: dict) -> None:
-    step = (lambda: worker._step(runner, m))
+    step = (lambda: worker.run_step(runner, m))
     timing.sync(cfg.device)
     t0 = time.perf_counter()
     out = step()
@@ -168,7 +169,7 @@ def run_case(e: Entry, w: Workload, shared: Tuple[Inputs, Inputs], gate: dict, c
     if not deadline.allows(need):
         return {**res, "status": "skipped", "reason": deadline.reason(need)}
     plain, liger = shared
-    inp = _own_views(liger if contenders.layout(e.name) == "liger" else plain)
+    inp = own_views(liger if contenders.layout(e.name) == "liger" else plain)
     stage = "setup"
     try:
         runner = e.factory()(inp, w)
@@ -183,7 +184,7 @@ def run_case(e: Entry, w: Workload, shared: Tuple[Inputs, Inputs], gate: dict, c
         if cfg.profile_fn and cfg.profile_shape == (w.N, w.V) and res["modes"] and deadline.allows(need):
             stage = "profile"
             try:
-                res["profile"] = cfg.profile_fn(lambda: worker._step(runner, "fwd+bwd"), cfg.device)
+                res["profile"] = cfg.profile_fn(lambda: worker.run_step(runner, "fwd+bwd"), cfg.device)
             except Exception as ex:  # noqa: BLE001 -- a profiler problem must not lose the timings
                 if timing.is_oom(ex):
                     raise

@@ -2,7 +2,7 @@
 
 Rows, each on the same inputs (student + teacher hidden states, one LM-head weight, RLSD with lam = 0.5):
 - ``eager``:       ``z = h @ W.T`` (student, with grad) and ``th @ W.T`` (teacher), then the eager reference loss
-                   (``rlsd_kernels.reference.rlsd_loss``: full-vocabulary log_softmax, gather, PPO, autograd);
+                   (``rlsd_kernels.reference.rlsd_loss_eager``: full-vocabulary log_softmax, gather, PPO, autograd);
 - ``logits_op``:   the same explicit matmuls, then our fused logits-level op ``rlsd_kernels.rlsd_loss``;
 - ``fused_linear``: ``rlsd_kernels.rlsd_linear_loss(h, W, ..., teacher_hidden=th)``: logits never materialised.
 
@@ -79,7 +79,7 @@ def _case(row: str, shape: str, dtype_name: str, device: str, reps: int) -> dict
             z = h @ w.T
             with torch.no_grad():
                 zt = th @ w.T
-            fn = reference.rlsd_loss if row == "eager" else rlsd_kernels.rlsd_loss
+            fn = reference.rlsd_loss_eager if row == "eager" else rlsd_kernels.rlsd_loss
             return fn(z, zt, labels, adv, **kw).loss
 
         def fwd():

@@ -111,7 +111,7 @@ def launch_sweep(w, shared, backend: str, device: torch.device, deadline, copy_b
     from rlsd_kernels import token_logprobs
 
     from . import contenders
-    from .grid import _own_views
+    from .grid import own_views
 
     try:
         from rlsd_kernels.backends import triton_launch as tl
@@ -128,12 +128,12 @@ def launch_sweep(w, shared, backend: str, device: torch.device, deadline, copy_b
             if not deadline.allows(need_s):
                 row.update(status="skipped", reason=deadline.reason(need_s))
                 continue
-            inp = _own_views(plain)
+            inp = own_views(plain)
             try:
                 with tl.override(**params):
                     if op.startswith("rlsd"):
                         runner = contenders.factory(f"rlsd[{backend}]")(inp, w)
-                        step = (lambda: worker._step(runner, "fwd+bwd"))
+                        step = (lambda: worker.run_step(runner, "fwd+bwd"))
                     else:
                         def step(z=inp.student, y=inp.labels):
                             with torch.no_grad():

@@ -19,7 +19,7 @@ def add_ratios(cases: List[dict]) -> None:
                                         if em and em["peak_mem_bytes"] > 0 and st["peak_mem_bytes"] >= 0 else None)
 
 
-def _num(x: float) -> str:
+def fmt_num(x: float) -> str:
     """3 significant digits without exponents: 6190, 442, 95.3, 0.125."""
     if x >= 100:
         return f"{x:.0f}"
@@ -33,7 +33,7 @@ def _num(x: float) -> str:
 def _ms(st):
     if not st:
         return "-"
-    return f"{_num(st['median_ms'])} [{_num(st['p25_ms'])}-{_num(st['p75_ms'])}]"
+    return f"{fmt_num(st['median_ms'])} [{fmt_num(st['p25_ms'])}-{fmt_num(st['p75_ms'])}]"
 
 
 def _x(v):
@@ -41,7 +41,7 @@ def _x(v):
 
 
 def _mib(st):
-    return "-" if not st or st["peak_mem_bytes"] < 0 else _num(st["peak_mem_bytes"] / 2**20)
+    return "-" if not st or st["peak_mem_bytes"] < 0 else fmt_num(st["peak_mem_bytes"] / 2**20)
 
 
 def rows(results: dict) -> List[List[str]]:
@@ -53,7 +53,7 @@ def rows(results: dict) -> List[List[str]]:
             out.append([f"{c['N']}x{c['V']}", c["contender"], c["status"]] + ["-"] * 6)
             continue
         last = fb or f
-        bw = f"{_num(last['achieved_gbps'])} GB/s" if last else "-"
+        bw = f"{fmt_num(last['achieved_gbps'])} GB/s" if last else "-"
         if last and last.get("bw_frac") is not None:
             bw += f" ({100 * last['bw_frac']:.0f}%)"
         out.append([
@@ -112,7 +112,7 @@ def markdown(results: dict) -> str:
            ]
     if d.get("peak_bw_bytes_per_s"):
         out.append(f"- peak bandwidth used for % BW: {d['peak_bw_bytes_per_s'] / 1e12:.2f} TB/s; bytes moved: "
-                   "fwd 2*N*V*itemsize, fwd+bwd 4*N*V*itemsize (SPEC section 8)")
+                   "fwd 2*N*V*itemsize, fwd+bwd 4*N*V*itemsize (docs/math.md section 8)")
     if d["type"] == "cpu":
         out.append(f"- torch threads: {results['host'].get('torch_threads')}, cpu count {results['host'].get('cpu_count')}")
     out += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]

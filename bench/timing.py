@@ -11,7 +11,7 @@ memory above the inputs, the device's copy bandwidth, and out-of-memory handling
   what was allocated before it (the inputs and anything else alive). On CPU there is no allocator statistic:
   ``None``.
 - :func:`copy_bandwidth`: a large device-to-device ``copy_``, bytes read + written over the median time; the
-  roofline of SPEC section 8 (an H200 gives ~4273 GB/s, not the datasheet's 4.8 TB/s).
+  roofline of docs/math.md section 8 (an H200 gives ~4273 GB/s, not the datasheet's 4.8 TB/s).
 """
 from __future__ import annotations
 

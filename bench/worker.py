@@ -116,14 +116,15 @@ def _reference_chunks(inp, w: Workload):
             t1 = min(T, t0 + rows)
             zs = inp.student[b:b + 1, t0:t1].detach().float().requires_grad_(True)
             adv = inp.advantages[b:b + 1] if inp.advantages.dim() == 1 else inp.advantages[b:b + 1, t0:t1]
-            out = reference.rlsd_loss(zs, inp.teacher[b:b + 1, t0:t1].detach().float(), inp.labels[b:b + 1, t0:t1],
-                                      adv, inp.old_logprobs[b:b + 1, t0:t1],
-                                      lam=w.lam, loss_agg_mode="sum", norm=float(w.N))
+            out = reference.rlsd_loss_eager(zs, inp.teacher[b:b + 1, t0:t1].detach().float(),
+                                            inp.labels[b:b + 1, t0:t1], adv, inp.old_logprobs[b:b + 1, t0:t1],
+                                            lam=w.lam, loss_agg_mode="sum", norm=float(w.N))
             (g,) = torch.autograd.grad(out.loss, zs)
             yield b, t0, t1, g[0], float(out.loss.detach())
 
 
-def check(runner, inp, w: Workload) -> dict:
+def check_runner(runner, inp, w: Workload) -> dict:
+    """``{ok, ...}``: the runner's loss and gradient against the float32 reference on the same inputs."""
     tol = TOL[w.dtype]
     loss = runner.loss()
     (grad,) = torch.autograd.grad(loss, runner.leaf)
@@ -158,7 +159,8 @@ def _stats(ms):
             "max_ms": max(ms), "reps": len(ms)}
 
 
-def _step(runner, mode):
+def run_step(runner, mode):
+    """One timed step of ``runner``: the loss (``"fwd"``), or the loss and its gradient (``"fwd+bwd"``)."""
     loss = runner.loss()
     if mode == "fwd+bwd":
         (g,) = torch.autograd.grad(loss, runner.leaf)
@@ -175,7 +177,7 @@ def time_mode(runner, mode, reps, device) -> dict:
             flush.zero_()
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
-            out = _step(runner, mode)
+            out = run_step(runner, mode)
             e.record()
             del out
             evs.append((s, e))
@@ -185,7 +187,7 @@ def time_mode(runner, mode, reps, device) -> dict:
     else:
         for _ in range(reps):
             t0 = time.perf_counter()
-            out = _step(runner, mode)
+            out = run_step(runner, mode)
             ms.append((time.perf_counter() - t0) * 1e3)
             del out
     return _stats(ms)
@@ -217,7 +219,7 @@ def run_case(spec: dict) -> dict:
         if name == "compile":
             torch._dynamo.config.cache_size_limit = max(8, torch._dynamo.config.cache_size_limit)
         if contenders.split(name)[0] == "rlsd[cpp]":  # build / load the extension before any baseline
-            from rlsd_kernels.backends import cpp
+            from rlsd_kernels.backends.logits import cpp
             cpp.available()
         probe = MemProbe(device)
         inp = make_inputs(w, contenders.layout(name))
@@ -226,7 +228,7 @@ def run_case(spec: dict) -> dict:
         runner = contenders.factory(name)(inp, w)
         stage = "check"
         t0 = time.perf_counter()
-        res["check"] = check(runner, inp, w)
+        res["check"] = check_runner(runner, inp, w)
         res["check"]["seconds"] = time.perf_counter() - t0
         if not res["check"]["ok"]:
             res.update(status="wrong", reason="loss or gradient differs from the float32 reference; not timed")
@@ -237,11 +239,11 @@ def run_case(spec: dict) -> dict:
         stage = "warmup"
         for _ in range(max(0, spec.get("warmup", 2))):
             for m in modes:
-                _step(runner, m)
+                run_step(runner, m)
         for m in modes:
             stage = f"memory/{m}"
             probe.start()
-            out = _step(runner, m)
+            out = run_step(runner, m)
             peak = probe.peak()
             del out
             stage = f"timing/{m}"

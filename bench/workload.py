@@ -1,4 +1,4 @@
-"""Benchmark inputs and the byte model of SPEC section 8.
+"""Benchmark inputs and the byte model of docs/math.md section 8.
 
 Inputs for one shape ``(N, V)``, laid out as ``[B, T, V]`` with ``B = seqs`` sequences of ``T = N / B`` tokens:
 
@@ -56,7 +56,8 @@ class Workload:
         return torch.empty((), dtype=self.dtype).element_size()
 
     def bytes_moved(self, mode: str) -> int:
-        """SPEC 8: fwd reads z_S and z_T once; fwd+bwd also re-reads z_S and writes the gradient once."""
+        """docs/math.md section 8: fwd reads z_S and z_T once; fwd+bwd also re-reads z_S and writes the gradient
+        once."""
         k = 2 if mode == "fwd" else 4
         return k * self.N * self.V * self.itemsize
 

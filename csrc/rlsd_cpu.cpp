@@ -1,4 +1,4 @@
-// C++ CPU backend of the fused RLSD log-prob pass (SPEC sections 3-4).
+// C++ CPU backend of the fused RLSD log-prob pass (docs/math.md sections 3-4).
 //
 // forward:  one pass over each row's vocabulary, reading the student and (optionally) the teacher chunk by chunk
 //           with an online (running max, running sum) log-sum-exp for each, picking up the target logits and,

@@ -1,6 +1,6 @@
 """rlsd-kernels: the fused RLSD (Self-Distilled RLVR) loss.
 
-``rlsd_loss`` / ``RLSDLoss`` / ``token_logprobs`` are the public API (SPEC section 5);
+``rlsd_loss`` / ``RLSDLoss`` / ``token_logprobs`` are the public API (docs/math.md section 5);
 ``rlsd_linear_loss`` / ``token_logprobs_linear`` take hidden states and the LM-head weight instead of logits;
 ``rlsd_kernels.reference`` holds the eager ground truth.
 """

@@ -1,4 +1,4 @@
-"""Public API of the fused op (SPEC section 5): ``rlsd_loss``, ``RLSDLoss``, ``token_logprobs``."""
+"""Public API of the fused op (docs/math.md section 5): ``rlsd_loss``, ``RLSDLoss``, ``token_logprobs``."""
 from __future__ import annotations
 
 

@@ -11,6 +11,9 @@ A backend is *forced* by the ``forced`` argument (the trainer's ``--backend``), 
 naming where it was forced, before any work. Automatic choice: CUDA -> Triton; CPU -> Triton under
 ``TRITON_INTERPRET=1`` (how CI runs the kernels without a GPU) when ``interpreter_ok``, else C++, else (no
 compiler) the eager reference over row blocks.
+
+:func:`get_backend`, :func:`get_loss_backend` and :func:`get_linear_backend` turn that choice into the module that
+implements it (``backends/logits/``, ``backends/linear/``); no other module maps a backend name to a module.
 """
 from __future__ import annotations
 
@@ -24,6 +27,15 @@ import torch
 BACKENDS = ("triton", "cpp", "reference")
 LINEAR_BACKENDS = ("triton", "chunked")
 _forced: Optional[str] = None
+# (op, backend name) -> the module that implements it: the only place a backend name becomes a module
+_MODULES = {
+    ("logits", "triton"): ".backends.logits.triton",
+    ("logits", "cpp"): ".backends.logits.cpp",
+    ("logits", "reference"): ".backends.logits.eager",
+    ("loss", "triton"): ".backends.logits.triton_loss",
+    ("linear", "triton"): ".backends.linear.triton",
+    ("linear", "chunked"): ".backends.linear.chunked",
+}
 
 
 def _check(name: str, source: str) -> str:
@@ -61,9 +73,7 @@ def interpreter_on() -> bool:
 
 
 def _cpp_available() -> bool:
-    from .backends import cpp
-
-    return cpp.available()
+    return importlib.import_module(_MODULES["logits", "cpp"], __package__).available()
 
 
 def _forced_backend(forced: Optional[str], source: str):
@@ -120,9 +130,21 @@ def select_backend(device, *, op: str = "logits", dtype=None, forced: Optional[s
 
 
 def get_backend(device):
-    """The logits backend module for tensors on ``device`` (see backends/__init__.py for its interface)."""
-    name = select_backend(device)
-    return importlib.import_module(f".backends.{'triton_kernels' if name == 'triton' else name}", __package__)
+    """The logits backend module for tensors on ``device`` (see backends/logits/__init__.py for its interface)."""
+    return importlib.import_module(_MODULES["logits", select_backend(device)], __package__)
+
+
+def get_loss_backend(device):
+    """The module of the whole fused loss for tensors on ``device`` (``backends/logits/triton_loss.py``), or None
+    when the logits backend has none (the CPU backends: ``ops/fused_loss.py`` composes their forward/backward)."""
+    if select_backend(device) != "triton":
+        return None
+    return importlib.import_module(_MODULES["loss", "triton"], __package__)
+
+
+def get_linear_backend(device, dtype=None):
+    """The fused-linear backend module for tensors of ``device``/``dtype`` (see backends/linear/__init__.py)."""
+    return importlib.import_module(_MODULES["linear", select_backend(device, op="linear", dtype=dtype)], __package__)
 
 
 def chunk_backend(device) -> str:

@@ -40,7 +40,7 @@ def rlsd_linear_loss(student_hidden, lm_head_weight, labels, advantages, old_log
     ``[V, H]`` (the tied input embedding works), differentiable; lm_head_bias: ``[V]`` or None. The teacher is
     given as ``teacher_hidden`` (``[..., H]``, projected with the SAME weight and bias in the same tile pass, never
     differentiated) or as per-token ``teacher_logprobs`` (e.g. from :func:`token_logprobs_linear` with the
-    teacher's own LM head); neither is plain GRPO. All other arguments as in ``rlsd_loss`` (SPEC section 5).
+    teacher's own LM head); neither is plain GRPO. All other arguments as in ``rlsd_loss`` (docs/math.md section 5).
     """
     h = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index)
     check_hyper(h)

@@ -1,4 +1,4 @@
-"""Eager PyTorch reference of the RLSD loss (SPEC sections 2, 2b and 3): the single source of truth.
+"""Eager PyTorch reference of the RLSD loss (docs/math.md sections 2, 2b and 3): the single source of truth.
 
 Every fused backend is tested against these functions evaluated in float64. They are also the "eager baseline"
 of the benchmarks: full-vocabulary ``log_softmax`` for student and teacher, gather, weights, PPO loss, autograd.
@@ -18,7 +18,7 @@ from ._output import RLSDOutput
 from .hyper import Hyper
 from .loss import aggregate, loss_from_logprobs
 
-__all__ = ["rlsd_loss", "token_logprobs", "opsd_loss"]
+__all__ = ["rlsd_loss_eager", "token_logprobs_eager", "opsd_loss"]
 
 
 # ----------------------------------------------------------------------------------------------- log-probs
@@ -46,9 +46,10 @@ def _eager_logprobs(logits, labels_flat, temperature, ignore_index, compute_dtyp
     return logp, entropy
 
 
-def token_logprobs(logits, labels, temperature: float = 1.0, return_entropy: bool = False, *,
-                   ignore_index: int = -100, compute_dtype: Optional[torch.dtype] = None):
-    """Log-prob of ``labels`` under ``softmax(logits / temperature)``; 0 where ``labels == ignore_index``."""
+def token_logprobs_eager(logits, labels, temperature: float = 1.0, return_entropy: bool = False, *,
+                         ignore_index: int = -100, compute_dtype: Optional[torch.dtype] = None):
+    """Eager :func:`rlsd_kernels.token_logprobs`: log-prob of ``labels`` under ``softmax(logits / temperature)``; 0
+    where ``labels == ignore_index``. ``compute_dtype`` as in :func:`rlsd_loss_eager`."""
     check_scoring(logits, labels, temperature, ignore_index)
     logp, ent = _eager_logprobs(logits, labels.reshape(-1).long(), temperature, ignore_index,
                                 _compute_dtype(logits, compute_dtype), return_entropy)
@@ -57,11 +58,11 @@ def token_logprobs(logits, labels, temperature: float = 1.0, return_entropy: boo
 
 
 # ------------------------------------------------------------------------------------------ full losses
-def rlsd_loss(student_logits, teacher_logits, labels, advantages, old_logprobs=None, mask=None, *,
-              teacher_logprobs=None, lam=1.0, eps_w=0.2, clip_low=0.2, clip_high=0.28, clip_dual=3.0,
-              loss_type="ppo", loss_agg_mode="token", norm=None, cu_seqlens=None, temperature=1.0,
-              ignore_index=-100, return_entropy=False, inplace_backward=False,
-              compute_dtype: Optional[torch.dtype] = None) -> RLSDOutput:
+def rlsd_loss_eager(student_logits, teacher_logits, labels, advantages, old_logprobs=None, mask=None, *,
+                    teacher_logprobs=None, lam=1.0, eps_w=0.2, clip_low=0.2, clip_high=0.28, clip_dual=3.0,
+                    loss_type="ppo", loss_agg_mode="token", norm=None, cu_seqlens=None, temperature=1.0,
+                    ignore_index=-100, return_entropy=False, inplace_backward=False,
+                    compute_dtype: Optional[torch.dtype] = None) -> RLSDOutput:
     """Eager RLSD loss with the signature of :func:`rlsd_kernels.rlsd_loss`.
 
     ``compute_dtype`` picks the dtype of the full-vocabulary log_softmax (default: float32, or float64 for
@@ -86,7 +87,7 @@ OPSD_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 def opsd_loss(student_logits, teacher_logits, labels, mask=None, *, divergence="forward_kl", beta=0.5,
               clip=None, loss_agg_mode="token", norm=None, cu_seqlens=None, temperature=1.0, ignore_index=-100):
-    """Pure on-policy self-distillation (SPEC section 2b): per-token divergence of full distributions.
+    """Pure on-policy self-distillation (docs/math.md section 2b): per-token divergence of full distributions.
 
     Gradient flows only into ``student_logits``. Returns ``(loss, per_token_divergence)``.
     """

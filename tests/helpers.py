@@ -1,5 +1,5 @@
-"""Shared test utilities: the backends a test runs on (each with its device), input generators and the SPEC
-section 7 accuracy check."""
+"""Shared test utilities: the backends a test runs on (each with its device), input generators and the
+accuracy check of docs/math.md section 7."""
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +13,8 @@ from torch.overrides import TorchFunctionMode
 import rlsd_kernels
 from rlsd_kernels import dispatch, reference
 
-F32_RTOL, F32_ATOL = 1e-5, 1e-6  # SPEC section 7, float32 inputs
-LOW_PREC_SLACK = 1e-3  # SPEC section 7, bf16/fp16: eager-in-dtype error + 1e-3
+F32_RTOL, F32_ATOL = 1e-5, 1e-6  # docs/math.md section 7, float32 inputs
+LOW_PREC_SLACK = 1e-3  # docs/math.md section 7, bf16/fp16: eager-in-dtype error + 1e-3
 
 
 # ------------------------------------------------------------------------------------- backends and devices
@@ -55,7 +55,7 @@ def backend_params(*, cuda: bool, interpret: bool, triton: bool, cpp: bool):
 
 def machine_backends():
     """:func:`backend_params` of this machine, read at call time (tests monkeypatch what it reads)."""
-    from rlsd_kernels.backends import cpp
+    from rlsd_kernels.backends.logits import cpp
 
     return backend_params(cuda=torch.cuda.is_available(), interpret=dispatch.interpreter_on(),
                           triton=importlib.util.find_spec("triton") is not None, cpp=cpp.available())
@@ -162,7 +162,7 @@ def make_inputs(B=2, T=5, V=37, dtype=torch.float32, seed=0, scale=3.0, device=N
     old_lp = None
     if old:
         with torch.no_grad():
-            lp = reference.token_logprobs(s.double(), labels.clamp(min=0))
+            lp = reference.token_logprobs_eager(s.double(), labels.clamp(min=0))
         old_lp = (lp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64, device=cpu)).float()
     to = lambda x: x.to(device=device, dtype=dtype)  # noqa: E731
     return dict(
@@ -206,11 +206,11 @@ def max_err(a, b):
 
 
 def assert_matches_reference(inputs, grad=True, **kw):
-    """Fused op vs float64 reference with SPEC section 7 tolerances; returns the fused output."""
+    """Fused op vs float64 reference with the tolerances of docs/math.md section 7; returns the fused output."""
     dtype = inputs["student_logits"].dtype
     out, g = run_loss(rlsd_kernels.rlsd_loss, inputs, grad=grad, **kw)
     kw_ref = {k: v for k, v in kw.items() if k != "inplace_backward"}
-    ref, g_ref = run_loss(reference.rlsd_loss, as64(inputs), grad=grad, **kw_ref)
+    ref, g_ref = run_loss(reference.rlsd_loss_eager, as64(inputs), grad=grad, **kw_ref)
     pairs = [("loss", out.loss, ref.loss), ("logprobs", out.logprobs, ref.logprobs),
              ("weights", out.weights, ref.weights)]
     if ref.teacher_logprobs is not None:
@@ -224,7 +224,7 @@ def assert_matches_reference(inputs, grad=True, **kw):
             assert a.dtype == (torch.float32 if name != "grad" else dtype)
             torch.testing.assert_close(a.double(), b.double(), rtol=F32_RTOL, atol=F32_ATOL, msg=lambda m: f"{name}: {m}")
     else:
-        eager, g_eager = run_loss(reference.rlsd_loss, inputs, grad=grad, compute_dtype=dtype, **kw_ref)
+        eager, g_eager = run_loss(reference.rlsd_loss_eager, inputs, grad=grad, compute_dtype=dtype, **kw_ref)
         epairs = {"loss": eager.loss, "logprobs": eager.logprobs, "weights": eager.weights,
                   "teacher_logprobs": eager.teacher_logprobs, "entropy": eager.entropy, "grad": g_eager}
         for name, a, b in pairs:

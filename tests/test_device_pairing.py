@@ -16,7 +16,7 @@ import torch
 import helpers
 from helpers import Backend, DeviceTrapError, backend_params, linear_params, make_inputs, running_on
 from rlsd_kernels import dispatch, rlsd_loss
-from rlsd_kernels.backends import cpp
+from rlsd_kernels.backends.logits import cpp
 from rlsd_kernels.linear import linear_backend
 
 TESTS = pathlib.Path(__file__).resolve().parent

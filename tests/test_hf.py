@@ -59,8 +59,8 @@ def _logits_path(model, bt, **kw):
         tsel = (bt["teacher_response_mask"][:, 1:] != 0) & (bt["teacher_attention_mask"][:, 1:] != 0)
         aligned = torch.zeros_like(logits[:, :-1])
         aligned[sel] = tl[:, :-1][tsel]
-    return reference.rlsd_loss(logits[:, :-1].double(), aligned.double(), bt["input_ids"][:, 1:],
-                               bt["advantages"], None, sel, **kw), sel
+    return reference.rlsd_loss_eager(logits[:, :-1].double(), aligned.double(), bt["input_ids"][:, 1:],
+                                     bt["advantages"], None, sel, **kw), sel
 
 
 def _grads(model):
@@ -111,7 +111,7 @@ def test_hf_helper_teacher_copy_and_errors():
     with torch.no_grad():
         tl = teacher(input_ids=bt["teacher_input_ids"], attention_mask=bt["teacher_attention_mask"]).logits
     tsel = (bt["teacher_response_mask"][:, 1:] != 0) & (bt["teacher_attention_mask"][:, 1:] != 0)
-    want = reference.token_logprobs(tl[:, :-1], bt["teacher_input_ids"][:, 1:])[tsel]
+    want = reference.token_logprobs_eager(tl[:, :-1], bt["teacher_input_ids"][:, 1:])[tsel]
     sel = (bt["response_mask"][:, 1:] != 0) & (bt["attention_mask"][:, 1:] != 0)
     torch.testing.assert_close(out.teacher_logprobs[sel], want, rtol=1e-5, atol=1e-5)
     bad = dict(tkw, teacher_response_mask=torch.roll(bt["teacher_response_mask"], 1, 1))
@@ -144,8 +144,8 @@ def test_hf_helper_left_padded_with_position_ids():
         tsel = (bt["teacher_response_mask"][:, 1:] != 0) & (bt["teacher_attention_mask"][:, 1:] != 0)
         aligned = torch.zeros_like(logits[:, :-1])
         aligned[sel] = tl[:, :-1][tsel]
-    ref = reference.rlsd_loss(logits[:, :-1].double(), aligned.double(), bt["input_ids"][:, 1:], bt["advantages"],
-                              None, sel, lam=0.5)
+    ref = reference.rlsd_loss_eager(logits[:, :-1].double(), aligned.double(), bt["input_ids"][:, 1:],
+                                    bt["advantages"], None, sel, lam=0.5)
     out = rlsd_linear_loss_hf(model, bt["input_ids"], bt["attention_mask"], bt["response_mask"], bt["advantages"],
                               teacher_input_ids=bt["teacher_input_ids"],
                               teacher_attention_mask=bt["teacher_attention_mask"],

@@ -4,7 +4,7 @@ import torch
 
 import rlsd_kernels
 from rlsd_kernels import reference, rlsd_linear_loss, token_logprobs_linear
-from rlsd_kernels.backends import linear_chunked
+from rlsd_kernels.backends.linear import chunked
 from rlsd_kernels.linear import linear_backend
 
 from conftest import BACKENDS, DEVICE
@@ -53,7 +53,7 @@ def _truth(inp, **kw):
     zt = None
     if inp["th"] is not None:
         zt = (inp["th"].double() @ w.T + (b if b is not None else 0.0)).detach()
-    out = reference.rlsd_loss(z, zt, inp["labels"], inp["adv"].double(), inp["old"], inp["mask"], **kw)
+    out = reference.rlsd_loss_eager(z, zt, inp["labels"], inp["adv"].double(), inp["old"], inp["mask"], **kw)
     out.loss.backward()
     return out, [None if x is None else x.grad for x in (h, w, b)]
 
@@ -112,7 +112,7 @@ def test_loss_variants_with_old_logprobs(path, kw):
     g = torch.Generator().manual_seed(5)
     # off-policy: old log-probs near the current ones so that some tokens clip and some do not
     z = inp["h"] @ inp["w"].T + inp["b"]
-    cur = reference.token_logprobs(z, inp["labels"], temperature=kw.get("temperature", 1.0))
+    cur = reference.token_logprobs_eager(z, inp["labels"], temperature=kw.get("temperature", 1.0))
     inp["old"] = (cur + randn(*cur.shape, generator=g, dtype=cur.dtype, device=path.device, scale=0.3)).float()
     ref, ref_g = _truth(inp, **kw)
     out, got_g = _fused(inp, torch.float32, **kw)
@@ -130,8 +130,8 @@ def test_low_precision_within_eager_error(path, dtype):
     # truth: float64 on the same (rounded) inputs; eager: logits computed in `dtype`, then the eager loss
     ref, ref_g = _truth(q, lam=0.7)
     h, w, b = (_leaf(q[k]) for k in ("h", "w", "b"))
-    eager = reference.rlsd_loss(h @ w.T + b, (q["th"] @ w.T + b).detach(), q["labels"], q["adv"], None, q["mask"],
-                                lam=0.7)
+    eager = reference.rlsd_loss_eager(h @ w.T + b, (q["th"] @ w.T + b).detach(), q["labels"], q["adv"], None,
+                                      q["mask"], lam=0.7)
     eager.loss.backward()
     eager_g = [x.grad for x in (h, w, b)]
     out, got_g = _fused(q, dtype, lam=0.7)
@@ -143,7 +143,7 @@ def test_low_precision_within_eager_error(path, dtype):
     assert err(out.logprobs, ref.logprobs) <= err(eager.logprobs, ref.logprobs) + 1e-3
     for got, ea, want in zip(got_g, eager_g, ref_g):
         assert got.dtype == dtype
-        assert err(got, want) <= err(ea, want) + 1e-3  # SPEC section 7 (absolute, as tests/helpers.py)
+        assert err(got, want) <= err(ea, want) + 1e-3  # docs/math.md section 7 (absolute, as tests/helpers.py)
         # and, stricter, relative to the gradient's scale: at most twice eager's error + 1e-3
         scale = want.abs().max().item()
         assert err(got, want) / scale <= 2 * err(ea, want) / scale + 1e-3
@@ -165,7 +165,7 @@ def test_tied_embeddings(path):
         if fused:
             loss = rlsd_linear_loss(hid, e, labels, adv).loss
         else:
-            loss = reference.rlsd_loss(hid @ e.T, None, labels, adv.double()).loss
+            loss = reference.rlsd_loss_eager(hid @ e.T, None, labels, adv.double()).loss
         loss.backward()
         return loss, e.grad
 
@@ -178,7 +178,7 @@ def test_tied_embeddings(path):
 def test_token_logprobs_linear(path):
     inp = _inputs(path.device, seed=4, teacher=False)
     h, w, b = (_leaf(inp[k]) for k in ("h", "w", "b"))
-    want, want_ent = reference.token_logprobs(h @ w.T + b, inp["labels"], 0.8, True)
+    want, want_ent = reference.token_logprobs_eager(h @ w.T + b, inp["labels"], 0.8, True)
     weights = torch.linspace(-1, 1, want.numel(), dtype=torch.float64, device=path.device).view(want.shape)
     (want * weights).sum().backward()
     want_g = [x.grad for x in (h, w, b)]
@@ -214,8 +214,8 @@ def test_frozen_head_and_no_bias(path):
 
 def test_chunked_many_chunks(monkeypatch):
     """Several chunks (the budget shrunk to 3 rows), including float32 accumulation of a bf16 weight gradient."""
-    monkeypatch.setattr(linear_chunked, "CHUNK_BUDGET_BYTES", 3 * 4 * V)
-    assert linear_chunked.rows_per_chunk(1000, V) == 3
+    monkeypatch.setattr(chunked, "CHUNK_BUDGET_BYTES", 3 * 4 * V)
+    assert chunked.rows_per_chunk(1000, V) == 3
     host = linear_params(BACKENDS)[0]  # the chunked route, over the C++ (else reference) backend on CPU
     with running_on(host):
         inp = _inputs(host.device, seed=7)
@@ -296,7 +296,7 @@ def test_gpu_real_size_memory(V_):
     # accuracy spot check against eager on a slice of rows
     idx = torch.arange(0, N, 64, device=dev)
     z = (h.detach()[idx].float() @ w.detach().float().T)
-    want = reference.token_logprobs(z, labels[idx])
+    want = reference.token_logprobs_eager(z, labels[idx])
     torch.testing.assert_close(out.logprobs[idx], want, rtol=0, atol=2e-2)
 
 
@@ -332,6 +332,6 @@ def test_opcheck():
 
 def test_chunk_rows_scale_with_the_batch():
     # scratch stays a small fraction of the logits it replaces: at most 1/64 of the rows (>= 16) and <= 64 MiB
-    assert linear_chunked.rows_per_chunk(4096, 32000) == 64
-    assert linear_chunked.rows_per_chunk(100, 32000) == 16
-    assert linear_chunked.rows_per_chunk(1 << 20, 151936) == linear_chunked.CHUNK_BUDGET_BYTES // (4 * 151936)
+    assert chunked.rows_per_chunk(4096, 32000) == 64
+    assert chunked.rows_per_chunk(100, 32000) == 16
+    assert chunked.rows_per_chunk(1 << 20, 151936) == chunked.CHUNK_BUDGET_BYTES // (4 * 151936)

@@ -1,4 +1,4 @@
-"""The eager reference against an independent scalar transcription of SPEC sections 2, 2b and 3."""
+"""The eager reference against an independent scalar transcription of docs/math.md sections 2, 2b and 3."""
 import math
 
 import pytest
@@ -9,7 +9,7 @@ from rlsd_kernels import reference
 
 
 def spec_token_loss(lp_s, lp_t, old, A, lam, eps_w, clip_low, clip_high, clip_dual, loss_type):
-    """SPEC section 2 for one token, in plain Python floats. Returns (loss_t, d loss_t / d logp_S, g)."""
+    """docs/math.md section 2 for one token, in plain Python floats. Returns (loss_t, d loss_t / d logp_S, g)."""
     if lp_t is None:
         g = 1.0
     else:
@@ -44,7 +44,7 @@ def test_reference_matches_scalar_spec(loss_type, lam, teacher):
     inputs["advantages"][0, :3] = 0.0  # sign(0) = 0 -> w = 1
     hp = dict(lam=lam, eps_w=0.2, clip_low=0.2, clip_high=0.28, clip_dual=3.0, loss_type=loss_type)
     s = inputs["student_logits"].clone().requires_grad_()
-    out = reference.rlsd_loss(**dict(inputs, student_logits=s), **hp)
+    out = reference.rlsd_loss_eager(**dict(inputs, student_logits=s), **hp)
     (grad,) = torch.autograd.grad(out.loss, s)
 
     lp_s = torch.log_softmax(s.detach(), -1).gather(-1, inputs["labels"][..., None]).squeeze(-1)
@@ -60,7 +60,7 @@ def test_reference_matches_scalar_spec(loss_type, lam, teacher):
         losses.append(l), coefs.append(c), gs.append(g)
     assert out.loss.item() == pytest.approx(sum(losses) / n, rel=1e-12, abs=1e-12)
     torch.testing.assert_close(out.weights.flatten(), torch.tensor(gs, dtype=torch.float64))
-    # SPEC section 3: d loss / d z = a_t * c_t * (onehot - softmax)
+    # docs/math.md section 3: d loss / d z = a_t * c_t * (onehot - softmax)
     p = torch.softmax(s.detach(), -1)
     onehot = torch.nn.functional.one_hot(inputs["labels"], 11).double()
     expect = (torch.tensor(coefs, dtype=torch.float64).reshape(3, 8, 1) / n) * (onehot - p)
@@ -75,18 +75,18 @@ def test_reference_gradcheck():
     s = inputs["student_logits"].clone().requires_grad_()
     for agg, norm in (("token", None), ("seq", None), ("sum", 3.0)):
         torch.autograd.gradcheck(
-            lambda x: reference.rlsd_loss(**dict(inputs, student_logits=x), lam=0.0, loss_agg_mode=agg, norm=norm,
-                                          temperature=0.7).loss, (s,))
+            lambda x: reference.rlsd_loss_eager(**dict(inputs, student_logits=x), lam=0.0, loss_agg_mode=agg,
+                                                norm=norm, temperature=0.7).loss, (s,))
 
 
 def test_lam_zero_is_grpo_and_weight_semantics():
     inputs = make_inputs(B=2, T=4, V=13, dtype=torch.float64, seed=3)
-    a = reference.rlsd_loss(**inputs, lam=0.0)
-    b = reference.rlsd_loss(**dict(inputs, teacher_logits=None), lam=0.7)
+    a = reference.rlsd_loss_eager(**inputs, lam=0.0)
+    b = reference.rlsd_loss_eager(**dict(inputs, teacher_logits=None), lam=0.7)
     torch.testing.assert_close(a.loss, b.loss)
     assert torch.all(a.weights == 1.0)
     # the teacher only rescales: with lam = 1 and eps_w = 0.2 every weight lies in [0.8, 1.2]
-    c = reference.rlsd_loss(**inputs, lam=1.0)
+    c = reference.rlsd_loss_eager(**inputs, lam=1.0)
     assert c.weights.min() >= 0.8 - 1e-12 and c.weights.max() <= 1.2 + 1e-12
     # positive advantage: a token the teacher likes more (delta > 0) gets a larger weight, and vice versa
     delta = c.teacher_logprobs - c.logprobs
@@ -115,7 +115,7 @@ def test_opsd_divergences(divergence):
         expect_grad = None
     torch.testing.assert_close(d, expect_d)
     (grad,) = torch.autograd.grad(loss, s)
-    if expect_grad is not None:  # SPEC 2b gradients, divided by the 6 tokens of the token mean
+    if expect_grad is not None:  # docs/math.md section 2b gradients, divided by the 6 tokens of the token mean
         torch.testing.assert_close(grad, expect_grad / 6)
     # identical distributions: zero divergence
     z, _ = reference.opsd_loss(t.clone(), t, labels, divergence=divergence)

@@ -1,24 +1,11 @@
-"""Backends of the fused log-prob pass. Each module exposes the same two functions:
+"""Backends: the implementations behind the ``torch.library`` ops, chosen by ``rlsd_kernels.dispatch``.
 
-``forward(student, teacher, labels, temperature, ignore_index, want_entropy)``
-    ``student``/``teacher``: ``[B, T, V]`` strided views (teacher may be None, and may split the same
-    ``B*T`` rows differently, e.g. ``[1, B*T]`` when only one of them is contiguous), ``labels``: int64 ``[B*T]``.
-    Returns float32 ``[B*T]`` vectors ``(logp_s, logp_t | None, lse_s, entropy | None)`` where
-    ``lse_s = logsumexp(student / temperature)`` and log-probs are 0 at ``ignore_index`` labels.
+- ``logits/``: backends that take ``[B, T, V]`` logits (the vocabulary pass of ``rlsd_loss`` / ``token_logprobs``):
+  ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1``; also the fused loss ``triton_loss``), ``cpp`` (C++ CPU
+  extension) and ``eager`` (the eager reference over row blocks, backend name ``"reference"``).
+- ``linear/``: backends that take hidden states and the LM-head weight (``rlsd_linear_loss``): ``triton`` (GEMM tiles,
+  logits never materialised) and ``chunked`` (row chunks through the logits op).
 
-``backward(grad_logp, student, labels, lse, temperature, out)``
-    Writes ``grad_logp[r] * (onehot(labels[r]) - softmax(student[r] / T)) / T`` into ``out`` (``[B, T, V]``,
-    the dtype of ``student``; ``out`` may be ``student`` itself for the in-place backward). Rows whose label is
-    ``ignore_index`` have ``grad_logp = 0`` and so get a zero gradient without the backward knowing the index.
+Shared by the Triton kernels of both: ``triton_common`` (helpers), ``triton_epilogue`` (the per-row loss epilogue)
+and ``triton_launch`` (launch parameters).
 """
-
-import torch
-
-
-def alloc_row_outputs(n: int, device, has_teacher: bool, want_entropy: bool):
-    """The float32 ``[n]`` outputs of a forward: ``(logp_s, logp_t | None, lse_s, entropy | None)``."""
-    logp_s = torch.empty(n, dtype=torch.float32, device=device)
-    lse_s = torch.empty_like(logp_s)
-    logp_t = torch.empty_like(logp_s) if has_teacher else None
-    ent = torch.empty_like(logp_s) if want_entropy else None
-    return logp_s, logp_t, lse_s, ent

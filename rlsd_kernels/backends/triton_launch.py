@@ -42,13 +42,13 @@ from __future__ import annotations
 import contextlib
 
 LAUNCH = {
-    # forward stats pass: one program per row, BLOCK_V columns per step of the online log-sum-exp
+    # forward stats pass (logits/triton.py): one program per row, BLOCK_V columns per step of the online log-sum-exp
     "fwd_block_v": 4096,
     "fwd_warps": 4,
     # gradient pass: 2-D grid (row, chunk of BLOCK_V columns)
     "bwd_block_v": 2048,
     "bwd_warps": 4,
-    # fused loss (triton_loss.py): programs walk rows (persistent: ``loss_l2_budget_mib`` > 0 bounds the rows in
+    # fused loss (logits/triton_loss.py): programs walk rows (persistent: ``loss_l2_budget_mib`` > 0 bounds the rows in
     # flight so that their student rows stay in L2 until the gradient sweep re-reads them, never fewer than
     # loss_min_programs_per_sm per SM; 0 = one program per row). The table above: one program per row.
     "loss_block_v": 4096,

@@ -7,8 +7,8 @@ materialised, with its backward op, fake kernels and autograd (the twin of ``fus
 - ``fused_linear_logprobs_backward(grad_logp, hidden, weight, bias?, labels, lse, temperature, need_hidden,
   need_weight, need_bias) -> (d_hidden, d_weight, d_bias)`` (empty tensors for gradients not asked).
 
-The implementation is ``dispatch.select_backend(op="linear")``'s: ``backends/triton_linear.py`` or
-``backends/linear_chunked.py``.
+The implementation is the module ``dispatch.get_linear_backend`` picks: ``backends/linear/triton.py`` or
+``backends/linear/chunked.py``.
 """
 from __future__ import annotations
 
@@ -22,21 +22,11 @@ from .. import dispatch
 _EMPTY = (0,)
 
 
-def _impl(device, dtype):
-    if dispatch.select_backend(device, op="linear", dtype=dtype) == "triton":
-        from ..backends import triton_linear
-
-        return triton_linear
-    from ..backends import linear_chunked
-
-    return linear_chunked
-
-
 @torch.library.custom_op("rlsd_kernels::fused_linear_logprobs", mutates_args=())
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_hidden: Optional[Tensor],
                           labels: Tensor, temperature: float, ignore_index: int, want_entropy: bool
                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = _impl(hidden.device, hidden.dtype)
+    impl = dispatch.get_linear_backend(hidden.device, hidden.dtype)
     logp_s, logp_t, lse, ent = impl.forward(hidden, weight, bias, teacher_hidden, labels.to(torch.int64).contiguous(),
                                             temperature, ignore_index, want_entropy)
     empty = logp_s.new_empty(_EMPTY)
@@ -54,7 +44,7 @@ def _(hidden, weight, bias, teacher_hidden, labels, temperature, ignore_index, w
 def fused_linear_logprobs_backward(grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                                    labels: Tensor, lse: Tensor, temperature: float, need_hidden: bool,
                                    need_weight: bool, need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    impl = _impl(hidden.device, hidden.dtype)
+    impl = dispatch.get_linear_backend(hidden.device, hidden.dtype)
     dh, dw, db = impl.backward(grad_logp, hidden, weight, bias, labels.to(torch.int64).contiguous(), lse,
                                temperature, need_hidden, need_weight, need_bias and bias is not None)
     empty = hidden.new_empty(_EMPTY)

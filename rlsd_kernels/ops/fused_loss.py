@@ -9,9 +9,9 @@ buffer is allocated: the backward writes the gradient into the student logits fr
 A gradient formed in the forward can be consumed once: a second backward through the same graph
 (``retain_graph=True``) raises.
 
-Backends (``dispatch.select_backend``): Triton runs ``backends/triton_loss.py`` (three kernels); the CPU backends run
-their vocabulary pass, the O(N) algebra of ``loss.py`` in eager torch (cheap next to the pass on a CPU) and their
-gradient sweep.
+Backends (``dispatch.get_loss_backend``): Triton runs ``backends/logits/triton_loss.py`` (three kernels); the CPU
+backends (``dispatch.get_backend``) run their vocabulary pass, the O(N) algebra of ``loss.py`` in eager torch (cheap
+next to the pass on a CPU) and their gradient sweep.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from .. import loss as loss_math
 from .._inputs import token_seq_ids
 from .._layout import as_rows3d
 from .. import dispatch
-from ..dispatch import get_backend, select_backend
+from ..dispatch import get_backend, get_loss_backend
 from ..hyper import Hyper
 from .fused_logprobs import fused_logprobs_backward_inplace
 
@@ -80,11 +80,10 @@ def fused_rlsd_loss(student: Tensor, teacher: Optional[Tensor], teacher_logprobs
     h = _hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index)
     write_grad = want_grad and not inplace
     shape = labels.shape
-    if select_backend(student.device) == "triton":
-        from ..backends import triton_loss
-
+    fused = get_loss_backend(student.device)
+    if fused is not None:
         grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if write_grad else None
-        loss, logp_s, logp_t, g, ent, metrics, errors, lse, coef = triton_loss.fused_loss(
+        loss, logp_s, logp_t, g, ent, metrics, errors, lse, coef = fused.fused_loss(
             as_rows3d(student), as_rows3d(teacher) if teacher is not None else None, teacher_logprobs,
             labels.contiguous(), advantages.contiguous(), adv_per_seq,
             None if old_logprobs is None else old_logprobs.contiguous(),
@@ -116,10 +115,9 @@ def _(student, teacher, teacher_logprobs, labels, advantages, old_logprobs, mask
 @torch.library.custom_op("rlsd_kernels::scale_grad_", mutates_args=("grad",))
 def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
     """``grad *= grad_output`` (a 0-d tensor) without a host sync on CUDA, free when grad_output is 1."""
-    if select_backend(grad.device) == "triton":
-        from ..backends import triton_loss
-
-        triton_loss.scale_(grad, grad_output)
+    fused = get_loss_backend(grad.device)
+    if fused is not None:
+        fused.scale_(grad, grad_output)
     elif grad_output.item() != 1.0:  # CPU: reading the scalar costs nothing
         grad.mul_(grad_output.to(grad.dtype))
 

@@ -53,7 +53,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    # RLSD (SPEC section 2): lam schedule = warm-up 0 -> lam, then linear decay to 0 over lam_decay_steps
+    # RLSD (docs/math.md section 2): lam schedule = warm-up 0 -> lam, then linear decay to 0 over lam_decay_steps
     lam: float = 0.5
     lam_warmup_steps: int = 0
     lam_decay_steps: int = 50

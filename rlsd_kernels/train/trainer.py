@@ -1,4 +1,4 @@
-"""The reference RLSD / GRPO / OPSD trainer: one optimizer step per rollout batch (SPEC sections 2 and 2b).
+"""The reference RLSD / GRPO / OPSD trainer: one optimizer step per rollout batch (docs/math.md sections 2 and 2b).
 
 Settings and their validation live in ``config.py``, checkpoint files in ``checkpoint.py``; this module is the
 loop: warm start, rollouts, the loss, evaluation, checkpoints and outputs.

@@ -8,9 +8,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from rlsd_kernels.backends import triton_kernels as tk
-from rlsd_kernels.backends import triton_loss as tloss
-from rlsd_kernels.backends import triton_linear as tlin
+from rlsd_kernels.backends.linear import triton as tlin
+from rlsd_kernels.backends.logits import triton as tk
+from rlsd_kernels.backends.logits import triton_loss as tloss
 from rlsd_kernels.backends.triton_launch import LAUNCH
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -39,35 +39,36 @@ def main():
         sig = {"S": PTR[dt], "TCH": PTR[dt], "LABELS": "*i64", "LOGP_S": "*fp32", "LOGP_T": "*fp32", "LSE_S": "*fp32",
                "ENT": "*fp32", "seq_len": "i64", "t_seq_len": "i64", "V": "i32", "s_sb": "i64", "s_st": "i64",
                "s_sv": "i64", "t_sb": "i64", "t_st": "i64", "t_sv": "i64", "inv_temp": "fp32", "ignore_index": "i64"}
-        compile_one(f"fused_logprobs_fwd[{dt}]", tk._fused_logprobs_fwd, sig,
+        compile_one(f"fused_logprobs_fwd[{dt}]", tk.KERNELS["fused_logprobs_fwd"], sig,
                     {"HAS_TEACHER": teacher, "WANT_ENT": ent, "CONTIG": contig, "BLOCK_V": LAUNCH["fwd_block_v"]},
                     LAUNCH["fwd_warps"])
     for dt, contig in itertools.product(("bf16", "fp32"), (True, False)):
         sig = {"S": PTR[dt], "OUT": PTR[dt], "GRAD": "*fp32", "LABELS": "*i64", "LSE": "*fp32", "seq_len": "i64",
                "V": "i32", "s_sb": "i64", "s_st": "i64", "s_sv": "i64", "o_sb": "i64", "o_st": "i64", "o_sv": "i64",
                "inv_temp": "fp32"}
-        compile_one(f"fused_logprobs_bwd[{dt}]", tk._fused_logprobs_bwd, sig,
+        compile_one(f"fused_logprobs_bwd[{dt}]", tk.KERNELS["fused_logprobs_bwd"], sig,
                     {"CONTIG": contig, "BLOCK_V": LAUNCH["bwd_block_v"]}, LAUNCH["bwd_warps"])
     compile_fused_loss()
     common = {"N": "i64", "V": "i64", "H": "i64", "s_hn": "i64", "s_hh": "i64", "s_wv": "i64", "s_wh": "i64"}
     for dt, teacher, bias, ent in itertools.product(("bf16", "fp32"), (True, False), (True, False), (True, False)):
-        b, w = blocks(tlin._FWD)
+        b, w = blocks(tlin.TILES["linear_fwd"])
         sig = {"HS": PTR[dt], "HT": PTR[dt], "W": PTR[dt], "BIAS": PTR[dt], "LABELS": "*i64", "LOGP_S": "*fp32",
                "LOGP_T": "*fp32", "LSE_S": "*fp32", "ENT": "*fp32", "N": "i64", "V": "i64", "H": "i64",
                "s_hn": "i64", "s_hh": "i64", "t_hn": "i64", "t_hh": "i64", "s_wv": "i64", "s_wh": "i64",
                "inv_temp": "fp32", "ignore_index": "i64"}
-        compile_one(f"linear_fwd[{dt}]", tlin._linear_fwd, sig,
+        compile_one(f"linear_fwd[{dt}]", tlin.KERNELS["linear_fwd"], sig,
                     {"HAS_TEACHER": teacher, "HAS_BIAS": bias, "WANT_ENT": ent, "DOT_F32": False, **b}, w)
     for dt, bias in itertools.product(("bf16", "fp32"), (True, False)):
-        b, w = blocks(tlin._BWD_DH)
+        b, w = blocks(tlin.TILES["linear_bwd_dh"])
         sig = {"HS": PTR[dt], "W": PTR[dt], "BIAS": PTR[dt], "LABELS": "*i64", "GRAD": "*fp32", "LSE": "*fp32",
                "DH": "*fp32", **common, "inv_temp": "fp32"}
-        compile_one(f"linear_bwd_dh[{dt}]", tlin._linear_bwd_dh, sig, {"HAS_BIAS": bias, "DOT_F32": False, **b}, w)
-        b, w = blocks(tlin._BWD_DW)
+        compile_one(f"linear_bwd_dh[{dt}]", tlin.KERNELS["linear_bwd_dh"], sig,
+                    {"HAS_BIAS": bias, "DOT_F32": False, **b}, w)
+        b, w = blocks(tlin.TILES["linear_bwd_dw"])
         sig = {"HS": PTR[dt], "W": PTR[dt], "BIAS": PTR[dt], "LABELS": "*i64", "GRAD": "*fp32", "LSE": "*fp32",
                "DW": "*fp32", "DB": "*fp32", **common, "inv_temp": "fp32"}
         for want_dw, want_db in ((True, bias), (False, bias)):
-            compile_one(f"linear_bwd_dw[{dt}]", tlin._linear_bwd_dw, sig,
+            compile_one(f"linear_bwd_dw[{dt}]", tlin.KERNELS["linear_bwd_dw"], sig,
                         {"HAS_BIAS": bias, "WANT_DW": want_dw, "WANT_DB": want_db, "DOT_F32": False, **b}, w)
 
 
@@ -80,7 +81,7 @@ def compile_fused_loss():
         sig = {"LABELS": "*i64", "MASK": mask_dt, "CU": "*i32", "ADV": "*fp32", "AGG": "*fp32", "ADV_ROW": "*fp32",
                "SEQ_CNT": "*fp32", "ERR": "*i64", "N": "i64", "V": "i32", "T": "i64", "num_seqs": "i64",
                "ignore_index": "i64", "inv_norm": "fp32"}
-        compile_one("loss_prologue", tloss._prologue, sig,
+        compile_one("loss_prologue", tloss.KERNELS["prologue"], sig,
                     {"HAS_MASK": has_mask, "HAS_CU": cu, "AGG_MODE": agg, "ADV_PER_SEQ": per_seq,
                      "BLOCK": LAUNCH["prologue_block"], "BLOCK_S": 16, "BLOCK_T": LAUNCH["prologue_tile_t"]},
                     LAUNCH["small_warps"])
@@ -96,15 +97,17 @@ def compile_fused_loss():
                "s_sb": "i64", "s_st": "i64", "s_sv": "i64", "t_sb": "i64", "t_st": "i64", "t_sv": "i64",
                "g_sb": "i64", "g_st": "i64", "g_sv": "i64", "inv_temp": "fp32", "ignore_index": "i64",
                "lam": "fp32", "eps_w": "fp32", "log_lo": "fp32", "log_hi": "fp32", "clip_dual": "fp32"}
-        compile_one(f"loss_rows[{dt}]", tloss._loss_rows, sig,
+        compile_one(f"loss_rows[{dt}]", tloss.KERNELS["loss_rows"], sig,
                     {"TEACHER": teacher, "HAS_OLD": has_old, "WANT_ENT": want_ent, "CISPO": cispo,
                      "WRITE_GRAD": write_grad, "CONTIG": contig, "BLOCK_V": LAUNCH["loss_block_v"],
                      "PREFETCH": (teacher + has_old) % 2 == 1},
                     LAUNCH["loss_warps"])
-    compile_one("loss_finalize", tloss._finalize, {"PARTS": "*fp32", "LOSS": "*fp32", "METRICS": "*fp32", "N": "i64"},
+    compile_one("loss_finalize", tloss.KERNELS["finalize"],
+                {"PARTS": "*fp32", "LOSS": "*fp32", "METRICS": "*fp32", "N": "i64"},
                 {"BLOCK": LAUNCH["finalize_block"], "K": 16}, LAUNCH["small_warps"])
     for dt in ("bf16", "fp32"):
-        compile_one(f"scale_grad[{dt}]", tloss._scale_grad, {"GRAD": PTR[dt], "GOUT": "*fp32", "numel": "i64"},
+        compile_one(f"scale_grad[{dt}]", tloss.KERNELS["scale_grad"],
+                    {"GRAD": PTR[dt], "GOUT": "*fp32", "numel": "i64"},
                     {"BLOCK": LAUNCH["scale_block"]}, 8)
 
 

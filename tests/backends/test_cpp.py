@@ -1,4 +1,4 @@
-"""The C++ CPU backend against the float64 reference (SPEC section 7), at the backend interface and through
+"""The C++ CPU backend against the float64 reference (docs/math.md section 7), at the backend interface and through
 ``rlsd_loss``. Skipped when the extension cannot be built (no compiler)."""
 import warnings
 
@@ -8,7 +8,7 @@ import torch
 from rlsd_kernels import reference as R
 from rlsd_kernels import rlsd_loss
 from rlsd_kernels._layout import as_rows3d
-from rlsd_kernels.backends import cpp
+from rlsd_kernels.backends.logits import cpp
 from rlsd_kernels.dispatch import select_backend, force_backend
 
 pytestmark = pytest.mark.skipif(not cpp.available(), reason="C++ backend could not be built")
@@ -32,28 +32,28 @@ def _labels(shape, V, seed=1, ignore_every=5):
 
 def _ref_forward(x, labels, temperature):
     """float64 log-probs, entropy and lse of x [..., V]."""
-    lp, ent = R.token_logprobs(x.double(), labels, temperature, True, ignore_index=IGN)
+    lp, ent = R.token_logprobs_eager(x.double(), labels, temperature, True, ignore_index=IGN)
     lse = torch.logsumexp(x.double() / temperature, -1)
     return lp.reshape(-1), ent.reshape(-1), lse.reshape(-1)
 
 
 def _eager_err(x, labels, temperature, ref):
-    """Error of eager PyTorch run in x's dtype: the yardstick for bf16/fp16 (SPEC section 7)."""
-    lp = R.token_logprobs(x, labels, temperature, ignore_index=IGN, compute_dtype=x.dtype).reshape(-1)
+    """Error of eager PyTorch run in x's dtype: the yardstick for bf16/fp16 (docs/math.md section 7)."""
+    lp = R.token_logprobs_eager(x, labels, temperature, ignore_index=IGN, compute_dtype=x.dtype).reshape(-1)
     return (lp.double() - ref).abs().max().item()
 
 
 def _ref_grad(x, labels, grad_logp, temperature):
     """float64 autograd of sum(grad_logp * logp) w.r.t. the logits."""
     x64 = x.detach().double().requires_grad_(True)
-    lp = R.token_logprobs(x64, labels, temperature, ignore_index=IGN)
+    lp = R.token_logprobs_eager(x64, labels, temperature, ignore_index=IGN)
     (lp.reshape(-1) * grad_logp.double()).sum().backward()
     return x64.grad
 
 
 def _eager_grad_err(x, labels, grad_logp, temperature, ref):
     xe = x.detach().clone().requires_grad_(True)
-    lp = R.token_logprobs(xe, labels, temperature, ignore_index=IGN, compute_dtype=x.dtype)
+    lp = R.token_logprobs_eager(xe, labels, temperature, ignore_index=IGN, compute_dtype=x.dtype)
     (lp.reshape(-1) * grad_logp.to(x.dtype)).sum().backward()
     return (xe.grad.double() - ref).abs().max().item()
 
@@ -297,7 +297,7 @@ def test_rlsd_loss_through_cpp_backend(dtype, inplace):
     teacher = _gen(B, T, V, scale=2.0, seed=7).to(dtype)
     lab = _labels((B, T), V, ignore_every=7)
     adv = torch.tensor([1.0, -0.5, 0.0])
-    old = R.token_logprobs(full[:, :-1].double(), lab, 0.9, ignore_index=IGN).float() + 0.05
+    old = R.token_logprobs_eager(full[:, :-1].double(), lab, 0.9, ignore_index=IGN).float() + 0.05
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, -2:] = False
     kw = dict(lam=0.7, temperature=0.9, ignore_index=IGN)
@@ -314,7 +314,7 @@ def test_rlsd_loss_through_cpp_backend(dtype, inplace):
         grad = x.detach()  # the gradient was written into the logits buffer itself
 
     x64 = full[:, :-1].double().requires_grad_(True)
-    ref = R.rlsd_loss(x64, teacher.double(), lab, adv, old, mask, return_entropy=True, **kw)
+    ref = R.rlsd_loss_eager(x64, teacher.double(), lab, adv, old, mask, return_entropy=True, **kw)
     ref.loss.backward()
     if dtype == torch.float32:
         torch.testing.assert_close(out.loss.double(), ref.loss, rtol=1e-5, atol=1e-6)
@@ -323,7 +323,7 @@ def test_rlsd_loss_through_cpp_backend(dtype, inplace):
         torch.testing.assert_close(grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
     else:
         xe = full[:, :-1].clone().requires_grad_(True)
-        eager = R.rlsd_loss(xe, teacher, lab, adv, old, mask, compute_dtype=dtype, **kw)
+        eager = R.rlsd_loss_eager(xe, teacher, lab, adv, old, mask, compute_dtype=dtype, **kw)
         eager.loss.backward()
         assert abs(out.loss.item() - ref.loss.item()) <= abs(eager.loss.item() - ref.loss.item()) + 1e-3
         assert (grad.double() - x64.grad).abs().max() <= (xe.grad.double() - x64.grad).abs().max() + 1e-3

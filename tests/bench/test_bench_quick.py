@@ -75,9 +75,9 @@ def test_check_rejects_a_wrong_contender():
 
     w = Workload(N=32, V=700, dtype=torch.bfloat16, device=torch.device("cpu"), seqs=4, lam=0.5)
     inp = make_inputs(w)
-    assert worker.check(contenders.factory("eager")(inp, w), inp, w)["ok"]
+    assert worker.check_runner(contenders.factory("eager")(inp, w), inp, w)["ok"]
     r = contenders.factory("eager")(make_inputs(w), Workload(**{**w.__dict__, "lam": 0.45}))
-    assert not worker.check(r, inp, w)["ok"]
+    assert not worker.check_runner(r, inp, w)["ok"]
     inp = make_inputs(w)
     r = contenders.factory("eager")(inp, w)
 
@@ -87,7 +87,7 @@ def test_check_rejects_a_wrong_contender():
         return g
 
     r.grad_view = off
-    assert not worker.check(r, inp, w)["ok"]
+    assert not worker.check_runner(r, inp, w)["ok"]
 
 
 def test_liger_adapter_matches_reference():
@@ -104,7 +104,7 @@ def test_liger_adapter_matches_reference():
         for lam in (0.0, 0.5, 1.0):
             w = Workload(N=64, V=1000, dtype=dtype, device=dev, seqs=4, lam=lam)
             inp = make_inputs(w, "liger")
-            res = worker.check(contenders.factory("liger")(inp, w), inp, w)
+            res = worker.check_runner(contenders.factory("liger")(inp, w), inp, w)
             assert res["ok"], (dtype, lam, res)
 
 

@@ -26,7 +26,7 @@ def _env():
 
 
 def _cpp_or_skip():
-    from rlsd_kernels.backends import cpp
+    from rlsd_kernels.backends.logits import cpp
 
     if not cpp.available():
         pytest.skip("the C++ backend is not available here")
@@ -117,11 +117,11 @@ def test_deadline_skips_with_time_reason():
     past = timing.Deadline(time.time() - 1)
     cases = grid.run_shape(16, 50, plan, _ok_gate(*plan), cfg, past)
     assert [c["status"] for c in cases] == ["skipped"] and cases[0]["reason"].startswith("time")
-    assert gpu_report._status(cases[0]) == "skipped (time)"
+    assert gpu_report.status_cell(cases[0]) == "skipped (time)"
     # a check that was skipped for time shows the same way at every shape
     gated = grid.run_case(plan[0], cfg.workload(16, 50), None, {"status": "skipped", "reason": past.reason(5)}, cfg,
                           timing.Deadline(None))
-    assert gpu_report._status(gated) == "skipped (time)"
+    assert gpu_report.status_cell(gated) == "skipped (time)"
     from bench import linear
 
     rows = linear.run_in_process("16x8x50", "float32", "cpu", 1, deadline=past, log=lambda s: None)
@@ -278,7 +278,7 @@ def test_cli_past_deadline_skips_every_stage_and_still_writes(tmp_path):
     (path,) = tmp_path.glob("gpu-check-cpu-*.json")
     res = json.loads(path.read_text())
     assert res["checks"] and all(c["status"] == "skipped" and c["reason"].startswith("time") for c in res["checks"])
-    assert res["cases"] and all(gpu_report._status(c) == "skipped (time)" for c in res["cases"])
+    assert res["cases"] and all(gpu_report.status_cell(c) == "skipped (time)" for c in res["cases"])
     assert all(r["status"] == "skipped" for r in res["linear"])
     assert "skipped (time)" in proc.stdout and proc.stdout.strip().splitlines()[-1].startswith("total wall")
 

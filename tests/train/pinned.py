@@ -5,7 +5,7 @@ from rlsd_kernels.train.config import TrainConfig
 
 
 def train_backend():
-    from rlsd_kernels.backends import cpp
+    from rlsd_kernels.backends.logits import cpp
 
     return "cpp" if cpp.available() else "reference"
 

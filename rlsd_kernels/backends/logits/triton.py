@@ -1,4 +1,4 @@
-"""Triton backend: the vocabulary-chunked forward and backward of SPEC section 4.
+"""Triton backend: the vocabulary-chunked forward and backward of docs/math.md section 4.
 
 Forward: one program per row walks the vocabulary once in ``BLOCK_V`` chunks, reading the student and the teacher
 chunk together and keeping an online (running max, running sum) log-sum-exp for each and, when asked, the running
@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from . import alloc_row_outputs
-from .triton_common import check_device, lse_chunk, row_pointer, unit_vocab_stride
-from .triton_launch import LAUNCH
+from ..triton_common import check_device, lse_chunk, row_pointer, unit_vocab_stride
+from ..triton_launch import LAUNCH
 
 # Launch parameters live in triton_launch.LAUNCH (read at call time), with the measurements behind them.
 
@@ -159,3 +159,7 @@ def backward(grad_logp, student, labels, lse, temperature, out):
         1.0 / temperature,
         CONTIG=unit_vocab_stride(student, out), BLOCK_V=block, num_warps=LAUNCH["bwd_warps"],
     )
+
+
+# Every kernel of this module by name, for the ahead-of-time compile test (tests/backends/aot_compile.py).
+KERNELS = {"fused_logprobs_fwd": _fused_logprobs_fwd, "fused_logprobs_bwd": _fused_logprobs_bwd}

@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import check_device, lse_chunk, row_pointer, unit_vocab_stride
-from .triton_epilogue import evidence_weight, policy_terms
-from .triton_launch import LAUNCH
+from ..triton_common import check_device, lse_chunk, row_pointer, unit_vocab_stride
+from ..triton_epilogue import evidence_weight, policy_terms
+from ..triton_launch import LAUNCH
 
 AGG_CODES = {"token": 0, "seq": 1, "sum": 2}
 N_ROWSTATS = 9  # loss, clipped, dual, -log_ratio, w_low, w_high, delta, g, valid (rows of the partials buffer)
@@ -199,7 +199,7 @@ def _loss_rows(
             x = x.to(tl.float32) * inv_temp
             m_new, shift, alpha, p = lse_chunk(m_s, d_s, x)
             if WANT_ENT:
-                # running sum of p * (x - max), relative to the running max (see triton_kernels.py)
+                # running sum of p * (x - max), relative to the running max (see backends/logits/triton.py)
                 e_s = alpha * (e_s + tl.where(d_s == 0.0, 0.0, m_s - shift) * d_s) + \
                     tl.sum(p * tl.where(p > 0, x - shift, 0.0), axis=0)
             d_s = d_s * alpha + tl.sum(p, axis=0)
@@ -305,6 +305,8 @@ def _scale_grad(GRAD, GOUT, numel, BLOCK: tl.constexpr):
 
 
 # ------------------------------------------------------------------------------------------------ host side
+# Every kernel of this module by name, for the ahead-of-time compile test (tests/backends/aot_compile.py).
+KERNELS = {"prologue": _prologue, "loss_rows": _loss_rows, "finalize": _finalize, "scale_grad": _scale_grad}
 _SM_COUNT = {}
 
 

@@ -3,14 +3,14 @@
 Shapes: ``hidden [N, H]`` (any strides), ``weight [V, H]`` (any strides; tied input embeddings work), optional
 ``bias [V]``, optional ``teacher [N, H]`` (teacher hidden states, projected with the SAME weight/bias), ``labels``
 int64 ``[N]``. Everything is accumulated in float32; ``tl.dot`` runs with ``input_precision="ieee"`` so float32
-inputs are not silently rounded to TF32 (SPEC section 7 asks 1e-5 relative for float32).
+inputs are not silently rounded to TF32 (docs/math.md section 7 asks 1e-5 relative for float32).
 
 Forward (``_linear_fwd``), grid ``(cdiv(N, BLOCK_N),)``: a program owns ``BLOCK_N`` rows and walks the vocabulary in
 ``BLOCK_V`` tiles. Each logit tile ``[BLOCK_N, BLOCK_V]`` is ``sum_k hidden[:, k-tile] @ weight[v-tile, k-tile]^T``
 over ``BLOCK_H`` slices of the hidden dimension; with a teacher, the teacher's tile is formed from the SAME loaded
 weight tile (one weight read serves both). The finished tile is merged into a per-row online log-sum-exp (running
 max, running sum), the target logit and, when asked, the running sum of ``p * x`` for the entropy, exactly like the
-logits-level kernel (``triton_kernels.py``). Outputs are O(N): ``logp_s, logp_t, lse_s, entropy``.
+logits-level kernel (``backends/logits/triton.py``). Outputs are O(N): ``logp_s, logp_t, lse_s, entropy``.
 
 Backward: ``dlogits = coef * (onehot - p) / T`` with ``p = exp(x / T - lse)`` is recomputed tile by tile in
 registers, never written. Reduction strategy (deterministic, no atomics): two kernels, each owning its output.
@@ -30,7 +30,7 @@ the returned gradients themselves), O(N) row statistics; nothing of size ``N x V
 Offsets: row offsets ``row * stride`` and vocabulary offsets ``col * stride`` are formed in int64 (``N * H`` and
 ``V * H`` exceed 2^31 at real sizes); offsets along H stay int32.
 
-float64 inputs are not served here (``tl.dot`` would accumulate in float32): the dispatcher (``linear.py``) sends
+float64 inputs are not served here (``tl.dot`` would accumulate in float32): the dispatcher (``dispatch.py``) sends
 them to the token-chunked path.
 """
 from __future__ import annotations
@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import alloc_row_outputs
-from .triton_common import check_device
+from ..logits import alloc_row_outputs
+from ..triton_common import check_device
 
 # Launch parameters: untuned starting points (no GPU was available when this was written; see bench/linear.py).
 # BLOCK_N x BLOCK_V logit tiles of 64 x 128 float32 = 32 KiB of accumulator per program (two with a teacher), the
@@ -145,7 +145,7 @@ def _linear_fwd(
             tgt_t += tl.sum(tl.where(is_tgt, y, 0.0), axis=1)
             m_t = mt_new
 
-    # logp = (x_y - m) - log d (not x_y - lse): exact cancellation for large logits, as in triton_kernels.py
+    # logp = (x_y - m) - log d (not x_y - lse): exact cancellation for large logits, as in backends/logits/triton.py
     log_d = tl.log(d_s)
     lse_s = m_s + log_d
     ignored = label == ignore_index
@@ -290,3 +290,9 @@ def backward(grad_logp, hidden, weight, bias, labels, lse, temperature, need_hid
         )
     return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype))
+
+
+# Every kernel of this module by name with its compiled-mode tiles, for the ahead-of-time compile test
+# (tests/backends/aot_compile.py).
+KERNELS = {"linear_fwd": _linear_fwd, "linear_bwd_dh": _linear_bwd_dh, "linear_bwd_dw": _linear_bwd_dw}
+TILES = {"linear_fwd": _FWD, "linear_bwd_dh": _BWD_DH, "linear_bwd_dw": _BWD_DW}

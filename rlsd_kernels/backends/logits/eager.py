@@ -35,7 +35,7 @@ def _lse_target(block, labels, temperature, ignore_index):
     ignored = labels == ignore_index
     idx = torch.where(ignored, 0, labels).clamp(0, x.shape[-1] - 1)
     tgt = x.gather(1, idx[:, None]).squeeze(1)
-    # (x_y - m) - log d keeps float32 accuracy at large |logits| (see triton_kernels.py)
+    # (x_y - m) - log d keeps float32 accuracy at large |logits| (see backends/logits/triton.py)
     return x, m, log_d, torch.where(ignored, 0.0, (tgt - m) - log_d)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import alloc_row_outputs
+from ..logits import alloc_row_outputs
 
 # 64 MiB of float32 logits per chunk: large enough for efficient GEMMs, small next to any real model.
 CHUNK_BUDGET_BYTES = 64 * 1024 * 1024
@@ -32,7 +32,7 @@ def rows_per_chunk(N: int, V: int) -> int:
 
 def _logits_backend(device):
     """Run the chunks on ``dispatch.chunk_backend`` (never the Triton interpreter)."""
-    from .. import dispatch
+    from ... import dispatch
 
     return dispatch.force_backend(dispatch.chunk_backend(device))
 
@@ -44,7 +44,7 @@ def _chunks(n: int, V: int):
 
 
 def forward(hidden, weight, bias, teacher, labels, temperature, ignore_index, want_entropy):
-    from .. import ops
+    from ... import ops
 
     N = hidden.shape[0]
     V = weight.shape[0]
@@ -67,7 +67,7 @@ def forward(hidden, weight, bias, teacher, labels, temperature, ignore_index, wa
 
 
 def backward(grad_logp, hidden, weight, bias, labels, lse, temperature, need_hidden, need_weight, need_bias):
-    from .. import ops
+    from ... import ops
 
     N = hidden.shape[0]
     V = weight.shape[0]

@@ -7,7 +7,7 @@ another's binary. The build happens once per process (thread-safe) and once per 
 concurrent processes wait for a single build). If there is no compiler or the build fails, :func:`available`
 returns False after a single warning and the dispatcher falls back to the reference backend.
 
-Pre-build (e.g. in a Docker image): ``python -m rlsd_kernels.backends.cpp --build``.
+Pre-build (e.g. in a Docker image): ``python -m rlsd_kernels.backends.logits.cpp --build``.
 Environment: ``RLSD_CPP_NATIVE=0`` builds without ``-march=native`` (portable binary, slower);
 ``RLSD_CPP_VERBOSE=1`` shows the compiler output; ``RLSD_CPP_THP=0`` stops the backward from advising transparent huge
 pages for a fresh gradient buffer (fewer page faults on its first write; see csrc/rlsd_cpu.cpp).
@@ -33,12 +33,12 @@ _error: Optional[str] = None
 
 def source_dir() -> Path:
     """``csrc/`` of a source checkout, or ``rlsd_kernels/csrc`` of an installed package (setup.py maps it)."""
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "csrc", here.parent.parent / "csrc"):
+    package = Path(__file__).resolve().parents[2]  # rlsd_kernels/ (this file is rlsd_kernels/backends/logits/cpp.py)
+    for cand in (package / "csrc", package.parent / "csrc"):
         if (cand / _SOURCE).is_file():
             return cand
-    raise FileNotFoundError(f"{_SOURCE} not found next to the package ({here.parent / 'csrc'}) "
-                            f"or in the source checkout ({here.parent.parent / 'csrc'})")
+    raise FileNotFoundError(f"{_SOURCE} not found in the package ({package / 'csrc'}) "
+                            f"or in the source checkout ({package.parent / 'csrc'})")
 
 
 def _cpu_signature() -> str:
