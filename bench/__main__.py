@@ -4,7 +4,7 @@ Examples::
 
     python -m bench --quick                                   # seconds on CPU: small shapes, every contender
     python -m bench --device cpu --n 1024,4096 --v 32000,151936
-    python -m bench --device cuda                             # the full section 8 grid, bf16 (see bench/gpu_sweep.sh)
+    python -m bench --device cuda                             # the full section 8 grid, bf16, one process per case (on a GPU prefer bash bench/gpu_check.sh)
 
 Each (contender, shape) case runs in a fresh subprocess (``bench.worker``), is first checked against the float32
 reference, then timed; results go to ``<out>/<device-slug>.{json,md,png}`` (``-fp32``/``-fp16`` appended for those dtypes, ``-quick`` for
