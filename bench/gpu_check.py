@@ -142,7 +142,7 @@ class Run:
         with self.lock:
             self.res["wall_s"] = round(time.time() - self.started, 1)
             self.json_path.write_text(json.dumps(self.res, indent=1, default=str))
-            self.md_path.write_text(gpu_report.markdown(self.res))
+            self.md_path.write_text(gpu_report.gpu_markdown(self.res))
 
     def exit_code(self) -> int:
         r = self.res

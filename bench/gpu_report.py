@@ -158,7 +158,7 @@ def _case_row(c: dict) -> List[str]:
             "-" if not fb else f"{fb['first_call_s']:.2f}"]
 
 
-def markdown(res: dict) -> str:
+def gpu_markdown(res: dict) -> str:
     d, cfg = res["device"], res["config"]
     bw = (d.get("copy_bw") or {}).get("bytes_per_s")
     out = [f"# rlsd-kernels GPU check: {d['name']}", "",

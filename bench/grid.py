@@ -161,7 +161,7 @@ def _timed_mode(runner, m: str, e: Entry, w: Workload, cfg: GridConfig, st_out: 
     st_out[m] = st
 
 
-def run_case(e: Entry, w: Workload, shared: Tuple[Inputs, Inputs], gate: dict, cfg: GridConfig, deadline) -> dict:
+def run_grid_case(e: Entry, w: Workload, shared: Tuple[Inputs, Inputs], gate: dict, cfg: GridConfig, deadline) -> dict:
     res = _base(e, w)
     if gate["status"] != "ok":
         return {**res, "status": gate["status"], "reason": f"check: {gate.get('reason')}"}
@@ -211,7 +211,7 @@ def run_shape(N: int, V: int, plan: List[Entry], gates: dict, cfg: GridConfig, d
     need = cfg.case_need_s + 1.0
     if not (runnable or hooks) or not deadline.allows(need):  # no inputs needed
         for e in plan:
-            emit(run_case(e, w, None, gates[e.name], cfg, deadline) if e not in runnable else
+            emit(run_grid_case(e, w, None, gates[e.name], cfg, deadline) if e not in runnable else
                  {**_base(e, w), "status": "skipped", "reason": deadline.reason(need)})
         return cases
     t0 = time.perf_counter()
@@ -232,7 +232,7 @@ def run_shape(N: int, V: int, plan: List[Entry], gates: dict, cfg: GridConfig, d
             for h in hooks:
                 h(w, shared)
             continue
-        c = run_case(e, w, shared, gates[e.name], cfg, deadline)
+        c = run_grid_case(e, w, shared, gates[e.name], cfg, deadline)
         c["inputs_bytes"] = 2 * shared[1].student_buf.numel() * w.itemsize
         emit(c)
     shared = None  # noqa: F841

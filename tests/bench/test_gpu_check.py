@@ -119,7 +119,7 @@ def test_deadline_skips_with_time_reason():
     assert [c["status"] for c in cases] == ["skipped"] and cases[0]["reason"].startswith("time")
     assert gpu_report.status_cell(cases[0]) == "skipped (time)"
     # a check that was skipped for time shows the same way at every shape
-    gated = grid.run_case(plan[0], cfg.workload(16, 50), None, {"status": "skipped", "reason": past.reason(5)}, cfg,
+    gated = grid.run_grid_case(plan[0], cfg.workload(16, 50), None, {"status": "skipped", "reason": past.reason(5)}, cfg,
                           timing.Deadline(None))
     assert gpu_report.status_cell(gated) == "skipped (time)"
     from bench import linear

@@ -1,4 +1,5 @@
-"""C++ CPU backend: ``csrc/rlsd_cpu.cpp`` (ATen + OpenMP, vectorised), compiled on first use and cached.
+"""C++ CPU backend: ``csrc/rlsd_cpu.cpp`` (+ ``csrc/rlsd_chunks.h``; ATen + OpenMP, vectorised), compiled on first use
+and cached.
 
 The extension is built with ``torch.utils.cpp_extension.load`` into ``$TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions``) under a name that hashes the source, the compiler flags, the torch version and the
@@ -75,7 +76,9 @@ def _ext_name(src: bytes, cflags) -> str:
 def _build_one(src: Path, cflags, ldflags):
     from torch.utils import cpp_extension
 
-    name = _ext_name(src.read_bytes(), cflags)
+    # the name hashes the source and the headers it includes (csrc/*.h), so an edit of either rebuilds
+    code = src.read_bytes() + b"".join(h.read_bytes() for h in sorted(src.parent.glob("*.h")))
+    name = _ext_name(code, cflags)
     verbose = os.environ.get("RLSD_CPP_VERBOSE", "0") == "1"
     try:
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
