@@ -23,6 +23,71 @@ def lse_chunk(m, d, x):
 
 
 @triton.jit
+def load_chunk(s_row, t_row, start, cols0, V, s_sv, t_sv, HAS_T: tl.constexpr, CONTIG: tl.constexpr,
+               KEEP_STUDENT: tl.constexpr):
+    """Student (and teacher) logits of columns ``start + cols0`` (-inf beyond V), in their own dtype. With
+    ``KEEP_STUDENT`` the student is loaded ``evict_last`` (a gradient sweep re-reads it) and the teacher
+    ``evict_first`` (read once); otherwise with the default policy."""
+    cols = start + cols0
+    inb = cols < V
+    if CONTIG:
+        s_off = cols
+        t_off = cols
+    else:
+        s_off = cols.to(tl.int64) * s_sv
+        t_off = cols.to(tl.int64) * t_sv
+    if KEEP_STUDENT:
+        x = tl.load(s_row + s_off, mask=inb, other=float("-inf"), eviction_policy="evict_last")
+    else:
+        x = tl.load(s_row + s_off, mask=inb, other=float("-inf"))
+    y = x
+    if HAS_T:
+        if KEEP_STUDENT:
+            y = tl.load(t_row + t_off, mask=inb, other=float("-inf"), eviction_policy="evict_first")
+        else:
+            y = tl.load(t_row + t_off, mask=inb, other=float("-inf"))
+    return x, y
+
+
+@triton.jit
+def row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, HAS_T: tl.constexpr, WANT_ENT: tl.constexpr,
+              CONTIG: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr, KEEP_STUDENT: tl.constexpr):
+    """One sweep over a row: the online log-sum-exp of the student logits / T (running max ``m_s`` and sum ``d_s``),
+    of the teacher's when ``HAS_T`` (``m_t``, ``d_t``), and with ``WANT_ENT`` the running ``e_s = sum exp(x - m) *
+    (x - m)`` of the entropy ``H = log d - e / d`` (relative to the running max, so that |x| ~ 1e4 loses no digit).
+    ``PREFETCH`` keeps the next chunk's loads in flight while this one is reduced (software pipelining).
+    Returns ``(m_s, d_s, e_s, m_t, d_t)``."""
+    cols0 = tl.arange(0, BLOCK_V)
+    m_s = tl.full((), float("-inf"), tl.float32)
+    d_s = tl.zeros((), tl.float32)
+    e_s = tl.zeros((), tl.float32)
+    m_t = tl.full((), float("-inf"), tl.float32)
+    d_t = tl.zeros((), tl.float32)
+    if PREFETCH:
+        x_next, y_next = load_chunk(s_row, t_row, 0, cols0, V, s_sv, t_sv, HAS_T, CONTIG, KEEP_STUDENT)
+    for start in range(0, V, BLOCK_V):
+        if PREFETCH:
+            x, y = x_next, y_next
+            x_next, y_next = load_chunk(s_row, t_row, start + BLOCK_V, cols0, V, s_sv, t_sv, HAS_T, CONTIG,
+                                        KEEP_STUDENT)
+        else:
+            x, y = load_chunk(s_row, t_row, start, cols0, V, s_sv, t_sv, HAS_T, CONTIG, KEEP_STUDENT)
+        x = x.to(tl.float32) * inv_temp
+        m_new, shift, alpha, p = lse_chunk(m_s, d_s, x)
+        if WANT_ENT:
+            e_s = alpha * (e_s + tl.where(d_s == 0.0, 0.0, m_s - shift) * d_s) + \
+                tl.sum(p * tl.where(p > 0, x - shift, 0.0), axis=0)
+        d_s = d_s * alpha + tl.sum(p, axis=0)
+        m_s = m_new
+        if HAS_T:
+            y = y.to(tl.float32) * inv_temp
+            mt_new, t_shift, t_alpha, q = lse_chunk(m_t, d_t, y)
+            d_t = d_t * t_alpha + tl.sum(q, axis=0)
+            m_t = mt_new
+    return m_s, d_s, e_s, m_t, d_t
+
+
+@triton.jit
 def clamp_nan(x, low, high):
     """``clamp`` that keeps NaN (``tl.minimum``/``maximum`` return the bound for NaN, torch.clamp keeps NaN)."""
     return tl.where(x < low, low, tl.where(x > high, high, x))

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import alloc_row_outputs
-from ..triton_common import check_device, lse_chunk, row_pointer, unit_vocab_stride
+from ..triton_common import check_device, row_pointer, row_stats, unit_vocab_stride
 from ..triton_launch import LAUNCH
 
 # Launch parameters live in triton_launch.LAUNCH (read at call time), with the measurements behind them.
@@ -38,45 +38,17 @@ def _fused_logprobs_fwd(
     # the teacher may split the same rows differently ([B, T] vs [1, B*T] when only one is contiguous)
     t_row = row_pointer(TCH, row, t_seq_len, t_sb, t_st)
     label = tl.load(LABELS + row)
-    cols0 = tl.arange(0, BLOCK_V)
-    NEG_INF: tl.constexpr = float("-inf")
     # The target logit is one masked scalar load: an out-of-range label (possible only when validation was skipped
     # under torch.compile) reads nothing instead of out of bounds.
     has_tgt = (label >= 0) & (label < V)
     lbl = tl.where(has_tgt, label, 0)
     tgt_s = tl.load(s_row + lbl * s_sv, mask=has_tgt, other=0.0).to(tl.float32) * inv_temp
 
-    m_s = tl.full((), NEG_INF, tl.float32)
-    d_s = tl.zeros((), tl.float32)
-    e_s = tl.zeros((), tl.float32)
-    m_t = tl.full((), NEG_INF, tl.float32)
-    d_t = tl.zeros((), tl.float32)
     tgt_t = tl.zeros((), tl.float32)
     if HAS_TEACHER:
         tgt_t = tl.load(t_row + lbl * t_sv, mask=has_tgt, other=0.0).to(tl.float32) * inv_temp
-    for start in range(0, V, BLOCK_V):
-        cols = start + cols0
-        inb = cols < V
-        if CONTIG:
-            s_off = cols
-            t_off = cols
-        else:
-            s_off = cols.to(tl.int64) * s_sv
-            t_off = cols.to(tl.int64) * t_sv
-        x = tl.load(s_row + s_off, mask=inb, other=NEG_INF).to(tl.float32) * inv_temp
-        m_new, shift, alpha, p = lse_chunk(m_s, d_s, x)
-        if WANT_ENT:
-            # e = sum exp(x - m) * (x - m), kept relative to the running max so that H = log d - e / d never
-            # subtracts two numbers of the size of the logits (|x| ~ 1e4 would lose every digit in float32).
-            e_s = alpha * (e_s + tl.where(d_s == 0.0, 0.0, m_s - shift) * d_s) + \
-                tl.sum(p * tl.where(p > 0, x - shift, 0.0), axis=0)
-        d_s = d_s * alpha + tl.sum(p, axis=0)
-        m_s = m_new
-        if HAS_TEACHER:
-            y = tl.load(t_row + t_off, mask=inb, other=NEG_INF).to(tl.float32) * inv_temp
-            mt_new, t_shift, t_alpha, q = lse_chunk(m_t, d_t, y)
-            d_t = d_t * t_alpha + tl.sum(q, axis=0)
-            m_t = mt_new
+    m_s, d_s, e_s, m_t, d_t = row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, HAS_TEACHER, WANT_ENT, CONTIG,
+                                        BLOCK_V, False, False)
 
     # logp = (x_y - m) - log(d) rather than x_y - (m + log d): x_y - m is exact for logits of similar size, which
     # keeps float32 log-probs accurate at |logits| ~ 1e4 where m + log(d) would round away ~1e-3.

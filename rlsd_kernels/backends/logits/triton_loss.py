@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import check_device, lse_chunk, row_pointer, unit_vocab_stride
+from ..triton_common import check_device, row_pointer, row_stats, unit_vocab_stride
 from ..triton_epilogue import evidence_weight, policy_terms
 from ..triton_launch import LAUNCH
 
@@ -33,11 +33,15 @@ N_ROWSTATS = 9  # loss, clipped, dual, -log_ratio, w_low, w_high, delta, g, vali
 
 
 @triton.jit
-def _valid_labels(lab, inb, ignore_index, V):
-    """(taking part in the loss, out of range and not ignore_index) for a block of labels."""
+def _token_flags(LABELS, MASK, r, inb, ignore_index, V, HAS_MASK: tl.constexpr):
+    """For the rows ``r`` (where ``inb``): (taking part in the loss, label out of range and not ignore_index)."""
+    lab = tl.load(LABELS + r, mask=inb, other=ignore_index).to(tl.int64)
     kept = inb & (lab != ignore_index)
     bad = kept & ((lab < 0) | (lab >= V))
-    return kept & (lab >= 0) & (lab < V), bad
+    valid = kept & (lab >= 0) & (lab < V)
+    if HAS_MASK:
+        valid = valid & (tl.load(MASK + r, mask=inb, other=0).to(tl.float32) != 0)
+    return valid, bad
 
 
 @triton.jit
@@ -52,10 +56,7 @@ def _prologue(LABELS, MASK, CU, ADV, AGG, ADV_ROW, SEQ_CNT, ERR,
     for start in range(0, N, BLOCK):
         r = start + offs
         inb = r < N
-        lab = tl.load(LABELS + r, mask=inb, other=ignore_index).to(tl.int64)
-        v, bad = _valid_labels(lab, inb, ignore_index, V)
-        if HAS_MASK:
-            v = v & (tl.load(MASK + r, mask=inb, other=0).to(tl.float32) != 0)
+        v, bad = _token_flags(LABELS, MASK, r, inb, ignore_index, V, HAS_MASK)
         count += tl.sum(v.to(tl.float32), axis=0)
         n_bad += tl.sum(bad.to(tl.int64), axis=0)
         first_bad = tl.minimum(first_bad, tl.min(tl.where(bad, r.to(tl.int64), N), axis=0))
@@ -82,10 +83,7 @@ def _prologue(LABELS, MASK, CU, ADV, AGG, ADV_ROW, SEQ_CNT, ERR,
         for start in range(0, N, BLOCK):
             r = start + offs
             inb = r < N
-            lab = tl.load(LABELS + r, mask=inb, other=ignore_index).to(tl.int64)
-            v, bad = _valid_labels(lab, inb, ignore_index, V)
-            if HAS_MASK:
-                v = v & (tl.load(MASK + r, mask=inb, other=0).to(tl.float32) != 0)
+            v, bad = _token_flags(LABELS, MASK, r, inb, ignore_index, V, HAS_MASK)
             tl.store(AGG + r, v.to(tl.float32) * scale, mask=inb)
     else:
         # Sequence-aware pass: tiles of [BLOCK_S sequences, BLOCK_T tokens]. Sequence s spans rows
@@ -114,10 +112,7 @@ def _prologue(LABELS, MASK, CU, ADV, AGG, ADV_ROW, SEQ_CNT, ERR,
                 for t0 in range(0, longest, BLOCK_T):
                     r = a[:, None] + t0 + t_offs[None, :]
                     inb = sin[:, None] & (r < b[:, None])
-                    lab = tl.load(LABELS + r, mask=inb, other=ignore_index).to(tl.int64)
-                    v, bad = _valid_labels(lab, inb, ignore_index, V)
-                    if HAS_MASK:
-                        v = v & (tl.load(MASK + r, mask=inb, other=0).to(tl.float32) != 0)
+                    v, bad = _token_flags(LABELS, MASK, r, inb, ignore_index, V, HAS_MASK)
                     vf = v.to(tl.float32)
                     if phase == 0:
                         cnt += tl.sum(vf, axis=1)
@@ -134,25 +129,6 @@ def _prologue(LABELS, MASK, CU, ADV, AGG, ADV_ROW, SEQ_CNT, ERR,
                 if phase == 0:
                     tl.store(SEQ_CNT + s, cnt, mask=sin)
                     n_seq += tl.sum((sin & (cnt > 0)).to(tl.float32), axis=0)
-
-
-@triton.jit
-def _load_chunk(s_row, t_row, start, cols0, V, s_sv, t_sv, HAS_T: tl.constexpr, CONTIG: tl.constexpr):
-    """Student (and teacher) logits of columns ``start + cols0`` (-inf beyond V), in their own dtype: the student
-    ``evict_last`` (the gradient sweep re-reads it), the teacher ``evict_first`` (read once)."""
-    cols = start + cols0
-    inb = cols < V
-    if CONTIG:
-        s_off = cols
-        t_off = cols
-    else:
-        s_off = cols.to(tl.int64) * s_sv
-        t_off = cols.to(tl.int64) * t_sv
-    x = tl.load(s_row + s_off, mask=inb, other=float("-inf"), eviction_policy="evict_last")
-    y = x
-    if HAS_T:
-        y = tl.load(t_row + t_off, mask=inb, other=float("-inf"), eviction_policy="evict_first")
-    return x, y
 
 
 @triton.jit
@@ -182,33 +158,9 @@ def _loss_rows(
         if TEACHER == 1:
             tgt_t = tl.load(t_row + lbl * t_sv, mask=has_tgt, other=0.0).to(tl.float32) * inv_temp
 
-        # ---- sweep 1: online log-sum-exp of student (and teacher), entropy
-        m_s = tl.full((), NEG_INF, tl.float32)
-        d_s = tl.zeros((), tl.float32)
-        e_s = tl.zeros((), tl.float32)
-        m_t = tl.full((), NEG_INF, tl.float32)
-        d_t = tl.zeros((), tl.float32)
-        if PREFETCH:  # software pipelining: the next chunk's loads are in flight while this one is reduced
-            x_next, y_next = _load_chunk(s_row, t_row, 0, cols0, V, s_sv, t_sv, TEACHER == 1, CONTIG)
-        for start in range(0, V, BLOCK_V):
-            if PREFETCH:
-                x, y = x_next, y_next
-                x_next, y_next = _load_chunk(s_row, t_row, start + BLOCK_V, cols0, V, s_sv, t_sv, TEACHER == 1, CONTIG)
-            else:
-                x, y = _load_chunk(s_row, t_row, start, cols0, V, s_sv, t_sv, TEACHER == 1, CONTIG)
-            x = x.to(tl.float32) * inv_temp
-            m_new, shift, alpha, p = lse_chunk(m_s, d_s, x)
-            if WANT_ENT:
-                # running sum of p * (x - max), relative to the running max (see backends/logits/triton.py)
-                e_s = alpha * (e_s + tl.where(d_s == 0.0, 0.0, m_s - shift) * d_s) + \
-                    tl.sum(p * tl.where(p > 0, x - shift, 0.0), axis=0)
-            d_s = d_s * alpha + tl.sum(p, axis=0)
-            m_s = m_new
-            if TEACHER == 1:
-                y = y.to(tl.float32) * inv_temp
-                mt_new, t_shift, t_alpha, q = lse_chunk(m_t, d_t, y)
-                d_t = d_t * t_alpha + tl.sum(q, axis=0)
-                m_t = mt_new
+        # ---- sweep 1: online log-sum-exp of student (and teacher), entropy; the student row is kept in L2
+        m_s, d_s, e_s, m_t, d_t = row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, TEACHER == 1, WANT_ENT, CONTIG,
+                                            BLOCK_V, PREFETCH, True)
 
         # ---- per-row epilogue (docs/math.md sections 2-3)
         log_d = tl.log(d_s)
