@@ -23,6 +23,16 @@ def lse_chunk(m, d, x):
 
 
 @triton.jit
+def col_offsets(cols, stride, CONTIG: tl.constexpr):
+    """Element offsets of vocabulary columns: the columns themselves (int32) for a unit stride, else int64."""
+    if CONTIG:
+        off = cols
+    else:
+        off = cols.to(tl.int64) * stride
+    return off
+
+
+@triton.jit
 def load_chunk(s_row, t_row, start, cols0, V, s_sv, t_sv, HAS_T: tl.constexpr, CONTIG: tl.constexpr,
                KEEP_STUDENT: tl.constexpr):
     """Student (and teacher) logits of columns ``start + cols0`` (-inf beyond V), in their own dtype. With
@@ -30,12 +40,8 @@ def load_chunk(s_row, t_row, start, cols0, V, s_sv, t_sv, HAS_T: tl.constexpr, C
     ``evict_first`` (read once); otherwise with the default policy."""
     cols = start + cols0
     inb = cols < V
-    if CONTIG:
-        s_off = cols
-        t_off = cols
-    else:
-        s_off = cols.to(tl.int64) * s_sv
-        t_off = cols.to(tl.int64) * t_sv
+    s_off = col_offsets(cols, s_sv, CONTIG)
+    t_off = col_offsets(cols, t_sv, CONTIG)
     if KEEP_STUDENT:
         x = tl.load(s_row + s_off, mask=inb, other=float("-inf"), eviction_policy="evict_last")
     else:

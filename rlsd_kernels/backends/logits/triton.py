@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import alloc_row_outputs
-from ..triton_common import check_device, row_pointer, row_stats, unit_vocab_stride
+from ..triton_common import check_device, col_offsets, row_pointer, row_stats, unit_vocab_stride
 from ..triton_launch import LAUNCH
 
 # Launch parameters live in triton_launch.LAUNCH (read at call time), with the measurements behind them.
@@ -75,12 +75,8 @@ def _fused_logprobs_bwd(
     chunk = tl.program_id(1)
     cols = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
     inb = cols < V
-    if CONTIG:
-        s_off = cols
-        o_off = cols
-    else:
-        s_off = cols.to(tl.int64) * s_sv
-        o_off = cols.to(tl.int64) * o_sv
+    s_off = col_offsets(cols, s_sv, CONTIG)
+    o_off = col_offsets(cols, o_sv, CONTIG)
     coef = tl.load(GRAD + row) * inv_temp
     lse = tl.load(LSE + row)
     label = tl.load(LABELS + row)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import check_device, row_pointer, row_stats, unit_vocab_stride
+from ..triton_common import check_device, col_offsets, row_pointer, row_stats, unit_vocab_stride
 from ..triton_epilogue import evidence_weight, policy_terms
 from ..triton_launch import LAUNCH
 
@@ -214,12 +214,8 @@ def _loss_rows(
             for k in range(0, n_chunks):
                 cols = (n_chunks - 1 - k) * BLOCK_V + cols0
                 inb = cols < V
-                if CONTIG:
-                    s_off = cols
-                    g_off = cols
-                else:
-                    s_off = cols.to(tl.int64) * s_sv
-                    g_off = cols.to(tl.int64) * g_sv
+                s_off = col_offsets(cols, s_sv, CONTIG)
+                g_off = col_offsets(cols, g_sv, CONTIG)
                 x = tl.load(s_row + s_off, mask=inb, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
                 p = tl.exp(x * inv_temp - lse)
                 # the target term 1 - p[y] is formed in float32 before the cast (bf16 cancellation near p = 1)
