@@ -143,7 +143,8 @@ def test_peak_memory_above_inputs_is_the_gradient(inplace):
 
 @needs_triton
 @pytest.mark.parametrize("launch", [dict(loss_block_v=128), dict(loss_block_v=128, loss_prefetch=1),
-                                    dict(loss_block_v=64, loss_prefetch=1, loss_l2_budget_mib=32)])
+                                    dict(loss_block_v=64, loss_prefetch=1, loss_l2_budget_mib=32),
+                                    dict(loss_row_in_regs_max=1024, loss_row_warps=4)])
 def test_every_launch_variant_matches_the_reference(launch):
     """Multi-chunk rows (odd V), software prefetch, persistent programs: the launch variants the GPU check sweeps."""
     from helpers import assert_matches_reference

@@ -56,6 +56,11 @@ LAUNCH = {
     "loss_l2_budget_mib": 0,
     "loss_min_programs_per_sm": 1,
     "loss_prefetch": 0,  # 1: load the next chunk while reducing this one (more bytes in flight per program)
+    # Rows of at most this many columns (power of two) are loaded once as one block and kept in registers for the
+    # gradient (exactly 3 passes, no re-read), with loss_row_warps warps per row. 0 = off. NOT YET MEASURED: the
+    # next GPU check's sweep times it ("row in registers" entries) and adopts it for the grid if it is fastest.
+    "loss_row_in_regs_max": 0,
+    "loss_row_warps": 16,
     "loss_interpreter_programs": 3,  # CPU interpreter: exercise the persistent loop on small inputs
     # single-program O(N) kernels: wide blocks keep their serial loops short (N = 16384: 4 steps per pass)
     "prologue_block": 4096,
@@ -76,6 +81,9 @@ SWEEP = [
     {"loss_l2_budget_mib": 32, "loss_min_programs_per_sm": 4},
     {"loss_l2_budget_mib": 32, "loss_min_programs_per_sm": 8},
     {"loss_block_v": 2048},
+    {"loss_row_in_regs_max": 32768, "loss_row_warps": 16},  # row in registers up to V = 32768
+    {"loss_row_in_regs_max": 32768, "loss_row_warps": 32},
+    {"loss_row_in_regs_max": 32768, "loss_row_warps": 8},
 ]
 
 

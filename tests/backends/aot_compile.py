@@ -89,7 +89,10 @@ def compile_fused_loss():
               for k, (dt, teacher, write_grad, contig) in enumerate(itertools.product(
                   ("bf16", "fp32"), (0, 1, 2), (True, False), (True, False)))
               if dt == "bf16" or contig]
-    for dt, teacher, write_grad, has_old, want_ent, cispo, contig in combos:
+    # the row-in-registers variant (one 32768-column block per row) for the main combinations
+    combos += [("bf16", teacher, True, True, teacher == 1, False, True) for teacher in (0, 1, 2)]
+    for i, (dt, teacher, write_grad, has_old, want_ent, cispo, contig) in enumerate(combos):
+        in_regs = i >= len(combos) - 3
         sig = {"S": PTR[dt], "TCH": PTR[dt], "GRAD": PTR[dt], "LABELS": "*i64", "AGG": "*fp32", "ADV": "*fp32",
                "OLD": "*fp32", "TLP": "*fp32", "LOGP_S": "*fp32", "LOGP_T": "*fp32", "WEIGHT": "*fp32",
                "ENT": "*fp32", "LSE": "*fp32", "COEF": "*fp32", "PARTS": "*fp32",
@@ -99,9 +102,10 @@ def compile_fused_loss():
                "lam": "fp32", "eps_w": "fp32", "log_lo": "fp32", "log_hi": "fp32", "clip_dual": "fp32"}
         compile_one(f"loss_rows[{dt}]", tloss.KERNELS["loss_rows"], sig,
                     {"TEACHER": teacher, "HAS_OLD": has_old, "WANT_ENT": want_ent, "CISPO": cispo,
-                     "WRITE_GRAD": write_grad, "CONTIG": contig, "BLOCK_V": LAUNCH["loss_block_v"],
-                     "PREFETCH": (teacher + has_old) % 2 == 1},
-                    LAUNCH["loss_warps"])
+                     "WRITE_GRAD": write_grad, "CONTIG": contig,
+                     "BLOCK_V": 32768 if in_regs else LAUNCH["loss_block_v"],
+                     "PREFETCH": (teacher + has_old) % 2 == 1 and not in_regs, "ROW_IN_REGS": in_regs},
+                    LAUNCH["loss_row_warps"] if in_regs else LAUNCH["loss_warps"])
     compile_one("loss_finalize", tloss.KERNELS["finalize"],
                 {"PARTS": "*fp32", "LOSS": "*fp32", "METRICS": "*fp32", "N": "i64"},
                 {"BLOCK": LAUNCH["finalize_block"], "K": 16}, LAUNCH["small_warps"])

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import check_device, col_offsets, row_pointer, row_stats, unit_vocab_stride
+from ..triton_common import (check_device, col_offsets, load_chunk, lse_chunk, row_pointer, row_stats,
+                             unit_vocab_stride)
 from ..triton_epilogue import evidence_weight, policy_terms
 from ..triton_launch import LAUNCH
 
@@ -140,6 +141,7 @@ def _loss_rows(
     inv_temp, ignore_index, lam, eps_w, log_lo, log_hi, clip_dual,
     TEACHER: tl.constexpr, HAS_OLD: tl.constexpr, WANT_ENT: tl.constexpr, CISPO: tl.constexpr,
     WRITE_GRAD: tl.constexpr, CONTIG: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr,
+    ROW_IN_REGS: tl.constexpr,
 ):
     # TEACHER: 0 none (GRPO), 1 teacher logits (read in the same sweep), 2 teacher log-probs per token
     NEG_INF: tl.constexpr = float("-inf")
@@ -158,9 +160,24 @@ def _loss_rows(
         if TEACHER == 1:
             tgt_t = tl.load(t_row + lbl * t_sv, mask=has_tgt, other=0.0).to(tl.float32) * inv_temp
 
-        # ---- sweep 1: online log-sum-exp of student (and teacher), entropy; the student row is kept in L2
-        m_s, d_s, e_s, m_t, d_t = row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, TEACHER == 1, WANT_ENT, CONTIG,
-                                            BLOCK_V, PREFETCH, True)
+        # ---- sweep 1: online log-sum-exp of student (and teacher), entropy; the student row is kept in L2 (or, with
+        # ROW_IN_REGS, the whole row is one block that stays in registers for the gradient)
+        if ROW_IN_REGS:
+            x_row, y_row = load_chunk(s_row, t_row, 0, cols0, V, s_sv, t_sv, TEACHER == 1, CONTIG, False)
+            x_row = x_row.to(tl.float32) * inv_temp
+            m_s, shift, alpha, p = lse_chunk(tl.full((), NEG_INF, tl.float32), tl.zeros((), tl.float32), x_row)
+            d_s = tl.sum(p, axis=0)
+            e_s = tl.zeros((), tl.float32)
+            if WANT_ENT:
+                e_s = tl.sum(p * tl.where(p > 0, x_row - shift, 0.0), axis=0)
+            m_t = tl.full((), NEG_INF, tl.float32)
+            d_t = tl.zeros((), tl.float32)
+            if TEACHER == 1:
+                m_t, t_shift, t_alpha, q = lse_chunk(m_t, d_t, y_row.to(tl.float32) * inv_temp)
+                d_t = tl.sum(q, axis=0)
+        else:
+            m_s, d_s, e_s, m_t, d_t = row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, TEACHER == 1, WANT_ENT,
+                                                CONTIG, BLOCK_V, PREFETCH, True)
 
         # ---- per-row epilogue (docs/math.md sections 2-3)
         log_d = tl.log(d_s)
@@ -209,8 +226,14 @@ def _loss_rows(
             scale = coef * inv_temp
             # masked rows and rows of only -inf get exactly 0 (0 * nan would be nan); NaN rows stay NaN
             live = (scale != 0) & (lse != NEG_INF)
+            if ROW_IN_REGS:
+                p = tl.exp(x_row - lse)
+                grad = tl.where(live, scale * tl.where(cols0 == label, 1.0 - p, -p), 0.0)
+                tl.store(g_row + col_offsets(cols0, g_sv, CONTIG), grad.to(GRAD.dtype.element_ty), mask=cols0 < V)
             # backwards: the chunks read last in sweep 1 are the likeliest still in L2
             n_chunks = tl.cdiv(V, BLOCK_V)
+            if ROW_IN_REGS:
+                n_chunks = 0
             for k in range(0, n_chunks):
                 cols = (n_chunks - 1 - k) * BLOCK_V + cols0
                 inb = cols < V
@@ -310,8 +333,13 @@ def fused_loss(student, teacher, teacher_logprobs, labels, advantages, adv_per_s
     )
     tch = teacher if teacher is not None else student  # never read without a teacher (TEACHER != 1)
     out = grad if grad is not None else student  # never written without WRITE_GRAD
-    block = min(LAUNCH["loss_block_v"], triton.next_power_of_2(V))
-    programs = _programs(dev, n, V * student.element_size())
+    # A row short enough to live in registers is loaded once: exactly 3 passes (2 for GRPO), no L2 re-read.
+    row_in_regs = 0 < triton.next_power_of_2(V) <= LAUNCH["loss_row_in_regs_max"]
+    if row_in_regs:
+        block, warps, programs = triton.next_power_of_2(V), LAUNCH["loss_row_warps"], n
+    else:
+        block, warps = min(LAUNCH["loss_block_v"], triton.next_power_of_2(V)), LAUNCH["loss_warps"]
+        programs = _programs(dev, n, V * student.element_size())
     _loss_rows[(programs,)](
         student, tch, out, labels, agg, adv_rows,
         old_logprobs if old_logprobs is not None else dummy,
@@ -324,7 +352,7 @@ def fused_loss(student, teacher, teacher_logprobs, labels, advantages, adv_per_s
         TEACHER=1 if teacher is not None else (2 if teacher_logprobs is not None else 0),
         HAS_OLD=old_logprobs is not None, WANT_ENT=want_entropy, CISPO=h.loss_type == "cispo",
         WRITE_GRAD=grad is not None, CONTIG=unit_vocab_stride(student, tch, out), BLOCK_V=block,
-        PREFETCH=bool(LAUNCH["loss_prefetch"]) and V > block, num_warps=LAUNCH["loss_warps"],
+        PREFETCH=bool(LAUNCH["loss_prefetch"]) and V > block, ROW_IN_REGS=row_in_regs, num_warps=warps,
     )
     _finalize[(1,)](parts, loss, metrics, n, BLOCK=LAUNCH["finalize_block"], K=16, num_warps=LAUNCH["small_warps"])
     return loss, logp_s, logp_t, weights, ent, metrics, errors, lse, coef
