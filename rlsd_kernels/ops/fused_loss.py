@@ -1,7 +1,7 @@
 """``rlsd_kernels::fused_rlsd_loss``: the whole RLSD loss of docs/math.md sections 2-3 as one ``torch.library`` op.
 
 The op returns the loss, the per-token outputs and the metrics, and, when the student needs a gradient, that
-gradient too, formed in the forward while each row is still in cache (Triton) or in the same call (CPU). Its
+gradient too, formed in the forward by a second sweep over each row (Triton) or in the same call (CPU). Its
 autograd backward only scales the stored gradient by ``grad_output`` on the device (free when it is 1), so a
 forward+backward is a handful of launches and no host synchronisation on CUDA. With ``inplace=True`` no gradient
 buffer is allocated: the backward writes the gradient into the student logits from the saved per-row factors.
