@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .hyper import AGG_MODES, LOSS_TYPES, Hyper  # noqa: F401  (re-exported)
+from .hyper import Hyper
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 

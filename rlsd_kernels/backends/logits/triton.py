@@ -14,7 +14,6 @@ column offsets stay int32 when the vocabulary dimension is contiguous (``V < 2^3
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
