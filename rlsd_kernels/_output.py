@@ -1,7 +1,7 @@
 """The output object of ``rlsd_loss`` (docs/math.md section 5)."""
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -27,6 +27,10 @@ class RLSDOutput(NamedTuple):
     stream: ``[number of labels outside [0, V) that are not ignore_index, the first such label, 1 if cu_seqlens is
     malformed]``. Those tokens were left out of the loss (as if masked). Reading ``.metrics`` (or calling
     ``check_inputs()``) raises the ``ValueError`` the CPU backends raise before any kernel runs.
+
+    ``extra_metric_names`` names the optional metrics of the docs/math.md section 2c terms that are on (e.g.
+    ``("kl_mean",)``); their values follow the ``METRIC_NAMES`` ones in ``metric_values``. Empty (the default) when
+    no such term is on, so ``metrics`` then holds exactly the ``METRIC_NAMES`` keys.
     """
 
     loss: torch.Tensor
@@ -38,12 +42,17 @@ class RLSDOutput(NamedTuple):
     input_errors: Optional[torch.Tensor] = None
     vocab: int = 0
     ignore_index: int = -100
+    extra_metric_names: Tuple[str, ...] = ()
+
+    @property
+    def metric_names(self) -> Tuple[str, ...]:
+        return METRIC_NAMES + tuple(self.extra_metric_names)
 
     @property
     def metric_tensors(self) -> Dict[str, torch.Tensor]:
         if self.metric_values is None:
             return {}
-        return dict(zip(METRIC_NAMES, self.metric_values.detach().unbind(0)))
+        return dict(zip(self.metric_names, self.metric_values.detach().unbind(0)))
 
     def _raise_for(self, errors) -> None:
         bad, first, bad_cu = errors
@@ -63,10 +72,11 @@ class RLSDOutput(NamedTuple):
         if self.metric_values is None:
             return {}
         values = self.metric_values.detach().to(torch.float64)
+        names = self.metric_names
         if self.input_errors is None:
-            return dict(zip(METRIC_NAMES, values.tolist()))
+            return dict(zip(names, values.tolist()))
         # one transfer for the metrics and the error flags
         both = torch.cat([values, self.input_errors.to(torch.float64)]).tolist()
-        k = len(METRIC_NAMES)
+        k = len(names)
         self._raise_for([int(both[k]), self.input_errors[1].item() if both[k] else 0, int(both[k + 2])])
-        return dict(zip(METRIC_NAMES, both[:k]))
+        return dict(zip(names, both[:k]))

@@ -15,8 +15,8 @@ import torch
 
 from ._inputs import check_scoring, prepare
 from ._output import RLSDOutput
-from .hyper import Hyper
-from .loss import aggregate, loss_from_logprobs
+from .hyper import LOSS_TYPES, Hyper
+from .loss import DIVERGENCES, Terms, aggregate, check_divergence, loss_from_logprobs, loss_with_terms
 
 __all__ = ["rlsd_loss_eager", "token_logprobs_eager", "opsd_loss"]
 
@@ -62,15 +62,28 @@ def rlsd_loss_eager(student_logits, teacher_logits, labels, advantages, old_logp
                     teacher_logprobs=None, lam=1.0, eps_w=0.2, clip_low=0.2, clip_high=0.28, clip_dual=3.0,
                     loss_type="ppo", loss_agg_mode="token", norm=None, cu_seqlens=None, temperature=1.0,
                     ignore_index=-100, return_entropy=False, inplace_backward=False,
-                    compute_dtype: Optional[torch.dtype] = None) -> RLSDOutput:
+                    compute_dtype: Optional[torch.dtype] = None,
+                    ref_logprobs=None, kl_coef=0.0, kl_type="k3",
+                    rollout_logprobs=None, rollout_is=None, rollout_is_threshold=2.0, rollout_is_mode="truncate",
+                    entropy_coef=0.0, distill_coef=0.0, distill_divergence="forward_kl", distill_beta=0.5,
+                    distill_clip=None) -> RLSDOutput:
     """Eager RLSD loss with the signature of :func:`rlsd_kernels.rlsd_loss`.
 
     ``compute_dtype`` picks the dtype of the full-vocabulary log_softmax (default: float32, or float64 for
     float64 logits); ``inplace_backward`` is accepted for signature parity and ignored.
+
+    The section 2c terms (KL to ``ref_logprobs``, rollout importance sampling, ``loss_type="gspo"``, the entropy
+    bonus, the distillation term) are all off by default; with all of them off this is exactly section 2.
     """
-    h = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index)
+    if loss_type not in LOSS_TYPES + ("gspo",):
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES + ('gspo',)}, got {loss_type!r}")
+    x = Terms(kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode, loss_type == "gspo", entropy_coef,
+              distill_coef, distill_divergence, distill_beta, distill_clip).validate()
+    h = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, "ppo" if x.gspo else loss_type, loss_agg_mode, norm,
+              temperature, ignore_index)
     prep = prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
                    cu_seqlens, h)
+    _check_terms(x, prep, student_logits, teacher_logits, teacher_logprobs, ref_logprobs, rollout_logprobs)
     cd = _compute_dtype(student_logits, compute_dtype)
     logp_s, ent = _eager_logprobs(student_logits, prep.labels, temperature, ignore_index, cd, return_entropy)
     logp_t = prep.teacher_logprobs
@@ -79,10 +92,86 @@ def rlsd_loss_eager(student_logits, teacher_logits, labels, advantages, old_logp
             logp_t, _ = _eager_logprobs(teacher_logits.detach(), prep.labels, temperature, ignore_index, cd, False)
     if logp_t is not None:
         logp_t = logp_t.to(logp_s.dtype)
-    return loss_from_logprobs(logp_s, logp_t, prep, h, ent)
+    if not x.on:
+        return loss_from_logprobs(logp_s, logp_t, prep, h, ent)
+    entropy_t = distill_t = None
+    if x.needs_full_distribution:
+        entropy_t, distill_t = _full_distribution_terms(x, prep, student_logits, teacher_logits, temperature, cd,
+                                                        logp_s.dtype)
+    flat = lambda t: None if t is None else t.detach().reshape(-1).to(logp_s.dtype)  # noqa: E731
+    return loss_with_terms(logp_s, logp_t, prep, h, x, ref=flat(ref_logprobs), rollout=flat(rollout_logprobs),
+                           entropy_t=entropy_t, distill_t=distill_t, entropy=ent)
 
 
-OPSD_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+def _check_terms(x: Terms, prep, student_logits, teacher_logits, teacher_logprobs, ref_logprobs, rollout_logprobs):
+    """The section 2c checks that need the tensors (ValueError naming the argument)."""
+    lead = tuple(prep.label_shape)
+    for name, t in (("ref_logprobs", ref_logprobs), ("rollout_logprobs", rollout_logprobs)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point torch.Tensor or None")
+        if tuple(t.shape) != lead:
+            raise ValueError(f"{name} must have shape {lead} (the shape of labels), got {tuple(t.shape)}")
+        if t.device != student_logits.device:
+            raise ValueError(f"{name} is on {t.device} but student_logits is on {student_logits.device}")
+    if x.kl_coef > 0 and ref_logprobs is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs (per-token reference log-probs, shape of labels)")
+    if x.rollout_is is not None and rollout_logprobs is None:
+        raise ValueError(f"rollout_is={x.rollout_is!r} needs rollout_logprobs (the sampler's per-token log-probs)")
+    has_seqs = prep.seq_ids is not None
+    if x.gspo and not has_seqs:
+        raise ValueError("loss_type='gspo' needs labels of shape [B, T] or cu_seqlens for a packed batch")
+    if x.rollout_is == "sequence" and not has_seqs:
+        raise ValueError("rollout_is='sequence' needs labels of shape [B, T] or cu_seqlens for a packed batch")
+    if x.distill_coef > 0 and teacher_logits is None:
+        got = "only teacher_logprobs was given" if teacher_logprobs is not None else "no teacher was given"
+        raise ValueError(f"distill_coef > 0 needs teacher_logits (the teacher's full distribution); {got}")
+
+
+def _entropy(logp_all):
+    """Per-row entropy ``-sum_v p log p`` of full log-prob rows, differentiable (0 * log 0 = 0 with a finite
+    gradient: ``dH/dz = -p (log p + H) / tau`` through the log_softmax)."""
+    p = logp_all.exp()
+    return -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
+
+
+def _kl(lp, lq):
+    """KL(p || q) per row from log-probs; 0 * log 0 = 0 (value and gradient)."""
+    p = lp.exp()
+    return (p * torch.where(p > 0, lp - lq, 0.0)).sum(-1)
+
+
+def _divergence(ls, lt, divergence: str, beta: float, clip):
+    """Section 2b ``D_t`` per row between the teacher's (``lt``) and the student's (``ls``) log-prob rows;
+    gradient only through ``ls``; ``clip`` caps the value (zero gradient beyond it)."""
+    if divergence == "forward_kl":
+        d = _kl(lt, ls)
+    elif divergence == "reverse_kl":
+        d = _kl(ls, lt)
+    else:
+        lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log(1 - beta)]), dim=0)
+        d = beta * _kl(lt, lm) + (1 - beta) * _kl(ls, lm)
+    if clip is not None:
+        d = torch.clamp(d, max=clip)  # beyond clip: value clip, zero gradient
+    return d
+
+
+def _full_distribution_terms(x: Terms, prep, student_logits, teacher_logits, temperature, cd, acc):
+    """Per-token differentiable entropy and divergence from full log_softmax rows. Rows outside the mask are
+    zeroed first, so whatever they hold (nan, -inf) never reaches a value or a gradient."""
+    V = student_logits.shape[-1]
+    rows = prep.valid[:, None]
+    ls = torch.log_softmax(torch.where(rows, student_logits.reshape(-1, V).to(cd), 0.0) / temperature, -1)
+    entropy_t = _entropy(ls).to(acc) if x.entropy_coef > 0 else None
+    distill_t = None
+    if x.distill_coef > 0:
+        lt = torch.log_softmax(torch.where(rows, teacher_logits.detach().reshape(-1, V).to(cd), 0.0) / temperature, -1)
+        distill_t = _divergence(ls, lt, x.distill_divergence, float(x.distill_beta), x.distill_clip).to(acc)
+    return entropy_t, distill_t
+
+
+OPSD_DIVERGENCES = DIVERGENCES
 
 
 def opsd_loss(student_logits, teacher_logits, labels, mask=None, *, divergence="forward_kl", beta=0.5,
@@ -91,36 +180,16 @@ def opsd_loss(student_logits, teacher_logits, labels, mask=None, *, divergence="
 
     Gradient flows only into ``student_logits``. Returns ``(loss, per_token_divergence)``.
     """
-    if divergence not in OPSD_DIVERGENCES:
-        raise ValueError(f"divergence must be one of {OPSD_DIVERGENCES}, got {divergence!r}")
-    if divergence == "jsd" and not (0.0 < float(beta) < 1.0):
-        raise ValueError(f"beta must be in (0, 1) for jsd, got {beta}")
+    beta, clip = check_divergence(divergence, beta, clip)
     if teacher_logits is None:
         raise ValueError("teacher_logits is required for OPSD")
     h = Hyper(loss_agg_mode=loss_agg_mode, norm=norm, temperature=temperature, ignore_index=ignore_index)
     dummy_adv = torch.zeros(labels.shape, device=student_logits.device)
     prep = prepare(student_logits, teacher_logits, labels, dummy_adv, None, mask, None, cu_seqlens, h)
-    if clip is not None:
-        clip = float(clip)
-        if not math.isfinite(clip) or clip <= 0:
-            raise ValueError(f"clip must be a positive finite number, got {clip}")
     V = student_logits.shape[-1]
     cd = _compute_dtype(student_logits, None)
     ls = torch.log_softmax(student_logits.to(cd) / temperature, -1).reshape(-1, V)
     lt = torch.log_softmax(teacher_logits.detach().to(cd) / temperature, -1).reshape(-1, V)
-
-    def kl(lp, lq):  # KL(p || q) from log-probs, 0 * log 0 = 0
-        p = lp.exp()
-        return torch.where(p > 0, p * (lp - lq), 0.0).sum(-1)
-
-    if divergence == "forward_kl":
-        d = kl(lt, ls)
-    elif divergence == "reverse_kl":
-        d = kl(ls, lt)
-    else:
-        lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log(1 - beta)]), dim=0)
-        d = beta * kl(lt, lm) + (1 - beta) * kl(ls, lm)
-    if clip is not None:
-        d = torch.clamp(d, max=clip)  # beyond clip: value clip, zero gradient
+    d = _divergence(ls, lt, divergence, beta, clip)
     loss = aggregate(d, prep.valid, h, prep.seq_ids, prep.num_seqs)
     return loss, d.detach().reshape(labels.shape)
