@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import List, Optional
 
 COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected)\b")
+# a finished test in -v output, with or without xdist's "[gw3] [ 45%] " prefix
+OUTCOME = re.compile(r"\b(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS) (\S+::\S+)|(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
 PROGRESS = re.compile(r"^([.FEsxX]+)(\s+\[\s*\d+%\])?$")
 
 
@@ -28,7 +30,7 @@ def command(targets: List[str], workers: int) -> List[str]:
         cmd += ["-n", str(workers)]
     # Name the slow tests, and make a hanging one fail with its traceback instead of eating the stage's cap (on the
     # 2026-11-26 H200 runs ~10 tests were still running at the cap and the log could not say which).
-    cmd += ["--durations=15", "-rfE"]
+    cmd += ["--durations=15", "-rfE", "-v"]
     if importlib.util.find_spec("pytest_timeout") is not None:
         cmd += ["--timeout=120"]
     return cmd
@@ -51,8 +53,30 @@ def parse(text: str) -> dict:
             if marks.count(ch):
                 counts[k] = marks.count(ch)
         source = "progress characters (no summary line)" if counts else "none"
+    if not counts:  # -v output killed before the summary: count the reported outcomes
+        names = {"PASSED": "passed", "FAILED": "failed", "ERROR": "errors", "SKIPPED": "skipped", "XFAIL": "xfailed",
+                 "XPASS": "xpassed"}
+        for m in OUTCOME.finditer(text):
+            k = names[m.group(1) or m.group(4)]
+            counts[k] = counts.get(k, 0) + 1
+        source = "-v outcome lines (no summary line)" if counts else "none"
     failures = [ln.strip() for ln in text.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
     return {"counts": counts, "counts_from": source, "failures": failures[:30], "n_failure_lines": len(failures)}
+
+
+def finished_ids(text: str) -> set:
+    """Node ids that -v output reports with an outcome."""
+    return {m.group(2) or m.group(3) for m in OUTCOME.finditer(text)}
+
+
+def collect_ids(targets: List[str], cwd: Optional[Path], env: Optional[dict], timeout_s: float = 60.0) -> List[str]:
+    """Node ids pytest collects (``--collect-only -q``), or [] if that fails: what 'unfinished' is measured against."""
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *targets, "-p", "no:cacheprovider"],
+                           cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except (subprocess.TimeoutExpired, OSError):
+        return []
+    return [ln.strip() for ln in r.stdout.splitlines() if "::" in ln and not ln.startswith(" ")]
 
 
 def _killpg(proc: subprocess.Popen, sig) -> None:
@@ -87,6 +111,9 @@ def run(targets, timeout_s: float, log_path: Path, workers: int = 8, cwd: Option
     res = {"command": " ".join(shlex.quote(c) for c in cmd), "rc": rc, "wall_s": round(time.perf_counter() - t0, 1),
            "timeout_s": timeout_s, "xdist": "-n" in cmd, "log": str(log_path), **parse(text)}
     res["status"] = "timeout" if timed_out else {0: "passed", 1: "failed"}.get(rc, "error")
+    if timed_out:  # name what was still running when the cap hit (collected minus reported)
+        done = finished_ids(text)
+        res["unfinished"] = [t for t in collect_ids(targets, cwd, env) if t not in done][:40]
     res["tail"] = text.strip().splitlines()[-5:]
     return res
 
@@ -97,4 +124,8 @@ def brief(t: dict) -> str:
     c = t.get("counts", {})
     parts = [f"{c[k]} {k}" for k in ("passed", "failed", "errors", "skipped", "xfailed", "xpassed") if c.get(k)]
     what = ", ".join(parts) or "no counts"
-    return f"tests: {t['status'].upper()}: {what} in {t['wall_s']:.0f} s (exit {t['rc']}, cap {t['timeout_s']:.0f} s)"
+    line = f"tests: {t['status'].upper()}: {what} in {t['wall_s']:.0f} s (exit {t['rc']}, cap {t['timeout_s']:.0f} s)"
+    if t.get("unfinished"):
+        line += f"; still running at the cap: {', '.join(t['unfinished'][:8])}" + (" ..." if len(t["unfinished"]) > 8
+                                                                                  else "")
+    return line

@@ -242,6 +242,12 @@ def test_testrun_parse_and_command(monkeypatch):
     cut = testrun.parse("$ python -m pytest -q tests\n..F.s.....  [ 40%]\n..E\n!!! KeyboardInterrupt !!!\n")
     assert cut["counts"] == {"passed": 10, "failed": 1, "errors": 1, "skipped": 1}
     assert cut["counts_from"].startswith("progress")
+    verbose = testrun.parse("[gw1] [ 10%] PASSED tests/a.py::t1 \ntests/b.py::t2[x] FAILED\n!!! KeyboardInterrupt !!!\n")
+    assert verbose["counts"] == {"passed": 1, "failed": 1} and verbose["counts_from"].startswith("-v")
+    assert testrun.finished_ids("[gw0] [ 5%] SKIPPED tests/c.py::t3 \n") == {"tests/c.py::t3"}
+    brief = testrun.brief({"status": "timeout", "counts": {"passed": 3}, "wall_s": 210.0, "rc": 2, "timeout_s": 210.0,
+                           "unfinished": ["tests/d.py::slow"]})
+    assert "still running at the cap: tests/d.py::slow" in brief
     import importlib.util
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
