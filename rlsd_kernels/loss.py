@@ -154,6 +154,11 @@ def loss_from_logprobs(logp_s, logp_t, prep, h: Hyper, entropy=None) -> RLSDOutp
     ls, lt, old = masked_inputs(logp_s, logp_t, prep.old_logprobs, valid)
     terms = token_terms(ls, lt, prep.advantages, old, h)
     loss = aggregate(terms.loss_t, valid, h, prep.seq_ids, prep.num_seqs)
+    return _output(loss, logp_s, logp_t, terms, entropy, prep, metric_values(terms, valid, h))
+
+
+def _output(loss, logp_s, logp_t, terms, entropy, prep, values, extra_names=()) -> RLSDOutput:
+    """The output object from flat per-token tensors, reshaped to the labels' shape."""
     shape = prep.label_shape
     return RLSDOutput(
         loss=loss,
@@ -161,7 +166,8 @@ def loss_from_logprobs(logp_s, logp_t, prep, h: Hyper, entropy=None) -> RLSDOutp
         teacher_logprobs=None if logp_t is None else logp_t.detach().reshape(shape),
         weights=terms.g.reshape(shape),
         entropy=None if entropy is None else entropy.detach().reshape(shape),
-        metric_values=metric_values(terms, valid, h),
+        metric_values=values,
+        extra_metric_names=tuple(extra_names),
     )
 
 
@@ -366,16 +372,7 @@ def loss_with_terms(logp_s, logp_t, prep, h: Hyper, x: Terms, *, ref=None, rollo
     values = metric_values(terms, valid, h)
     if names:
         values = torch.cat([values, torch.stack([extra[n] for n in names])])
-    shape = prep.label_shape
-    return RLSDOutput(
-        loss=loss,
-        logprobs=logp_s.detach().reshape(shape),
-        teacher_logprobs=None if logp_t is None else logp_t.detach().reshape(shape),
-        weights=terms.g.reshape(shape),
-        entropy=None if entropy is None else entropy.detach().reshape(shape),
-        metric_values=values,
-        extra_metric_names=names,
-    )
+    return _output(loss, logp_s, logp_t, terms, entropy, prep, values, names)
 
 
 __all__ = ["TokenTerms", "token_weights", "token_terms", "agg_weights", "aggregate", "metric_values",
