@@ -68,8 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--profile-shape", default=None, help="NxV of the launch/sync counts (default 16384x32000)")
     p.add_argument("--sweep-shapes", default=None, help='NxV,... of the launch sweep (default 16384x32000,'
                    '16384x151936; "none" skips it)')
-    p.add_argument("--linear-shape", default=None, help='NxHxV of the fused-linear rows (default 16384x4096x151936;'
-                   ' "none" skips them)')
+    p.add_argument("--linear-shape", default=None, help='NxHxV,... of the fused-linear rows (default '
+                   '16384x4096x151936,16384x4096x128256; "none" skips them)')
     p.add_argument("--linear-reps", type=int, default=2)
     p.add_argument("--roles", default=",".join(_roles()), help="contenders to run (default: all)")
     p.add_argument("--rep-budget-s", type=float, default=0.25, help="time of the timed reps per case and mode")
@@ -88,7 +88,7 @@ def parse_args(argv=None):
     a.profile_shape = _shapes(a.profile_shape)[0] if a.profile_shape else (a.shapes[0] if q else (16384, 32000))
     a.sweep_shapes = (_shapes(a.sweep_shapes) if a.sweep_shapes else
                       ([a.shapes[0]] if q else [(16384, 32000), (16384, 151936), (16384, 262144)]))
-    a.linear_shape = a.linear_shape or ("128x64x1000" if q else "16384x4096x151936")
+    a.linear_shape = a.linear_shape or ("512x64x1000" if q else "16384x4096x151936,16384x4096x128256")
     if q:
         a.rep_budget_s, a.case_need_s, a.linear_reps = min(a.rep_budget_s, 0.02), min(a.case_need_s, 1.0), 1
     a.roles = [r for r in a.roles.split(",") if r]
@@ -252,15 +252,17 @@ def _bench(run: Run, args, deadline) -> None:
         LAUNCH.update(adopted["params"])
         run.log(f"grid timed with the sweep's fastest RLSD setting {adopted['setting']}: {adopted['params']}")
 
-    lin_n = int(args.linear_shape.split("x")[0]) if args.linear_shape != "none" else None
+    lin_shapes = [] if args.linear_shape == "none" else args.linear_shape.split(",")
+    lin_n = int(lin_shapes[0].split("x")[0]) if lin_shapes else None
     linear_done = lin_n is None
 
     def run_linear():
         t1 = time.time()
-        run.res["linear"] = linear.run_in_process(args.linear_shape, str(cfg.dtype).replace("torch.", ""), str(dev),
-                                                  args.linear_reps, deadline=deadline, need_s=args.case_need_s * 3,
-                                                  log=run.log)
-        run.write()
+        for shape in lin_shapes:
+            run.res["linear"] += linear.run_in_process(shape, str(cfg.dtype).replace("torch.", ""), str(dev),
+                                                       args.linear_reps, deadline=deadline,
+                                                       need_s=args.case_need_s * 3, log=run.log)
+            run.write()
         run.stage("fused linear", "ok", t1)
 
     for N, V in args.shapes:

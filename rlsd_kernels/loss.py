@@ -171,6 +171,14 @@ def _output(loss, logp_s, logp_t, terms, entropy, prep, values, extra_names=()) 
     )
 
 
+def token_coef(logp_s, logp_t, advantages, old, valid, agg, h: Hyper):
+    """Only the gradient factor of :func:`loss_and_coef`, ``a_t * d loss_t / d logp_s`` (zero outside the mask):
+    what a row chunk of the fused linear op needs before its gradient sweep."""
+    with torch.no_grad():
+        ls, lt, old = masked_inputs(logp_s, logp_t, old, valid)
+        return torch.where(valid, token_terms(ls, lt, advantages, old, h).coef * agg, 0.0)
+
+
 def loss_and_coef(logp_s, logp_t, advantages, old, valid, agg, h: Hyper):
     """No-autograd form for the fused op's CPU path: ``(loss, coef, g, metrics)`` with ``coef = a_t * d loss_t /
     d logp_s`` (zero outside the mask), the per-row factor of the gradient sweep."""
