@@ -84,7 +84,7 @@ def _case(row: str, shape: str, dtype_name: str, device: str, reps: int) -> dict
         grpo = dict(lam=0.0, clip_low=0.2, clip_high=0.28)
         seq_adv = adv[::SEQ_LEN].contiguous()
 
-        out_buf = torch.empty(N, V, device=dev, dtype=dt) if row == "gemm" else None
+        out_buf = torch.zeros(N, V, device=dev, dtype=dt) if row == "gemm" else None  # touched: in the baseline
 
         def loss():
             if row == "gemm":  # into a buffer allocated once: the product alone, no first-touch of fresh memory

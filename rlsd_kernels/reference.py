@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ._inputs import check_scoring, prepare
+from ._inputs import check_scoring, check_terms, prepare
 from ._output import RLSDOutput
 from .hyper import LOSS_TYPES, Hyper
 from .loss import DIVERGENCES, Terms, aggregate, check_divergence, loss_from_logprobs, loss_with_terms
@@ -83,7 +83,8 @@ def rlsd_loss_eager(student_logits, teacher_logits, labels, advantages, old_logp
               temperature, ignore_index)
     prep = prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
                    cu_seqlens, h)
-    _check_terms(x, prep, student_logits, teacher_logits, teacher_logprobs, ref_logprobs, rollout_logprobs)
+    check_terms(x, prep.label_shape, prep.seq_ids is not None, student_logits.device, teacher_logits, teacher_logprobs,
+                ref_logprobs, rollout_logprobs)
     cd = _compute_dtype(student_logits, compute_dtype)
     logp_s, ent = _eager_logprobs(student_logits, prep.labels, temperature, ignore_index, cd, return_entropy)
     logp_t = prep.teacher_logprobs
@@ -101,32 +102,6 @@ def rlsd_loss_eager(student_logits, teacher_logits, labels, advantages, old_logp
     flat = lambda t: None if t is None else t.detach().reshape(-1).to(logp_s.dtype)  # noqa: E731
     return loss_with_terms(logp_s, logp_t, prep, h, x, ref=flat(ref_logprobs), rollout=flat(rollout_logprobs),
                            entropy_t=entropy_t, distill_t=distill_t, entropy=ent)
-
-
-def _check_terms(x: Terms, prep, student_logits, teacher_logits, teacher_logprobs, ref_logprobs, rollout_logprobs):
-    """The section 2c checks that need the tensors (ValueError naming the argument)."""
-    lead = tuple(prep.label_shape)
-    for name, t in (("ref_logprobs", ref_logprobs), ("rollout_logprobs", rollout_logprobs)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating-point torch.Tensor or None")
-        if tuple(t.shape) != lead:
-            raise ValueError(f"{name} must have shape {lead} (the shape of labels), got {tuple(t.shape)}")
-        if t.device != student_logits.device:
-            raise ValueError(f"{name} is on {t.device} but student_logits is on {student_logits.device}")
-    if x.kl_coef > 0 and ref_logprobs is None:
-        raise ValueError("kl_coef > 0 needs ref_logprobs (per-token reference log-probs, shape of labels)")
-    if x.rollout_is is not None and rollout_logprobs is None:
-        raise ValueError(f"rollout_is={x.rollout_is!r} needs rollout_logprobs (the sampler's per-token log-probs)")
-    has_seqs = prep.seq_ids is not None
-    if x.gspo and not has_seqs:
-        raise ValueError("loss_type='gspo' needs labels of shape [B, T] or cu_seqlens for a packed batch")
-    if x.rollout_is == "sequence" and not has_seqs:
-        raise ValueError("rollout_is='sequence' needs labels of shape [B, T] or cu_seqlens for a packed batch")
-    if x.distill_coef > 0 and teacher_logits is None:
-        got = "only teacher_logprobs was given" if teacher_logprobs is not None else "no teacher was given"
-        raise ValueError(f"distill_coef > 0 needs teacher_logits (the teacher's full distribution); {got}")
 
 
 def _entropy(logp_all):

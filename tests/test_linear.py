@@ -397,5 +397,6 @@ def test_chunk_rows_scale_with_the_batch():
             assert rows * streams <= 0.15 * N_ and rows * streams * V_ * 2 <= chunked.CHUNK_BUDGET_BYTES
             assert rows >= chunked.MIN_CHUNK_ROWS
     assert chunked.rows_per_chunk(16384, 151936, 2, 2) == 1228  # 14 chunks of the GPU benchmark shape
-    assert chunked.rows_per_chunk(100, 32000) == 100
+    assert chunked.rows_per_chunk(100, 32000) == chunked.MIN_CHUNK_ROWS == 16
+    assert chunked.rows_per_chunk(10, 32000) == 10
     assert chunked.rows_per_chunk(1 << 20, 151936, 2, 2) == chunked.CHUNK_BUDGET_BYTES // (2 * 151936 * 2)

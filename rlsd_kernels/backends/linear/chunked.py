@@ -34,9 +34,9 @@ SCRATCH_FRACTION = 0.15
 # ... and at most this many bytes, so that very long batches do not hold GiBs of scratch (1 GiB is >= 1700 rows of
 # a 151936-vocabulary chunk in bf16 with a teacher: GEMMs that large run at full speed).
 CHUNK_BUDGET_BYTES = 1 << 30
-# Small batches still get chunks of this many rows (a 15% chunk of 512 rows would be a 38-row GEMM); their scratch
-# is MIN_CHUNK_ROWS x V, tiny next to any model.
-MIN_CHUNK_ROWS = 128
+# Tiny batches (under ~200 rows) still get chunks of this many rows; their scratch, MIN_CHUNK_ROWS x V per stream,
+# is tiny next to any model. (A floor of 128 rows held 50% of the logits as scratch at 512 x 128 x 151936.)
+MIN_CHUNK_ROWS = 16
 # d weight of a bf16/fp16 weight is accumulated in float32, in this many vocabulary blocks: each chunk's product is
 # formed per block in the input dtype (one rounding, as eager autograd's single GEMM) and added to the block's
 # float32 sum, so the temporary is 1/WEIGHT_BLOCKS of the weight and the float32 sums are released block by block.
