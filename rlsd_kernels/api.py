@@ -5,15 +5,21 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, ops
-from ._inputs import check_logits, check_loss_inputs, check_scoring
+from ._inputs import check_logits, check_loss_inputs, check_scoring, check_terms
 from ._output import RLSDOutput
-from .hyper import Hyper
+from .hyper import LOSS_TYPES, Hyper
+from .loss import Terms
+from .ops.fused_loss_terms import loss_with_terms_fused
 
 
 def rlsd_loss(student_logits, teacher_logits, labels, advantages, old_logprobs=None, mask=None, *,
               teacher_logprobs=None, lam=1.0, eps_w=0.2, clip_low=0.2, clip_high=0.28, clip_dual=3.0,
               loss_type="ppo", loss_agg_mode="token", norm=None, cu_seqlens=None, temperature=1.0,
-              ignore_index=-100, return_entropy=False, inplace_backward=False) -> RLSDOutput:
+              ignore_index=-100, return_entropy=False, inplace_backward=False,
+              ref_logprobs=None, kl_coef=0.0, kl_type="k3",
+              rollout_logprobs=None, rollout_is=None, rollout_is_threshold=2.0, rollout_is_mode="truncate",
+              entropy_coef=0.0, distill_coef=0.0, distill_divergence="forward_kl", distill_beta=0.5,
+              distill_clip=None) -> RLSDOutput:
     """Fused RLSD loss (GRPO/PPO with teacher-gap evidence weights), differentiable w.r.t. ``student_logits``.
 
     student_logits, teacher_logits: ``[..., V]`` float32/bfloat16/float16, any strides. ``teacher_logits=None`` and
@@ -24,14 +30,32 @@ def rlsd_loss(student_logits, teacher_logits, labels, advantages, old_logprobs=N
 
     On the Triton backend the label range is checked on the device (no host sync): out-of-range labels are left
     out of the loss and reading ``out.metrics`` (or ``out.check_inputs()``) raises the ValueError.
+
+    The docs/math.md section 2c terms (``ref_logprobs``/``kl_coef``/``kl_type``, ``rollout_logprobs``/``rollout_is``
+    and its threshold and mode, ``loss_type="gspo"``, ``entropy_coef``, ``distill_*``) are all off by default; with
+    all of them off the op is exactly section 2. With any on, the values of the inputs are checked on the host.
     """
-    h = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index)
+    if loss_type not in LOSS_TYPES + ("gspo",):
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES + ('gspo',)}, got {loss_type!r}")
+    x = Terms(kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode, loss_type == "gspo", entropy_coef,
+              distill_coef, distill_divergence, distill_beta, distill_clip).validate()
+    h = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, "ppo" if x.gspo else loss_type, loss_agg_mode, norm,
+              temperature, ignore_index)
     return _rlsd_loss(h, student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
-                      cu_seqlens, return_entropy, inplace_backward)
+                      cu_seqlens, return_entropy, inplace_backward, x, ref_logprobs, rollout_logprobs)
 
 
 def _rlsd_loss(h: Hyper, student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
-               cu_seqlens, return_entropy, inplace_backward) -> RLSDOutput:
+               cu_seqlens, return_entropy, inplace_backward, x: Terms = Terms(), ref_logprobs=None,
+               rollout_logprobs=None) -> RLSDOutput:
+    if (ref_logprobs is not None or rollout_logprobs is not None) and isinstance(labels, torch.Tensor):
+        # given, even if unused: they must still be the right tensors
+        check_terms(x, labels.shape, True, student_logits.device, teacher_logits, teacher_logprobs, ref_logprobs,
+                    rollout_logprobs)
+    if x.on:
+        return _rlsd_loss_terms(h, x, student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
+                                teacher_logprobs, cu_seqlens, return_entropy, inplace_backward, ref_logprobs,
+                                rollout_logprobs)
     # The Triton backend checks label / cu_seqlens values on the device; the CPU backends check them here (a host
     # read is free there). Under torch.compile value checks are skipped (they would break the graph).
     check_logits("student_logits", student_logits)
@@ -50,6 +74,24 @@ def _rlsd_loss(h: Hyper, student_logits, teacher_logits, labels, advantages, old
         teacher_logprobs=logp_t if teacher_logits is not None else teacher_logprobs,
         weights=g, entropy=ent if return_entropy else None, metric_values=metrics,
         input_errors=errors, vocab=student_logits.shape[-1], ignore_index=h.ignore_index)
+
+
+def _rlsd_loss_terms(h: Hyper, x: Terms, student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
+                     teacher_logprobs, cu_seqlens, return_entropy, inplace_backward, ref_logprobs,
+                     rollout_logprobs) -> RLSDOutput:
+    """``rlsd_loss`` with section 2c terms on: validation (values on the host), then ``ops/fused_loss_terms.py``."""
+    check_logits("student_logits", student_logits)
+    check_loss_inputs(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
+                      cu_seqlens, h, values=not torch.compiler.is_compiling())
+    has_seqs = cu_seqlens is not None or labels.dim() >= 2
+    check_terms(x, labels.shape, has_seqs, student_logits.device, teacher_logits, teacher_logprobs, ref_logprobs,
+                rollout_logprobs)
+    if inplace_backward and x.needs_full_distribution:
+        raise ValueError("inplace_backward=True is not supported with entropy_coef > 0 or distill_coef > 0 yet "
+                         "(their gradient is formed by a separate pass over the rows)")
+    return loss_with_terms_fused(h, x, student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
+                                 teacher_logprobs, cu_seqlens, return_entropy, inplace_backward, ref_logprobs,
+                                 rollout_logprobs)
 
 
 def token_logprobs(logits, labels, temperature: float = 1.0, return_entropy: bool = False, *,

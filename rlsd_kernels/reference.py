@@ -104,7 +104,7 @@ def rlsd_loss_eager(student_logits, teacher_logits, labels, advantages, old_logp
                            entropy_t=entropy_t, distill_t=distill_t, entropy=ent)
 
 
-def _entropy(logp_all):
+def row_entropy(logp_all):
     """Per-row entropy ``-sum_v p log p`` of full log-prob rows, differentiable (0 * log 0 = 0 with a finite
     gradient: ``dH/dz = -p (log p + H) / tau`` through the log_softmax)."""
     p = logp_all.exp()
@@ -117,7 +117,7 @@ def _kl(lp, lq):
     return (p * torch.where(p > 0, lp - lq, 0.0)).sum(-1)
 
 
-def _divergence(ls, lt, divergence: str, beta: float, clip):
+def row_divergence(ls, lt, divergence: str, beta: float, clip):
     """Section 2b ``D_t`` per row between the teacher's (``lt``) and the student's (``ls``) log-prob rows;
     gradient only through ``ls``; ``clip`` caps the value (zero gradient beyond it)."""
     if divergence == "forward_kl":
@@ -138,11 +138,11 @@ def _full_distribution_terms(x: Terms, prep, student_logits, teacher_logits, tem
     V = student_logits.shape[-1]
     rows = prep.valid[:, None]
     ls = torch.log_softmax(torch.where(rows, student_logits.reshape(-1, V).to(cd), 0.0) / temperature, -1)
-    entropy_t = _entropy(ls).to(acc) if x.entropy_coef > 0 else None
+    entropy_t = row_entropy(ls).to(acc) if x.entropy_coef > 0 else None
     distill_t = None
     if x.distill_coef > 0:
         lt = torch.log_softmax(torch.where(rows, teacher_logits.detach().reshape(-1, V).to(cd), 0.0) / temperature, -1)
-        distill_t = _divergence(ls, lt, x.distill_divergence, float(x.distill_beta), x.distill_clip).to(acc)
+        distill_t = row_divergence(ls, lt, x.distill_divergence, float(x.distill_beta), x.distill_clip).to(acc)
     return entropy_t, distill_t
 
 
@@ -165,6 +165,6 @@ def opsd_loss(student_logits, teacher_logits, labels, mask=None, *, divergence="
     cd = _compute_dtype(student_logits, None)
     ls = torch.log_softmax(student_logits.to(cd) / temperature, -1).reshape(-1, V)
     lt = torch.log_softmax(teacher_logits.detach().to(cd) / temperature, -1).reshape(-1, V)
-    d = _divergence(ls, lt, divergence, beta, clip)
+    d = row_divergence(ls, lt, divergence, beta, clip)
     loss = aggregate(d, prep.valid, h, prep.seq_ids, prep.num_seqs)
     return loss, d.detach().reshape(labels.shape)

@@ -183,7 +183,9 @@ def spec_total(inp, *, loss_type="ppo", loss_agg_mode="token", norm=None, cu_seq
 
 # ------------------------------------------------------------------------------------------------- fixtures
 def _inputs(seed=1, ignore_frac=0.15, mask_frac=0.15):
-    inp = make_inputs(B=B, T=T, V=V, dtype=torch.float64, seed=seed, ignore_frac=ignore_frac, mask_frac=mask_frac)
+    """float64 inputs on the CPU (tests of other backends move them to their device)."""
+    inp = make_inputs(B=B, T=T, V=V, dtype=torch.float64, seed=seed, ignore_frac=ignore_frac, mask_frac=mask_frac,
+                      device="cpu")
     # spread old log-probs so every PPO / GSPO branch occurs
     inp["old_logprobs"] = inp["old_logprobs"].double() + torch.linspace(-1.5, 1.5, B * T).reshape(B, T)
     g = torch.Generator().manual_seed(seed + 100)

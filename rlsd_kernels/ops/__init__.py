@@ -2,6 +2,7 @@
 
 - ``fused_logprobs``: the vocabulary pass for scoring (``token_logprobs``), differentiable through its log-probs;
 - ``fused_loss``: the whole RLSD loss (``rlsd_loss``), gradient formed in the forward;
+- ``fused_loss_terms``: ``rlsd_loss`` with the section 2c terms on (the scoring op + the O(N) algebra);
 - ``fused_linear``: hidden states + LM-head weight: the whole loss (``rlsd_linear_loss``) and the scoring pass
   (``token_logprobs_linear``).
 
