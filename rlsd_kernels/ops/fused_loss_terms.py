@@ -10,84 +10,102 @@ With every term off ``rlsd_loss`` never comes here (``fused_loss.py`` runs, bit 
 - the scoring op's backward turns that factor into the logits gradient in one sweep (into the logits themselves
   with ``inplace_backward=True``). KL, rollout IS and GSPO therefore cost no extra pass over the vocabulary.
 
-The two terms that need whole rows, the entropy bonus and the distillation divergence, are not in the kernels yet:
-:class:`RowTerms` evaluates them with the eager reference's row functions over blocks of ``ROW_BLOCK`` rows
-(O(ROW_BLOCK x V) scratch) and recomputes each block under autograd in its backward. They cost two extra passes.
+The two terms that need whole rows, the entropy bonus and the distillation divergence, go through
+``rlsd_kernels::fused_logprobs_terms`` instead: its statistics pass also gives the entropy and, with a divergence,
+the teacher's log-sum-exp and ``D_t`` (the C++ backend in the same read of both rows; JSD one more sweep per row),
+and its backward writes the whole gradient, ``coef (onehot - p) - e p (log p + H) + f dD/dz``, in one sweep that
+also reads the teacher for a divergence. The Triton backend has no kernel for these two terms yet and runs the eager
+backend's blocked passes for them (``backends/logits/triton.py``).
 """
 from __future__ import annotations
 
-import torch
+from typing import Optional, Tuple
 
+import torch
+from torch import Tensor
+
+from .. import dispatch
 from .._inputs import prepare
+from .._layout import as_rows3d
+from ..backends.logits import DIV_MODES
+from ..dispatch import get_backend
 from ..hyper import Hyper
 from ..loss import Terms, loss_with_terms
-from ..reference import row_divergence, row_entropy
 from .fused_logprobs import fused_logprobs
 
-ROW_BLOCK = 256  # rows per block of the eager entropy / divergence pass
+_EMPTY = (0,)
 
 
-def _blocks(student, teacher, valid, temperature, cd):
-    """``(r0, r1, z, log_softmax(teacher rows) | None)`` per block of rows, rows outside the mask zeroed first (so
-    whatever they hold, nan or -inf, never reaches a value or a gradient)."""
-    V = student.shape[-1]
-    s2 = student.reshape(-1, V)
-    t2 = None if teacher is None else teacher.reshape(-1, V)
-    for r0 in range(0, s2.shape[0], ROW_BLOCK):
-        r1 = min(s2.shape[0], r0 + ROW_BLOCK)
-        rows = valid[r0:r1, None]
-        z = torch.where(rows, s2[r0:r1].to(cd), 0.0)
-        lt = None if t2 is None else torch.log_softmax(torch.where(rows, t2[r0:r1].to(cd), 0.0) / temperature, -1)
-        yield r0, r1, z, lt
+@torch.library.custom_op("rlsd_kernels::fused_logprobs_terms", mutates_args=())
+def fused_logprobs_terms(student: Tensor, teacher: Optional[Tensor], labels: Tensor, temperature: float,
+                         ignore_index: int, div_mode: int, beta: float
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (logp_s, logp_t, lse_s, entropy, lse_t, div, aux), flat float32 ``[N]`` (``logp_t`` / ``lse_t`` / ``div``
+    / ``aux`` empty when not produced); differentiable through ``logp_s``, ``entropy`` and ``div``."""
+    backend = get_backend(student.device)
+    out = backend.forward_terms(as_rows3d(student), None if teacher is None else as_rows3d(teacher),
+                                labels.reshape(-1).to(torch.int64).contiguous(), temperature, ignore_index, True,
+                                div_mode, beta)
+    empty = lambda: student.new_empty(_EMPTY, dtype=torch.float32)  # noqa: E731
+    return tuple(empty() if t is None else t.reshape(-1) for t in out)
 
 
-def _row_values(z, lt, x: Terms, temperature):
-    ls = torch.log_softmax(z / temperature, -1)
-    ent = row_entropy(ls) if x.entropy_coef > 0 else None
-    div = (row_divergence(ls, lt, x.distill_divergence, float(x.distill_beta), x.distill_clip)
-           if x.distill_coef > 0 else None)
-    return ent, div
+@fused_logprobs_terms.register_fake
+def _(student, teacher, labels, temperature, ignore_index, div_mode, beta):
+    n = (labels.numel(),)
+    f32 = lambda shape: student.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    t = n if teacher is not None else _EMPTY
+    d = n if div_mode else _EMPTY
+    return f32(n), f32(t), f32(n), f32(n), f32(d), f32(d), f32(d)
 
 
-class RowTerms(torch.autograd.Function):
-    """Per-token student entropy ``H_t`` and divergence ``D_t`` (section 2b) as flat ``[N]`` vectors (zeros where
-    off or masked), differentiable w.r.t. the student logits; the teacher is never differentiated."""
+@torch.library.custom_op("rlsd_kernels::fused_logprobs_terms_backward", mutates_args=())
+def fused_logprobs_terms_backward(coef: Tensor, ent_coef: Tensor, div_coef: Optional[Tensor], student: Tensor,
+                                  teacher: Optional[Tensor], labels: Tensor, lse: Tensor, entropy: Tensor,
+                                  lse_t: Optional[Tensor], div: Optional[Tensor], aux: Optional[Tensor],
+                                  temperature: float, div_mode: int, beta: float) -> Tensor:
+    backend = get_backend(student.device)
+    out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    s3 = as_rows3d(student)
+    backend.backward_terms(coef.contiguous(), ent_coef.contiguous(),
+                           None if div_coef is None else div_coef.contiguous(), s3,
+                           None if teacher is None else as_rows3d(teacher),
+                           labels.reshape(-1).to(torch.int64).contiguous(), lse, entropy, lse_t, div, aux,
+                           temperature, div_mode, beta, out.view(s3.shape))
+    return out
 
-    @staticmethod
-    def forward(ctx, student, teacher, valid, x: Terms, temperature: float):
-        cd = torch.float64 if student.dtype == torch.float64 else torch.float32
-        n = valid.shape[0]
-        ent = torch.zeros(n, dtype=cd, device=student.device)
-        div = torch.zeros_like(ent)
-        for r0, r1, z, lt in _blocks(student, teacher, valid, temperature, cd):
-            e, d = _row_values(z, lt, x, temperature)
-            if e is not None:
-                ent[r0:r1] = e
-            if d is not None:
-                div[r0:r1] = d
-        ctx.save_for_backward(student, teacher, valid)
-        ctx.x, ctx.temperature, ctx.cd = x, temperature, cd
-        return ent, div
 
-    @staticmethod
-    def backward(ctx, d_ent, d_div):
-        student, teacher, valid = ctx.saved_tensors
-        x, T = ctx.x, ctx.temperature
-        grad = torch.zeros(student.shape, dtype=student.dtype, device=student.device)
-        g2 = grad.reshape(-1, student.shape[-1])
-        for r0, r1, z, lt in _blocks(student, teacher, valid, T, ctx.cd):
-            with torch.enable_grad():
-                z = z.detach().requires_grad_()
-                e, d = _row_values(z, lt, x, T)
-                total = z.new_zeros(())
-                if e is not None and d_ent is not None:
-                    total = total + (d_ent[r0:r1].to(z.dtype) * e).sum()
-                if d is not None and d_div is not None:
-                    total = total + (d_div[r0:r1].to(z.dtype) * d).sum()
-                (gz,) = torch.autograd.grad(total, z, allow_unused=True)
-            if gz is not None:
-                g2[r0:r1] = gz.to(g2.dtype)
-        return grad, None, None, None, None
+@fused_logprobs_terms_backward.register_fake
+def _(coef, ent_coef, div_coef, student, teacher, labels, lse, entropy, lse_t, div, aux, temperature, div_mode,
+      beta):
+    return torch.empty_like(student)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.forced = dispatch.forced_by_context()
+    student, teacher, labels, temperature, _, div_mode, beta = inputs
+    ctx.save_for_backward(student, teacher, labels, output[2], output[3], output[4], output[5], output[6])
+    ctx.temperature, ctx.div_mode, ctx.beta = temperature, div_mode, beta
+    ctx.mark_non_differentiable(output[1], output[2], output[4], output[6])
+
+
+def _backward(ctx, g_logp, _g_logp_t, _g_lse, g_ent, _g_lse_t, g_div, _g_aux):
+    student, teacher, labels, lse, ent, lse_t, div, aux = ctx.saved_tensors
+    zeros = lambda: torch.zeros_like(lse)  # noqa: E731
+    coef = zeros() if g_logp is None else g_logp.to(torch.float32)
+    e = zeros() if g_ent is None else g_ent.to(torch.float32)
+    f = None
+    if ctx.div_mode:
+        f = zeros() if g_div is None else g_div.to(torch.float32)
+    with dispatch.force_backend(ctx.forced):
+        grad = fused_logprobs_terms_backward(coef, e, f, student, teacher if ctx.div_mode else None, labels, lse,
+                                             ent, lse_t if ctx.div_mode else None, div if ctx.div_mode else None,
+                                             aux if ctx.div_mode else None, ctx.temperature, ctx.div_mode,
+                                             ctx.beta)
+    return grad, None, None, None, None, None, None
+
+
+fused_logprobs_terms.register_autograd(_backward, setup_context=_setup_context)
 
 
 def loss_with_terms_fused(h: Hyper, x: Terms, student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
@@ -95,24 +113,33 @@ def loss_with_terms_fused(h: Hyper, x: Terms, student_logits, teacher_logits, la
                           rollout_logprobs):
     """The loss and output of ``rlsd_loss`` with ``x.on``; inputs already validated (values included)."""
     n = labels.numel()
-    need_ent = return_entropy or x.entropy_coef > 0
-    logp_s, logp_t, _, ent = fused_logprobs(student_logits, teacher_logits, labels, float(h.temperature),
-                                            int(h.ignore_index), bool(need_ent), bool(inplace_backward))
+    teacher = None if teacher_logits is None else teacher_logits.detach()
+    div = None
+    if x.needs_full_distribution:  # the row terms' op: entropy and divergence differentiable
+        mode = DIV_MODES[x.distill_divergence] if x.distill_coef > 0 else 0
+        logp_s, logp_t, _, ent, _, div, _ = fused_logprobs_terms(student_logits, teacher, labels,
+                                                                 float(h.temperature), int(h.ignore_index), mode,
+                                                                 float(x.distill_beta))
+    else:
+        logp_s, logp_t, _, ent = fused_logprobs(student_logits, teacher, labels, float(h.temperature),
+                                                int(h.ignore_index), bool(return_entropy),
+                                                bool(inplace_backward))
     prep = prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
                    cu_seqlens, h, values=False)
     acc = prep.advantages.dtype
     lt = logp_t.reshape(n).to(acc) if teacher_logits is not None else prep.teacher_logprobs
     flat = lambda t: None if t is None else t.detach().reshape(n).to(acc)  # noqa: E731
-    entropy_t = distill_t = None
-    if x.needs_full_distribution:
-        teacher = None if teacher_logits is None else teacher_logits.detach()
-        ent_rows, div_rows = RowTerms.apply(student_logits, teacher, prep.valid, x, float(h.temperature))
-        entropy_t = ent_rows.to(acc) if x.entropy_coef > 0 else None
-        distill_t = div_rows.to(acc) if x.distill_coef > 0 else None
+    entropy_t = ent.reshape(n).to(acc) if x.entropy_coef > 0 else None
+    distill_t = None
+    if x.distill_coef > 0:
+        distill_t = div.to(acc)
+        if x.distill_clip is not None:  # beyond the clip: the value is capped, the gradient zero
+            distill_t = torch.clamp(distill_t, max=float(x.distill_clip))
     out = loss_with_terms(logp_s.reshape(n).to(acc), lt, prep, h, x, ref=flat(ref_logprobs),
                           rollout=flat(rollout_logprobs), entropy_t=entropy_t, distill_t=distill_t,
-                          entropy=ent.detach() if return_entropy else None)
-    return out._replace(loss=out.loss.to(torch.float32), logprobs=logp_s.detach(),
-                        teacher_logprobs=(logp_t.detach() if teacher_logits is not None else teacher_logprobs),
+                          entropy=ent.detach().reshape(labels.shape) if return_entropy else None)
+    return out._replace(loss=out.loss.to(torch.float32), logprobs=logp_s.detach().reshape(labels.shape),
+                        teacher_logprobs=(logp_t.detach().reshape(labels.shape) if teacher_logits is not None
+                                          else teacher_logprobs),
                         weights=out.weights.to(torch.float32), vocab=student_logits.shape[-1],
                         ignore_index=h.ignore_index)
