@@ -155,3 +155,52 @@ def test_validation(bad, name):
             bad[k] = torch.zeros(lead[0])
     with pytest.raises(ValueError, match=name):
         rlsd_kernels.rlsd_loss(**dict(inp, **bad))
+
+
+@pytest.mark.parametrize("agg", ["token", "seq"])
+@pytest.mark.parametrize("div,clip", [("forward_kl", None), ("reverse_kl", 0.8), ("jsd", None)])
+def test_opsd_loss_matches_reference(backend, div, clip, agg):
+    inp, _ = INPUTS[1]
+    inp, _ = _on(backend.device, inp, {})
+    s = inp["student_logits"].detach().float().requires_grad_()
+    kw = dict(divergence=div, clip=clip, loss_agg_mode=agg, temperature=0.9)
+    out = rlsd_kernels.opsd_loss(s, inp["teacher_logits"].float(), inp["labels"], inp["mask"], **kw)
+    out.loss.backward()
+    s64 = inp["student_logits"].detach().double().requires_grad_()
+    ref, d = reference.opsd_loss(s64, inp["teacher_logits"].double(), inp["labels"], inp["mask"], **kw)
+    (ref_grad,) = torch.autograd.grad(ref, s64)
+    torch.testing.assert_close(out.loss.double(), ref.detach(), **TOL)
+    torch.testing.assert_close(s.grad.double(), ref_grad, **TOL)
+    assert set(out.metrics) == {"distill_mean"}
+    valid = (inp["mask"] != 0) & (inp["labels"] != -100)
+    want = d[valid].mean().item() if clip is None else d[valid].clamp(max=clip).mean().item()
+    assert out.metrics["distill_mean"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("bad,name", [(dict(divergence="tvd"), "divergence"), (dict(beta=1.5, divergence="jsd"), "beta"),
+                                      (dict(clip=-1.0), "clip"), (dict(teacher_logits=None), "teacher_logits")])
+def test_opsd_validation(bad, name):
+    inp, _ = INPUTS[1]
+    args = dict(student_logits=inp["student_logits"].float(), teacher_logits=inp["teacher_logits"].float(),
+                labels=inp["labels"])
+    args.update({k: v for k, v in bad.items() if k == "teacher_logits"})
+    with pytest.raises(ValueError, match=name):
+        rlsd_kernels.opsd_loss(**args, **{k: v for k, v in bad.items() if k != "teacher_logits"})
+
+
+def test_module_holds_the_terms():
+    inp, extra = INPUTS[2]
+    kw, _ = _kwargs("all", inp, extra)
+    terms = {k: v for k, v in kw.items() if k not in HP and k not in ("ref_logprobs", "rollout_logprobs")}
+    mod = rlsd_kernels.RLSDLoss(**HP, **terms)
+    assert mod.loss_type == "gspo" and mod.kl_coef == kw["kl_coef"]
+    s = inp["student_logits"].detach().float()
+    args = dict(inp, student_logits=s, teacher_logits=inp["teacher_logits"].float())
+    a = mod(**args, ref_logprobs=kw["ref_logprobs"], rollout_logprobs=kw["rollout_logprobs"])
+    b = rlsd_kernels.rlsd_loss(**args, **kw)
+    assert torch.equal(a.loss, b.loss) and a.metrics == b.metrics
+    mod.kl_coef = 0.0
+    mod.loss_type = "ppo"
+    assert "kl_mean" not in mod(**args, rollout_logprobs=kw["rollout_logprobs"]).metrics
+    with pytest.raises(ValueError, match="kl_type"):
+        mod.kl_type = "k9"
