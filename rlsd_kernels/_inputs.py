@@ -203,7 +203,7 @@ def prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, ma
 
 
 def check_terms(x, label_shape, has_seqs: bool, device, teacher_logits, teacher_logprobs, ref_logprobs,
-                rollout_logprobs) -> None:
+                rollout_logprobs, teacher_name: str = "teacher_logits") -> None:
     """The section 2c checks that need the tensors (ValueError naming the argument); ``x`` is a validated
     ``loss.Terms``, ``has_seqs`` whether the batch has sequence structure ([B, T] labels or cu_seqlens)."""
     lead = tuple(label_shape)
@@ -226,7 +226,7 @@ def check_terms(x, label_shape, has_seqs: bool, device, teacher_logits, teacher_
         raise ValueError("rollout_is='sequence' needs labels of shape [B, T] or cu_seqlens for a packed batch")
     if x.distill_coef > 0 and teacher_logits is None:
         got = "only teacher_logprobs was given" if teacher_logprobs is not None else "no teacher was given"
-        raise ValueError(f"distill_coef > 0 needs teacher_logits (the teacher's full distribution); {got}")
+        raise ValueError(f"distill_coef > 0 needs {teacher_name} (the teacher's full distribution); {got}")
 
 
 # ------------------------------------------------------------------ fused linear: hidden states + LM head

@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from ._inputs import check_hyper, check_labels, check_linear, logits_stand_in, prepare
+from ._inputs import check_hyper, check_labels, check_linear, check_terms, logits_stand_in, prepare
 from ._output import RLSDOutput
-from .hyper import Hyper
-from .loss import agg_weights
-from .ops.fused_linear import fused_linear_logprobs, fused_linear_rlsd_loss
+from .hyper import LOSS_TYPES, Hyper
+from .loss import Terms, agg_weights
+from .ops.fused_linear import fused_linear_logprobs, fused_linear_logprobs_terms, fused_linear_rlsd_loss
+from .ops.fused_loss_terms import div_mode, terms_output
 
 __all__ = ["rlsd_linear_loss", "token_logprobs_linear", "linear_backend"]
 
@@ -34,22 +35,42 @@ def _rows(x, H):
 def rlsd_linear_loss(student_hidden, lm_head_weight, labels, advantages, old_logprobs=None, mask=None, *,
                      teacher_hidden=None, teacher_logprobs=None, lm_head_bias=None, lam=1.0, eps_w=0.2,
                      clip_low=0.2, clip_high=0.28, clip_dual=3.0, loss_type="ppo", loss_agg_mode="token", norm=None,
-                     cu_seqlens=None, temperature=1.0, ignore_index=-100, return_entropy=False) -> RLSDOutput:
+                     cu_seqlens=None, temperature=1.0, ignore_index=-100, return_entropy=False,
+                     ref_logprobs=None, kl_coef=0.0, kl_type="k3", rollout_logprobs=None, rollout_is=None,
+                     rollout_is_threshold=2.0, rollout_is_mode="truncate", entropy_coef=0.0, distill_coef=0.0,
+                     distill_divergence="forward_kl", distill_beta=0.5, distill_clip=None) -> RLSDOutput:
     """:func:`rlsd_kernels.rlsd_loss` on ``logits = student_hidden @ lm_head_weight.T + lm_head_bias``, fused.
 
     student_hidden: ``[..., H]`` final hidden states (after the final norm), differentiable; lm_head_weight:
     ``[V, H]`` (the tied input embedding works), differentiable; lm_head_bias: ``[V]`` or None. The teacher is
     given as ``teacher_hidden`` (``[..., H]``, projected with the SAME weight and bias in the same GEMM, never
     differentiated) or as per-token ``teacher_logprobs`` (e.g. from :func:`token_logprobs_linear` with the
-    teacher's own LM head); neither is plain GRPO. All other arguments as in ``rlsd_loss`` (docs/math.md section 5).
+    teacher's own LM head); neither is plain GRPO. All other arguments as in ``rlsd_loss`` (docs/math.md section 5),
+    the section 2c terms included (the distillation term needs ``teacher_hidden``). With a term on, the rows are
+    walked twice (statistics, then the gradient in the backward: five or six GEMMs instead of four).
     """
-    h = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index)
+    if loss_type not in LOSS_TYPES + ("gspo",):
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES + ('gspo',)}, got {loss_type!r}")
+    x = Terms(kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode, loss_type == "gspo", entropy_coef,
+              distill_coef, distill_divergence, distill_beta, distill_clip).validate()
+    h = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, "ppo" if x.gspo else loss_type, loss_agg_mode, norm,
+              temperature, ignore_index)
     check_hyper(h)
     H, V = check_linear(student_hidden, lm_head_weight, lm_head_bias, teacher_hidden)
     if teacher_hidden is not None and teacher_logprobs is not None:
         raise ValueError("pass teacher_hidden or teacher_logprobs, not both")
     prep = prepare(logits_stand_in(student_hidden, V), None, labels, advantages, old_logprobs, mask,
                    teacher_logprobs, cu_seqlens, h)
+    if x.on or ref_logprobs is not None or rollout_logprobs is not None:
+        check_terms(x, prep.label_shape, prep.seq_ids is not None, student_hidden.device,
+                    teacher_hidden, teacher_logprobs, ref_logprobs, rollout_logprobs, "teacher_hidden")
+    if x.on:
+        th = None if teacher_hidden is None else _rows(teacher_hidden.detach(), H)
+        logp_s, logp_t, _, ent, _, div, _ = fused_linear_logprobs_terms(
+            _rows(student_hidden, H), lm_head_weight, lm_head_bias, th, prep.labels, float(h.temperature),
+            int(h.ignore_index), div_mode(x), float(x.distill_beta))
+        return terms_output(h, x, prep, logp_s, logp_t if th is not None else None, ent, div, teacher_logprobs,
+                            ref_logprobs, rollout_logprobs, return_entropy, V)
     acc = prep.advantages.dtype
     agg = agg_weights(prep.valid, h, prep.seq_ids, prep.num_seqs, dtype=acc)
     grad_on = torch.is_grad_enabled()

@@ -400,3 +400,36 @@ def test_chunk_rows_scale_with_the_batch():
     assert chunked.rows_per_chunk(100, 32000) == chunked.MIN_CHUNK_ROWS == 16
     assert chunked.rows_per_chunk(10, 32000) == 10
     assert chunked.rows_per_chunk(1 << 20, 151936, 2, 2) == chunked.CHUNK_BUDGET_BYTES // (2 * 151936 * 2)
+
+
+@pytest.mark.parametrize("many_chunks", [False, True], ids=["one_chunk", "chunks_of_2_rows"])
+@pytest.mark.parametrize("case", ["k3", "is_seq_mask", "gspo", "entropy", "forward_kl", "jsd_clip", "all"])
+def test_terms_match_reference(path, case, many_chunks, monkeypatch):
+    """The section 2c terms through the fused linear op equal the eager reference on materialised logits."""
+    from test_reference_terms import _kwargs
+
+    if many_chunks:
+        monkeypatch.setattr(chunked, "CHUNK_BUDGET_BYTES", 2 * 2 * V * 4)  # 2 rows per chunk with a teacher
+
+    inp = _inputs(path.device, seed=13)
+    z = inp["h"] @ inp["w"].T + inp["b"]
+    zt = inp["th"] @ inp["w"].T + inp["b"]
+    g = torch.Generator().manual_seed(14)
+    lp = reference.token_logprobs_eager(z, inp["labels"])
+    inp["old"] = (lp + randn(B, T, generator=g, dtype=lp.dtype, device=path.device, scale=0.5)).float()
+    extra = dict(ref_logprobs=lp + randn(B, T, generator=g, dtype=lp.dtype, device=path.device),
+                 rollout_tok=inp["old"].double() + 0.6 * randn(B, T, generator=g, dtype=lp.dtype, device=path.device),
+                 rollout_seq=inp["old"].double() + 0.25 * randn(B, T, generator=g, dtype=lp.dtype,
+                                                                device=path.device))
+    kw, names = _kwargs(case, dict(student_logits=z, teacher_logits=zt, labels=inp["labels"]), extra)
+    kw = dict(kw, return_entropy=True)
+    ref, ref_g = _truth(inp, **kw)
+    out, got_g = _fused(inp, torch.float32, **kw)
+    _close(out.loss, ref.loss)
+    _close(out.logprobs, ref.logprobs)
+    _close(out.entropy, ref.entropy)
+    for got, want in zip(got_g, ref_g):
+        _close(got, want)
+    assert set(names) <= set(out.metrics)
+    for k, v in ref.metrics.items():
+        assert abs(out.metrics[k] - v) <= 1e-5 + 1e-5 * abs(v), k

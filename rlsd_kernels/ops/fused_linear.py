@@ -157,3 +157,79 @@ def _loss_backward(ctx, grad_loss, *_):
 
 fused_linear_rlsd_loss.register_autograd(_loss_backward, setup_context=_loss_setup_context)
 
+
+
+# ------------------------------------------------------------------------------ the section 2c terms
+@torch.library.custom_op("rlsd_kernels::fused_linear_logprobs_terms", mutates_args=())
+def fused_linear_logprobs_terms(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                teacher_hidden: Optional[Tensor], labels: Tensor, temperature: float,
+                                ignore_index: int, div_mode: int, beta: float
+                                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``fused_logprobs_terms`` on ``hidden @ weight^T + bias``: (logp_s, logp_t, lse_s, entropy, lse_t, div, aux),
+    differentiable through logp_s, entropy and div w.r.t. hidden, weight and bias."""
+    out = chunked.forward_terms(hidden, weight, bias, teacher_hidden, labels.to(torch.int64).contiguous(),
+                                temperature, ignore_index, div_mode, beta)
+    empty = lambda: hidden.new_empty(_EMPTY, dtype=torch.float32)  # noqa: E731
+    return tuple(empty() if t is None else t for t in out)
+
+
+@fused_linear_logprobs_terms.register_fake
+def _(hidden, weight, bias, teacher_hidden, labels, temperature, ignore_index, div_mode, beta):
+    n = (labels.numel(),)
+    f32 = lambda shape: hidden.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    t = n if teacher_hidden is not None else _EMPTY
+    d = n if div_mode else _EMPTY
+    return f32(n), f32(t), f32(n), f32(n), f32(d), f32(d), f32(d)
+
+
+@torch.library.custom_op("rlsd_kernels::fused_linear_logprobs_terms_backward", mutates_args=())
+def fused_linear_logprobs_terms_backward(coef: Tensor, ent_coef: Tensor, div_coef: Optional[Tensor], hidden: Tensor,
+                                         weight: Tensor, bias: Optional[Tensor], teacher_hidden: Optional[Tensor],
+                                         labels: Tensor, lse: Tensor, entropy: Tensor, lse_t: Optional[Tensor],
+                                         div: Optional[Tensor], aux: Optional[Tensor], temperature: float,
+                                         div_mode: int, beta: float, need_hidden: bool, need_weight: bool,
+                                         need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    dh, dw, db = chunked.backward_terms(coef, ent_coef, div_coef, hidden, weight, bias, teacher_hidden,
+                                        labels.to(torch.int64).contiguous(), lse, entropy, lse_t, div, aux,
+                                        temperature, div_mode, beta, need_hidden, need_weight, need_bias)
+    empty = hidden.new_empty(_EMPTY)
+    return (empty if dh is None else dh), (empty.clone() if dw is None else dw), (empty.clone() if db is None else db)
+
+
+@fused_linear_logprobs_terms_backward.register_fake
+def _(coef, ent_coef, div_coef, hidden, weight, bias, teacher_hidden, labels, lse, entropy, lse_t, div, aux,
+      temperature, div_mode, beta, need_hidden, need_weight, need_bias):
+    e = lambda: hidden.new_empty(_EMPTY)  # noqa: E731
+    return (torch.empty_like(hidden) if need_hidden else e(), torch.empty_like(weight) if need_weight else e(),
+            torch.empty_like(bias) if (need_bias and bias is not None) else e())
+
+
+def _terms_setup_context(ctx, inputs, output):
+    ctx.forced = dispatch.forced_by_context()
+    hidden, weight, bias, teacher_hidden, labels, temperature, _, div_mode, beta = inputs
+    ctx.save_for_backward(hidden, weight, bias, teacher_hidden, labels, output[2], output[3], output[4], output[5],
+                          output[6])
+    ctx.temperature, ctx.div_mode, ctx.beta, ctx.has_bias = temperature, div_mode, beta, bias is not None
+    ctx.mark_non_differentiable(output[1], output[2], output[4], output[6])
+
+
+def _terms_backward(ctx, g_logp, _g_logp_t, _g_lse, g_ent, _g_lse_t, g_div, _g_aux):
+    hidden, weight, bias, teacher, labels, lse, ent, lse_t, div, aux = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    if not (need_h or need_w or need_b):
+        return (None,) * 9
+    zeros = lambda: torch.zeros_like(lse)  # noqa: E731
+    coef = zeros() if g_logp is None else g_logp.to(torch.float32)
+    e = zeros() if g_ent is None else g_ent.to(torch.float32)
+    f = (zeros() if g_div is None else g_div.to(torch.float32)) if ctx.div_mode else None
+    mode = ctx.div_mode
+    with dispatch.force_backend(ctx.forced):
+        dh, dw, db = fused_linear_logprobs_terms_backward(
+            coef, e, f, hidden, weight, bias, teacher if mode else None, labels, lse, ent,
+            lse_t if mode else None, div if mode else None, aux if mode else None, ctx.temperature, mode, ctx.beta,
+            bool(need_h), bool(need_w), bool(need_b and ctx.has_bias))
+    return (dh if need_h else None, dw if need_w else None, db if (need_b and ctx.has_bias) else None,
+            None, None, None, None, None, None)
+
+
+fused_linear_logprobs_terms.register_autograd(_terms_backward, setup_context=_terms_setup_context)

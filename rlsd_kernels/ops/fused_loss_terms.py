@@ -108,38 +108,51 @@ def _backward(ctx, g_logp, _g_logp_t, _g_lse, g_ent, _g_lse_t, g_div, _g_aux):
 fused_logprobs_terms.register_autograd(_backward, setup_context=_setup_context)
 
 
+def terms_output(h: Hyper, x: Terms, prep, logp_s, logp_t, ent, div, teacher_logprobs, ref_logprobs,
+                 rollout_logprobs, return_entropy, vocab: int):
+    """The section 2c loss and output from the scoring op's per-token tensors (``logp_s``, ``ent``, ``div``
+    differentiable; ``logp_t`` None without teacher logits / hidden states): shared by the logits and the
+    fused-linear paths."""
+    shape = prep.label_shape
+    n = prep.labels.numel()
+    acc = prep.advantages.dtype
+    lt = logp_t.reshape(n).to(acc) if logp_t is not None else prep.teacher_logprobs
+    flat = lambda t: None if t is None else t.detach().reshape(n).to(acc)  # noqa: E731
+    entropy_t = ent.reshape(n).to(acc) if x.entropy_coef > 0 else None
+    distill_t = None
+    if x.distill_coef > 0:
+        distill_t = div.reshape(n).to(acc)
+        if x.distill_clip is not None:  # beyond the clip: the value is capped, the gradient zero
+            distill_t = torch.clamp(distill_t, max=float(x.distill_clip))
+    out = loss_with_terms(logp_s.reshape(n).to(acc), lt, prep, h, x, ref=flat(ref_logprobs),
+                          rollout=flat(rollout_logprobs), entropy_t=entropy_t, distill_t=distill_t,
+                          entropy=ent.detach().reshape(shape) if return_entropy else None)
+    return out._replace(loss=out.loss.to(torch.float32), logprobs=logp_s.detach().reshape(shape),
+                        teacher_logprobs=(logp_t.detach().reshape(shape) if logp_t is not None
+                                          else teacher_logprobs),
+                        weights=out.weights.to(torch.float32), vocab=vocab, ignore_index=h.ignore_index)
+
+
 def loss_with_terms_fused(h: Hyper, x: Terms, student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
                           teacher_logprobs, cu_seqlens, return_entropy, inplace_backward, ref_logprobs,
                           rollout_logprobs):
     """The loss and output of ``rlsd_loss`` with ``x.on``; inputs already validated (values included)."""
-    n = labels.numel()
     teacher = None if teacher_logits is None else teacher_logits.detach()
     div = None
     if x.needs_full_distribution:  # the row terms' op: entropy and divergence differentiable
-        mode = DIV_MODES[x.distill_divergence] if x.distill_coef > 0 else 0
         logp_s, logp_t, _, ent, _, div, _ = fused_logprobs_terms(student_logits, teacher, labels,
-                                                                 float(h.temperature), int(h.ignore_index), mode,
-                                                                 float(x.distill_beta))
+                                                                 float(h.temperature), int(h.ignore_index),
+                                                                 div_mode(x), float(x.distill_beta))
     else:
         logp_s, logp_t, _, ent = fused_logprobs(student_logits, teacher, labels, float(h.temperature),
                                                 int(h.ignore_index), bool(return_entropy),
                                                 bool(inplace_backward))
     prep = prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
                    cu_seqlens, h, values=False)
-    acc = prep.advantages.dtype
-    lt = logp_t.reshape(n).to(acc) if teacher_logits is not None else prep.teacher_logprobs
-    flat = lambda t: None if t is None else t.detach().reshape(n).to(acc)  # noqa: E731
-    entropy_t = ent.reshape(n).to(acc) if x.entropy_coef > 0 else None
-    distill_t = None
-    if x.distill_coef > 0:
-        distill_t = div.to(acc)
-        if x.distill_clip is not None:  # beyond the clip: the value is capped, the gradient zero
-            distill_t = torch.clamp(distill_t, max=float(x.distill_clip))
-    out = loss_with_terms(logp_s.reshape(n).to(acc), lt, prep, h, x, ref=flat(ref_logprobs),
-                          rollout=flat(rollout_logprobs), entropy_t=entropy_t, distill_t=distill_t,
-                          entropy=ent.detach().reshape(labels.shape) if return_entropy else None)
-    return out._replace(loss=out.loss.to(torch.float32), logprobs=logp_s.detach().reshape(labels.shape),
-                        teacher_logprobs=(logp_t.detach().reshape(labels.shape) if teacher_logits is not None
-                                          else teacher_logprobs),
-                        weights=out.weights.to(torch.float32), vocab=student_logits.shape[-1],
-                        ignore_index=h.ignore_index)
+    return terms_output(h, x, prep, logp_s, logp_t if teacher_logits is not None else None, ent, div,
+                        teacher_logprobs, ref_logprobs, rollout_logprobs, return_entropy, student_logits.shape[-1])
+
+
+def div_mode(x: Terms) -> int:
+    """The backends' integer divergence mode of the terms (0: no distillation term)."""
+    return DIV_MODES[x.distill_divergence] if x.distill_coef > 0 else 0

@@ -225,3 +225,62 @@ def backward(grad_logp, hidden, weight, bias, labels, lse, temperature, need_hid
             if need_bias:
                 db += z.sum(0, dtype=db.dtype)
     return (dh, None if dw is None else dw.result(), None if db is None else db.to(bias.dtype))
+
+
+# ------------------------------------------------------------------------------ the section 2c terms (two passes)
+# With the terms on, a token's gradient factor depends on its whole sequence (GSPO, sequence-level IS) or on the
+# batch's rejection mask, so the loss algebra runs once all log-probs are known and the chunks are walked twice:
+# statistics, then (backward) the recomputed logits turned into the gradient. Five GEMMs (six with a divergence,
+# which also needs the teacher's chunk in the second walk), against four for the plain loss.
+def forward_terms(hidden, weight, bias, teacher, labels, temperature, ignore_index, div_mode, beta):
+    from ... import dispatch
+
+    N, V = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    step = rows_per_chunk(N, V, 2 if teacher is not None else 1, hidden.element_size())
+    outs = None
+    with torch.no_grad(), _logits_backend(dev):
+        backend = dispatch.get_backend(dev)
+        for r0, r1 in _chunks(N, step):
+            z_s = F.linear(hidden[r0:r1], weight, bias)
+            z_t = F.linear(teacher[r0:r1], weight, bias) if teacher is not None else None
+            got = backend.forward_terms(z_s[None], None if z_t is None else z_t[None], labels[r0:r1], temperature,
+                                        ignore_index, True, div_mode, beta)
+            if outs is None:
+                outs = [None if t is None else torch.empty(N, dtype=t.dtype, device=dev) for t in got]
+            for buf, t in zip(outs, got):
+                if buf is not None:
+                    buf[r0:r1] = t
+    if outs is None:  # no rows
+        outs = [torch.empty(0, device=dev)] * 7
+    return tuple(outs)
+
+
+def backward_terms(coef, ent_coef, div_coef, hidden, weight, bias, teacher, labels, lse, entropy, lse_t, div, aux,
+                   temperature, div_mode, beta, need_hidden, need_weight, need_bias):
+    from ... import dispatch
+
+    N, V = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    chunks = list(_chunks(N, rows_per_chunk(N, V, 2 if div_mode else 1, hidden.element_size())))
+    need_bias = need_bias and bias is not None
+    dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
+    dw = _WeightGrad(weight, len(chunks)) if need_weight else None
+    db = torch.zeros(V, dtype=_bias_acc(bias), device=dev) if need_bias else None
+    sl = lambda t, r0, r1: None if t is None else t[r0:r1].contiguous()  # noqa: E731
+    with torch.no_grad(), _logits_backend(dev):
+        backend = dispatch.get_backend(dev)
+        for r0, r1 in chunks:
+            h = hidden[r0:r1]
+            z = F.linear(h, weight, bias).contiguous()
+            z_t = F.linear(teacher[r0:r1], weight, bias)[None] if div_mode else None
+            backend.backward_terms(sl(coef, r0, r1), sl(ent_coef, r0, r1), sl(div_coef, r0, r1), z[None], z_t,
+                                   labels[r0:r1], sl(lse, r0, r1), sl(entropy, r0, r1), sl(lse_t, r0, r1),
+                                   sl(div, r0, r1), sl(aux, r0, r1), temperature, div_mode, beta, z[None])
+            if need_hidden:
+                torch.matmul(z, weight, out=dh[r0:r1])
+            if need_weight:
+                dw.add(z, h)
+            if need_bias:
+                db += z.sum(0, dtype=db.dtype)
+    return (dh, None if dw is None else dw.result(), None if db is None else db.to(bias.dtype))
