@@ -14,8 +14,7 @@ The two terms that need whole rows, the entropy bonus and the distillation diver
 ``rlsd_kernels::fused_logprobs_terms`` instead: its statistics pass also gives the entropy and, with a divergence,
 the teacher's log-sum-exp and ``D_t`` (the C++ backend in the same read of both rows; JSD one more sweep per row),
 and its backward writes the whole gradient, ``coef (onehot - p) - e p (log p + H) + f dD/dz``, in one sweep that
-also reads the teacher for a divergence. The Triton backend has no kernel for these two terms yet and runs the eager
-backend's blocked passes for them (``backends/logits/triton.py``).
+also reads the teacher for a divergence (C++: ``csrc/rlsd_row_terms.h``; Triton: ``backends/logits/triton_terms.py``).
 """
 from __future__ import annotations
 

@@ -132,18 +132,5 @@ def backward(grad_logp, student, labels, lse, temperature, out):
 KERNELS = {"fused_logprobs_fwd": _fused_logprobs_fwd, "fused_logprobs_bwd": _fused_logprobs_bwd}
 
 
-# The row terms (entropy bonus, distillation divergence: docs/math.md sections 2b/2c) have no Triton kernel yet: the
-# scoring kernel gives log-probs, lse and entropy, and the eager backend's blocked passes (torch ops on the same
-# device, O(rows per block x V) scratch) the divergence statistics and the gradient.
-def forward_terms(student, teacher, labels, temperature, ignore_index, want_entropy, div_mode, beta):
-    from . import eager
-
-    logp_s, logp_t, lse_s, ent = forward(student, teacher, labels, temperature, ignore_index, want_entropy)
-    return (logp_s, logp_t, lse_s, ent) + eager.divergence_stats(student, teacher, lse_s, temperature, div_mode, beta)
-
-
-def backward_terms(*args):
-    from . import eager
-
-    eager.backward_terms(*args)
-
+# The row terms (entropy bonus, distillation divergence: docs/math.md sections 2b/2c): triton_terms.py.
+from .triton_terms import backward_terms, forward_terms  # noqa: E402,F401
