@@ -232,6 +232,13 @@ def gpu_markdown(res: dict) -> str:
                            fmt_num(r["peak_mem_mib"]) if "peak_mem_mib" in r else "-",
                            f"logits={r.get('logits_backend')}, linear chunks={r.get('linear_backend')}"
                            if "logits_backend" in r else "-"] for r in derived(res["linear"])])
+    if res.get("terms"):
+        out += ["", "## Loss terms (section 2c) over plain RLSD, and OPSD alone", ""]
+        out += _md_table(["shape", "row", "fwd+bwd ms", "vs plain", "vs eager (OPSD rows)"],
+                         [[r.get("shape", "-"), r.get("row", r.get("status", "?")),
+                           fmt_num(r["fwd_bwd_ms"]) if "fwd_bwd_ms" in r else (r.get("error") or "")[:80],
+                           f"{r['vs_plain']:.2f}" if "vs_plain" in r else "-",
+                           f"{r['vs_eager']:.2f}" if "vs_eager" in r else "-"] for r in res["terms"]])
     if res.get("stages"):
         out += ["", "## Stages", ""]
         out += _md_table(["stage", "status", "wall s"], [[s["name"], s["status"], f"{s['wall_s']:.1f}"]
