@@ -11,7 +11,7 @@ from . import dispatch, ops
 from ._inputs import check_logits, check_loss_inputs, check_scoring, check_terms
 from ._output import RLSDOutput
 from .hyper import LOSS_TYPES, Hyper
-from .loss import Terms, check_divergence
+from .loss import Terms, check_divergence, hyper_and_terms
 from .ops.fused_loss_terms import loss_with_terms_fused
 
 
@@ -38,12 +38,9 @@ def rlsd_loss(student_logits, teacher_logits, labels, advantages, old_logprobs=N
     and its threshold and mode, ``loss_type="gspo"``, ``entropy_coef``, ``distill_*``) are all off by default; with
     all of them off the op is exactly section 2. With any on, the values of the inputs are checked on the host.
     """
-    if loss_type not in LOSS_TYPES + ("gspo",):
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES + ('gspo',)}, got {loss_type!r}")
-    x = Terms(kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode, loss_type == "gspo", entropy_coef,
-              distill_coef, distill_divergence, distill_beta, distill_clip).validate()
-    h = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, "ppo" if x.gspo else loss_type, loss_agg_mode, norm,
-              temperature, ignore_index)
+    h, x = hyper_and_terms(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature,
+                           ignore_index, kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode,
+                           entropy_coef, distill_coef, distill_divergence, distill_beta, distill_clip)
     return _rlsd_loss(h, student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
                       cu_seqlens, return_entropy, inplace_backward, x, ref_logprobs, rollout_logprobs)
 

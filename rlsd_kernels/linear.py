@@ -13,8 +13,8 @@ import torch
 from . import dispatch
 from ._inputs import check_hyper, check_labels, check_linear, check_terms, logits_stand_in, prepare
 from ._output import RLSDOutput
-from .hyper import LOSS_TYPES, Hyper
-from .loss import Terms, agg_weights
+from .hyper import Hyper
+from .loss import agg_weights, hyper_and_terms
 from .ops.fused_linear import fused_linear_logprobs, fused_linear_logprobs_terms, fused_linear_rlsd_loss
 from .ops.fused_loss_terms import div_mode, terms_output
 
@@ -49,12 +49,9 @@ def rlsd_linear_loss(student_hidden, lm_head_weight, labels, advantages, old_log
     the section 2c terms included (the distillation term needs ``teacher_hidden``). With a term on, the rows are
     walked twice (statistics, then the gradient in the backward: five or six GEMMs instead of four).
     """
-    if loss_type not in LOSS_TYPES + ("gspo",):
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES + ('gspo',)}, got {loss_type!r}")
-    x = Terms(kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode, loss_type == "gspo", entropy_coef,
-              distill_coef, distill_divergence, distill_beta, distill_clip).validate()
-    h = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, "ppo" if x.gspo else loss_type, loss_agg_mode, norm,
-              temperature, ignore_index)
+    h, x = hyper_and_terms(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature,
+                           ignore_index, kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode,
+                           entropy_coef, distill_coef, distill_divergence, distill_beta, distill_clip)
     check_hyper(h)
     H, V = check_linear(student_hidden, lm_head_weight, lm_head_bias, teacher_hidden)
     if teacher_hidden is not None and teacher_logprobs is not None:

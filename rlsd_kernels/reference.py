@@ -15,8 +15,9 @@ import torch
 
 from ._inputs import check_scoring, check_terms, prepare
 from ._output import RLSDOutput
-from .hyper import LOSS_TYPES, Hyper
-from .loss import DIVERGENCES, Terms, aggregate, check_divergence, loss_from_logprobs, loss_with_terms
+from .hyper import Hyper
+from .loss import (DIVERGENCES, Terms, aggregate, check_divergence, hyper_and_terms, loss_from_logprobs,
+                   loss_with_terms)
 
 __all__ = ["rlsd_loss_eager", "token_logprobs_eager", "opsd_loss"]
 
@@ -75,12 +76,9 @@ def rlsd_loss_eager(student_logits, teacher_logits, labels, advantages, old_logp
     The section 2c terms (KL to ``ref_logprobs``, rollout importance sampling, ``loss_type="gspo"``, the entropy
     bonus, the distillation term) are all off by default; with all of them off this is exactly section 2.
     """
-    if loss_type not in LOSS_TYPES + ("gspo",):
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES + ('gspo',)}, got {loss_type!r}")
-    x = Terms(kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode, loss_type == "gspo", entropy_coef,
-              distill_coef, distill_divergence, distill_beta, distill_clip).validate()
-    h = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, "ppo" if x.gspo else loss_type, loss_agg_mode, norm,
-              temperature, ignore_index)
+    h, x = hyper_and_terms(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature,
+                           ignore_index, kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode,
+                           entropy_coef, distill_coef, distill_divergence, distill_beta, distill_clip)
     prep = prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
                    cu_seqlens, h)
     check_terms(x, prep.label_shape, prep.seq_ids is not None, student_logits.device, teacher_logits, teacher_logprobs,

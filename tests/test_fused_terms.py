@@ -5,7 +5,7 @@ import torch
 
 import rlsd_kernels
 from rlsd_kernels import reference
-from test_reference_terms import BAD, CASES, HP, _inputs, _kwargs
+from test_reference_terms import BAD, CASES, HP, _inputs, _kwargs, bad_call
 
 B, T = 3, 8
 # built at import, before any test forces a backend (the inputs live on the CPU; each test moves them)
@@ -141,20 +141,8 @@ def test_inplace_refused_for_row_terms():
 
 @pytest.mark.parametrize("bad,name", BAD, ids=[n + str(i) for i, (_, n) in enumerate(BAD)])
 def test_validation(bad, name):
-    from helpers import make_inputs
-
-    inp = make_inputs(B=2, T=3, V=7, dtype=torch.float32, seed=9)
-    bad = dict(bad)
-    if bad.pop("flat", False):
-        inp = {k: (v.reshape(6, *v.shape[2:]) if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
-    lead = inp["labels"].shape
-    for k, v in list(bad.items()):
-        if v == "ok":
-            bad[k] = torch.zeros(lead)
-        elif v == "short":
-            bad[k] = torch.zeros(lead[0])
     with pytest.raises(ValueError, match=name):
-        rlsd_kernels.rlsd_loss(**dict(inp, **bad))
+        rlsd_kernels.rlsd_loss(**bad_call(bad, torch.float32))
 
 
 @pytest.mark.parametrize("agg", ["token", "seq"])

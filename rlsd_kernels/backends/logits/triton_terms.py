@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from . import alloc_row_outputs
-from ..triton_common import check_device, col_offsets, load_chunk, lse_chunk, row_pointer, unit_vocab_stride
+from ..triton_common import (check_device, col_offsets, load_chunk, row_pointer, row_stats, target_logits,
+                             unit_vocab_stride)
 from ..triton_launch import LAUNCH
 
 FORWARD_KL, REVERSE_KL, JSD = 1, 2, 3  # backends.logits.DIV_MODES
@@ -34,36 +35,10 @@ def _terms_fwd(
     s_row = row_pointer(S, row, seq_len, s_sb, s_st)
     t_row = row_pointer(TCH, row, t_seq_len, t_sb, t_st)
     label = tl.load(LABELS + row)
-    has_tgt = (label >= 0) & (label < V)
-    lbl = tl.where(has_tgt, label, 0)
-    tgt_s = tl.load(s_row + lbl * s_sv, mask=has_tgt, other=0.0).to(tl.float32) * inv_temp
-    tgt_t = tl.zeros((), tl.float32)
-    if HAS_TEACHER:
-        tgt_t = tl.load(t_row + lbl * t_sv, mask=has_tgt, other=0.0).to(tl.float32) * inv_temp
-    cols0 = tl.arange(0, BLOCK_V)
-    m_s = tl.full((), float("-inf"), tl.float32)
-    d_s = tl.zeros((), tl.float32)
-    e_s = tl.zeros((), tl.float32)
-    m_t = tl.full((), float("-inf"), tl.float32)
-    d_t = tl.zeros((), tl.float32)
-    c = tl.zeros((), tl.float32)  # the divergence's cross sum, relative to its weighting row's running max
-    for start in range(0, V, BLOCK_V):
-        x, y = load_chunk(s_row, t_row, start, cols0, V, s_sv, t_sv, HAS_TEACHER, CONTIG, False)
-        x = x.to(tl.float32) * inv_temp
-        m_new, shift, alpha, p = lse_chunk(m_s, d_s, x)
-        e_s = alpha * (e_s + tl.where(d_s == 0.0, 0.0, m_s - shift) * d_s) + \
-            tl.sum(p * tl.where(p > 0, x - shift, 0.0), axis=0)
-        d_s = d_s * alpha + tl.sum(p, axis=0)
-        m_s = m_new
-        if HAS_TEACHER:
-            y = y.to(tl.float32) * inv_temp
-            if DIV_MODE == 2:  # reverse KL: sum p_S (x_S - x_T), with the student's rescale
-                c = c * alpha + tl.sum(tl.where(p > 0, p * (x - y), 0.0), axis=0)
-            mt_new, t_shift, t_alpha, q = lse_chunk(m_t, d_t, y)
-            d_t = d_t * t_alpha + tl.sum(q, axis=0)
-            m_t = mt_new
-            if DIV_MODE == 1:  # forward KL: sum p_T (x_T - x_S), with the teacher's rescale
-                c = c * t_alpha + tl.sum(tl.where(q > 0, q * (y - x), 0.0), axis=0)
+    tgt_s, tgt_t = target_logits(s_row, t_row, label, V, s_sv, t_sv, inv_temp, HAS_TEACHER)
+    # the entropy always (the terms' backward needs it), the divergence's cross sum in the same read
+    m_s, d_s, e_s, m_t, d_t, c = row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, HAS_TEACHER, True, CONTIG, BLOCK_V,
+                                           False, False, DIV_MODE)
     log_d = tl.log(d_s)
     lse_s = m_s + log_d
     ignored = label == ignore_index
@@ -83,6 +58,7 @@ def _terms_fwd(
             if DIV_MODE == 3:  # second sweep: sum p_T (log p_T - log M) and sum p_S (log p_S - log M)
                 a = tl.zeros((), tl.float32)
                 b = tl.zeros((), tl.float32)
+                cols0 = tl.arange(0, BLOCK_V)
                 for start in range(0, V, BLOCK_V):
                     x, y = load_chunk(s_row, t_row, start, cols0, V, s_sv, t_sv, True, CONTIG, False)
                     ls = x.to(tl.float32) * inv_temp - lse_s
