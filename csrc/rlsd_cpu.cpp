@@ -46,7 +46,7 @@ using namespace rlsd_cpu;
 
 template <bool kEntropy, int kDiv>
 void forward_rows(const View3& s, const View3* t, const int64_t* labels, float inv_temp, int64_t ignore_index,
-                  float* logp_s, float* logp_t, float* lse_s, float* ent, int64_t n_rows, float beta, float* lse_t,
+                  float* logp_s, float* logp_t, float* lse_s, float* ent, int64_t n_rows, float beta, double* lse_t,
                   float* div, float* aux) {
   const int64_t V = s.V;
   at::parallel_for(0, n_rows, grain_rows(V), [&](int64_t r0, int64_t r1) {
@@ -70,8 +70,15 @@ void forward_rows(const View3& s, const View3* t, const int64_t* labels, float i
           mt = load_chunk(trow + start * t->sv * t->esize, t->dt, t->sv, n, inv_temp, bt);
           if (has_tgt) tgt_t = bt[label - start];
         }
-        accumulate<kEntropy, kDiv == kReverseKL>(ss, bs, n, ms, s.next_chunk(r, start, r1), s.esize, &cross, bt);
-        if (t) accumulate<false, kDiv == kForwardKL>(ts, bt, n, mt, t->next_chunk(r, start, r1), t->esize, &cross, bs);
+        // the cross sums take the other row's values relative to its running max after this chunk
+        const float s_old = finite_shift(ss.m), t_old = finite_shift(ts.m);
+        const float s_new = finite_shift(nan_max(ss.m, ms)), t_new = finite_shift(nan_max(ts.m, mt));
+        accumulate<kEntropy || kDiv == kReverseKL, kDiv == kReverseKL>(ss, bs, n, ms, s.next_chunk(r, start, r1),
+                                                                        s.esize, &cross, bt, t_old, t_new);
+        if (t) {
+          accumulate<kDiv == kForwardKL, kDiv == kForwardKL>(ts, bt, n, mt, t->next_chunk(r, start, r1), t->esize,
+                                                             &cross, bs, s_old, s_new);
+        }
       }
       const bool ignored = label == ignore_index;
       const float log_d = std::log(ss.d);
@@ -83,11 +90,12 @@ void forward_rows(const View3& s, const View3* t, const int64_t* labels, float i
       if (t) logp_t[r] = ignored ? 0.0f : (tgt_t - ts.m) - std::log(ts.d);
       if (kDiv != kNoDiv) {
         const float log_dt = std::log(ts.d);
-        lse_t[r] = ts.m + log_dt;
-        // KL(p || q) = sum p (x_p - x_q) - lse_p + lse_q, each lse split as (max, log sum) for accuracy
-        if (kDiv == kForwardKL) div[r] = cross.c / ts.d - (ts.m - ss.m) - (log_dt - log_d);
-        if (kDiv == kReverseKL) div[r] = cross.c / ss.d - (ss.m - ts.m) - (log_d - log_dt);
-        if (kDiv == kJSD) jsd_row(s, *t, r, inv_temp, lse_s[r], lse_t[r], beta, bs, bt, div + r, aux + r);
+        // float64: at |logits| ~ 1e4 a float32 lse is rounded by ~5e-4, a relative error of every p_T
+        lse_t[r] = static_cast<double>(ts.m) + std::log(static_cast<double>(ts.d));
+        // KL(p_w || p_o) = (e_w - c) / d_w - log d_w + log d_o: every value relative to its row's max
+        if (kDiv == kForwardKL) div[r] = (ts.e - cross.c) / ts.d - log_dt + log_d;
+        if (kDiv == kReverseKL) div[r] = (ss.e - cross.c) / ss.d - log_d + log_dt;
+        if (kDiv == kJSD) jsd_row(s, *t, r, inv_temp, ss.m, log_d, lse_t[r], beta, bs, bt, div + r, aux + r);
       }
     }
   });
@@ -120,15 +128,16 @@ void forward(const at::Tensor& student, const std::optional<at::Tensor>& teacher
     check_vec(*entropy, at::kFloat, n, "entropy");
     ent = entropy->data_ptr<float>();
   }
-  float *lt_out = nullptr, *div_out = nullptr, *aux_out = nullptr;
+  double* lt_out = nullptr;
+  float *div_out = nullptr, *aux_out = nullptr;
   TORCH_CHECK(div_mode >= kNoDiv && div_mode <= kJSD, "rlsd_cpu: unknown div_mode ", div_mode);
   if (div_mode != kNoDiv) {
     TORCH_CHECK(t && lse_t.has_value() && div.has_value() && aux.has_value(),
                 "rlsd_cpu: a divergence needs the teacher and the lse_t, div, aux outputs");
-    check_vec(*lse_t, at::kFloat, n, "lse_t");
+    check_vec(*lse_t, at::kDouble, n, "lse_t");
     check_vec(*div, at::kFloat, n, "div");
     check_vec(*aux, at::kFloat, n, "aux");
-    lt_out = lse_t->data_ptr<float>();
+    lt_out = lse_t->data_ptr<double>();
     div_out = div->data_ptr<float>();
     aux_out = aux->data_ptr<float>();
   }
@@ -243,8 +252,8 @@ void backward_terms(const at::Tensor& grad_logp, const std::optional<at::Tensor>
               out.scalar_type() == student.scalar_type(), "rlsd_cpu: out must match student");
   check_vec(grad_logp, at::kFloat, n, "grad_logp");
   check_vec(labels, at::kLong, n, "labels");
-  check_vec(lse, at::kFloat, n, "lse");
-  RowTermsArgs a{grad_logp.data_ptr<float>(), nullptr, nullptr, lse.data_ptr<float>(), nullptr, nullptr, nullptr,
+  check_vec(lse, at::kDouble, n, "lse");
+  RowTermsArgs a{grad_logp.data_ptr<float>(), nullptr, nullptr, lse.data_ptr<double>(), nullptr, nullptr, nullptr,
                  nullptr, labels.data_ptr<int64_t>(), static_cast<float>(1.0 / temperature),
                  static_cast<float>(beta)};
   const bool ent_on = ent_coef.has_value();
@@ -261,12 +270,12 @@ void backward_terms(const at::Tensor& grad_logp, const std::optional<at::Tensor>
     TORCH_CHECK(teacher.has_value() && div_coef.has_value() && lse_t.has_value() && div.has_value() &&
                 aux.has_value(), "rlsd_cpu: a divergence needs the teacher, div_coef, lse_t, div and aux");
     check_vec(*div_coef, at::kFloat, n, "div_coef");
-    check_vec(*lse_t, at::kFloat, n, "lse_t");
+    check_vec(*lse_t, at::kDouble, n, "lse_t");
     check_vec(*div, at::kFloat, n, "div");
     check_vec(*aux, at::kFloat, n, "aux");
     t.emplace(*teacher);
     a.f = div_coef->data_ptr<float>();
-    a.lse_t = lse_t->data_ptr<float>();
+    a.lse_t = lse_t->data_ptr<double>();
     a.div = div->data_ptr<float>();
     a.aux = aux->data_ptr<float>();
   }

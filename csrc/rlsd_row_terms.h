@@ -8,18 +8,25 @@ namespace rlsd_cpu {
 
 // The second sweep of JSD over one row, with both log-sum-exps known: returns (D, KL(p_S || M)) for
 // M = beta p_T + (1 - beta) p_S. Scalar logs: JSD is the one mode that needs log M per element.
-inline void jsd_row(const View3& s, const View3& t, int64_t r, float inv_temp, float lse_s, float lse_t, float beta,
-                    float* bs, float* bt, float* d_out, float* aux_out) {
+// A float64 log-sum-exp as two float32 parts: x - lse is computed as (x - hi) - lo, exact where x ~ hi.
+struct SplitLse {
+  float hi, lo;
+  explicit SplitLse(double lse) : hi(static_cast<float>(lse)), lo(static_cast<float>(lse - static_cast<float>(lse))) {}
+};
+
+inline void jsd_row(const View3& s, const View3& t, int64_t r, float inv_temp, float m_s, float log_d_s, double lse_t,
+                    float beta, float* bs, float* bt, float* d_out, float* aux_out) {
   const char* srow = s.base + s.row_offset(r);
   const char* trow = t.base + t.row_offset(r);
-  const vf vls = vsplat(lse_s), vlt = vsplat(lse_t), vzero{};
+  const SplitLse st(lse_t);
+  const vf vms = vsplat(m_s), vlds = vsplat(log_d_s), vhi = vsplat(st.hi), vlo = vsplat(st.lo), vzero{};
   vf va{}, vb{};  // sum p_T (log p_T - log M), sum p_S (log p_S - log M)
   for (int64_t start = 0; start < s.V; start += kChunk) {
     const int64_t n = std::min(kChunk, s.V - start);
     load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, n, inv_temp, bs);
     load_chunk(trow + start * t.sv * t.esize, t.dt, t.sv, n, inv_temp, bt);
     for (int64_t i = 0; i < n; i += kLanes) {  // padding lanes: p = 0 on both sides, they add nothing
-      const vf ls = vload(bs + i) - vls, lt = vload(bt + i) - vlt;
+      const vf ls = (vload(bs + i) - vms) - vlds, lt = (vload(bt + i) - vhi) - vlo;
       const vf ps = exp_neg(ls), pt = exp_neg(lt);
       const vf lm = log_pos(pt * beta + ps * (1.0f - beta));
       va += pt > 0.0f ? pt * (lt - lm) : vzero;
@@ -38,7 +45,11 @@ inline void jsd_row(const View3& s, const View3& t, int64_t r, float inv_temp, f
 // K = KL(p || M)). coef, e, f are per row (d loss / d logp_S, d loss / d H, d loss / d D); the target element's
 // onehot term keeps the cancellation-free form of `backward`.
 struct RowTermsArgs {
-  const float *coef, *e, *f, *lse, *ent, *lse_t, *div, *aux;
+  const float *coef, *e, *f;
+  const double* lse;  // float64 (the terms interface); split, or recomputed exactly at |lse| > kPreciseLse
+  const float* ent;
+  const double* lse_t;
+  const float *div, *aux;
   const int64_t* labels;
   float inv_temp, beta;
 };
@@ -47,10 +58,13 @@ template <bool kEnt, int kDiv>
 inline float term_grad(float p, float lp, float xt, const RowTermsArgs& a, int64_t r, float H, float e, float f) {
   float g = 0.0f;
   if (kEnt && p > 0.0f) g -= e * p * (lp + H);
-  if (kDiv == kForwardKL) g += f * (p - std::exp(xt - a.lse_t[r]));
-  if (kDiv == kReverseKL && p > 0.0f) g += f * p * (lp - (xt - a.lse_t[r]) - a.div[r]);
+  if (kDiv == kNoDiv) return g;
+  const SplitLse st(a.lse_t[r]);
+  const float lt = (xt - st.hi) - st.lo;
+  if (kDiv == kForwardKL) g += f * (p - std::exp(lt));
+  if (kDiv == kReverseKL && p > 0.0f) g += f * p * (lp - lt - a.div[r]);
   if (kDiv == kJSD && p > 0.0f) {
-    const float mix = a.beta * std::exp(xt - a.lse_t[r]) + (1.0f - a.beta) * p;
+    const float mix = a.beta * std::exp(lt) + (1.0f - a.beta) * p;
     g += f * (1.0f - a.beta) * p * (lp - std::log(mix) - a.aux[r]);
   }
   return g;
@@ -68,7 +82,7 @@ void backward_terms_rows(const View3& s, const View3* t, View3& o, const RowTerm
       const float coef = a.coef[r] * a.inv_temp;
       const float e = kEnt ? a.e[r] * a.inv_temp : 0.0f;
       const float f = kDiv != kNoDiv ? a.f[r] * a.inv_temp : 0.0f;
-      const float row_lse = a.lse[r];
+      const float row_lse = static_cast<float>(a.lse[r]);
       if ((coef == 0.0f && e == 0.0f && f == 0.0f) || row_lse == kNegInf) {
         zero_row(orow, o.dt, o.sv, V);
         continue;
@@ -103,7 +117,8 @@ void backward_terms_rows(const View3& s, const View3* t, View3& o, const RowTerm
         {  // 16 lanes; padding lanes hold -inf (p = 0) and are never stored
           const int64_t padded = (cn + kLanes - 1) / kLanes * kLanes;
           const vf vshift = vsplat(shift), vlog_d = vsplat(log_d), vH = vsplat(H), vzero{};
-          const float lse_t = kDiv != kNoDiv && read_teacher ? a.lse_t[r] : 0.0f;
+          const SplitLse st(kDiv != kNoDiv && read_teacher ? a.lse_t[r] : 0.0);
+          const vf vhi = vsplat(st.hi), vlo = vsplat(st.lo);
           const float dv = kDiv == kReverseKL && read_teacher ? a.div[r] : 0.0f;
           const float kl_sm = kDiv == kJSD && read_teacher ? a.aux[r] : 0.0f;
           vf vsum{};
@@ -117,12 +132,12 @@ void backward_terms_rows(const View3& s, const View3* t, View3& o, const RowTerm
             vsum += p;
             vf g = p * -coef;
             if (kEnt) g -= p > 0.0f ? p * (lp + vH) * e : vzero;
-            if (kDiv == kForwardKL && read_teacher) g += (p - exp_neg(vload(bt + i) - lse_t)) * f;
-            if (kDiv == kReverseKL && read_teacher) {
-              g += p > 0.0f ? p * ((lp - (vload(bt + i) - lse_t)) - dv) * f : vzero;
-            }
+            vf lt{};
+            if (kDiv != kNoDiv && read_teacher) lt = (vload(bt + i) - vhi) - vlo;
+            if (kDiv == kForwardKL && read_teacher) g += (p - exp_neg(lt)) * f;
+            if (kDiv == kReverseKL && read_teacher) g += p > 0.0f ? p * ((lp - lt) - dv) * f : vzero;
             if (kDiv == kJSD && read_teacher) {
-              const vf lm = log_pos(exp_neg(vload(bt + i) - lse_t) * a.beta + p * (1.0f - a.beta));
+              const vf lm = log_pos(exp_neg(lt) * a.beta + p * (1.0f - a.beta));
               g += p > 0.0f ? p * ((lp - lm) - kl_sm) * (f * (1.0f - a.beta)) : vzero;
             }
             vstore(buf + i, g);

@@ -27,31 +27,37 @@ struct Stats {
   float e = 0.0f;
 };
 
-// x: a chunk buffer of n elements padded with -inf to a multiple of kLanes.
-// Cross sum of a divergence (docs/math.md sections 2b/2c), relative to the same running max m as the Stats of the
-// weighting row w: c = sum exp(w - m) * (w - o) over the row so far; -inf entries of w weigh 0 (never 0 * inf).
+// Cross sum of a divergence (docs/math.md sections 2b/2c), weighted by the row w of this Stats and relative to
+// both rows' running maxima: c = sum exp(w - m_w) * (o - shift_o), shift_o the other row's running max (0 while
+// that is -inf). With the entropy sums e it gives KL(p_w || p_o) = (e - c) / d - log d_w + log d_o without the
+// cancellation of x - lse at |logits| ~ 1e4. -inf entries of w weigh 0 (never 0 * inf).
 struct Cross {
   float c = 0.0f;
 };
 
+// The shift a row's values are taken relative to: its running max, 0 while that is -inf (no -inf - -inf = nan).
+inline float finite_shift(float m) { return m == kNegInf ? 0.0f : m; }
+
+// x: a chunk buffer of n elements padded with -inf to a multiple of kLanes.
 // pf: the next chunk to be loaded (or nullptr), prefetched one cache line per iteration (pf_step = its element size):
 // the arithmetic here would otherwise leave the memory system idle between the loads of two chunks.
-// kCross: also the Cross sum against the chunk `o` of the other row (same exp, same rescaling).
+// kCross: also the Cross sum against the chunk `o` of the other row, whose shift moves from o_old to o_new with
+// this chunk (the part accumulated so far is re-based: c -= (o_new - o_old) * d).
 template <bool kEntropy, bool kCross = false>
 inline void accumulate(Stats& st, const float* __restrict x, int64_t n, float chunk_max, const char* pf,
-                       int64_t pf_step, Cross* cs = nullptr, const float* __restrict o = nullptr) {
+                       int64_t pf_step, Cross* cs = nullptr, const float* __restrict o = nullptr, float o_old = 0.0f,
+                       float o_new = 0.0f) {
   const float m_new = nan_max(st.m, chunk_max);  // nan stays nan: every later exp and sum of the row is nan
   if (m_new == kNegInf) return;  // only -inf so far: nothing to add (and no -inf - -inf = nan)
   vf vs{}, ves{}, vc{};
-  const vf vm = vsplat(m_new);
+  const vf vm = vsplat(m_new), vo = vsplat(o_new);
   for (int64_t i = 0; i < n; i += kLanes) {
     if (pf) __builtin_prefetch(pf + i * pf_step);
-    const vf xv = vload(x + i);
-    const vf y = xv - vm;
+    const vf y = vload(x + i) - vm;
     const vf p = exp_neg(y);
     vs += p;
     if (kEntropy) ves += p > 0.0f ? p * y : vf{};  // -inf entries contribute 0, not 0 * -inf
-    if (kCross) vc += p > 0.0f ? p * (xv - vload(o + i)) : vf{};
+    if (kCross) vc += p > 0.0f ? p * (vload(o + i) - vo) : vf{};
   }
   const float s = hsum(vs);
   const float es = kEntropy ? hsum(ves) : 0.0f;
@@ -64,8 +70,8 @@ inline void accumulate(Stats& st, const float* __restrict x, int64_t n, float ch
     const float shift = st.m - m_new;  // <= 0
     const float a = std::exp(shift);
     st.e = a * (st.e + shift * st.d) + es;
+    if (kCross) cs->c = a * (cs->c - (o_new - o_old) * st.d) + cs_add;
     st.d = a * st.d + s;
-    if (kCross) cs->c = a * cs->c + cs_add;
   }
   st.m = m_new;
 }

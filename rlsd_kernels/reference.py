@@ -123,7 +123,12 @@ def row_divergence(ls, lt, divergence: str, beta: float, clip):
     elif divergence == "reverse_kl":
         d = _kl(ls, lt)
     else:
-        lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log(1 - beta)]), dim=0)
+        # where both distributions are 0, M is 0: logsumexp over (-inf, -inf) would give a nan gradient (exp of
+        # -inf - -inf) even though those entries are weighted by 0; take them out of the logsumexp
+        none = (lt == float("-inf")) & (ls == float("-inf"))
+        lm = torch.logsumexp(torch.stack([torch.where(none, 0.0, lt) + math.log(beta),
+                                          torch.where(none, 0.0, ls) + math.log(1 - beta)]), dim=0)
+        lm = torch.where(none, float("-inf"), lm)
         d = beta * _kl(lt, lm) + (1 - beta) * _kl(ls, lm)
     if clip is not None:
         d = torch.clamp(d, max=clip)  # beyond clip: value clip, zero gradient

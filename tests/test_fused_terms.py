@@ -192,3 +192,41 @@ def test_module_holds_the_terms():
     assert "kl_mean" not in mod(**args, rollout_logprobs=kw["rollout_logprobs"]).metrics
     with pytest.raises(ValueError, match="kl_type"):
         mod.kl_type = "k9"
+
+
+@pytest.mark.parametrize("case", ["entropy", "forward_kl", "reverse_kl", "jsd", "k3"])
+def test_extreme_logits(backend, case):
+    """+-1e4 logits, a row of equal logits, -inf entries (at the same places in both models, so every divergence
+    stays finite) and near-certain tokens: the terms within section 7's float32 tolerance of the float64 reference."""
+    from helpers import make_inputs
+
+    inp = make_inputs(B=2, T=4, V=97, seed=19, ignore_frac=0.0, mask_frac=0.0, device="cpu")
+    s, t = inp["student_logits"].detach().clone(), inp["teacher_logits"].detach().clone()
+    s[0, 0] = torch.where(torch.arange(97, device="cpu") % 2 == 0, 1e4, -1e4)
+    t[0, 0] = s[0, 0] + torch.randn(97, generator=torch.Generator().manual_seed(1), device="cpu")
+    s[0, 1] = 2.5
+    t[0, 1] = 2.5
+    s[0, 2, ::3] = float("-inf")
+    t[0, 2, ::3] = float("-inf")
+    lab = inp["labels"].clone()
+    lab[0, 0], lab[0, 2], lab[0, 3] = 0, 1, 3
+    s[0, 3, 1] = 1e4
+    s[1, 0, lab[1, 0]] = 60.0
+    inp = dict(inp, student_logits=s, teacher_logits=t, labels=lab)
+    kw = dict(HP, **CASES[case][0])
+    if "kl_coef" in kw:
+        kw["ref_logprobs"] = torch.full(lab.shape, -2.0, device="cpu")
+    inp, kw = _on(backend.device, inp, kw)
+    ref, ref_grad = _truth(inp, kw)
+    out, grad = _fused(inp, kw)
+    _compare(out, grad, ref, ref_grad, CASES[case][1])
+
+
+def test_opcheck_terms_op():
+    """Schema, fake kernel and autograd registration of the row-terms op (every divergence mode)."""
+    inp, _ = INPUTS[1]
+    s = inp["student_logits"].detach().float().requires_grad_()
+    t = inp["teacher_logits"].detach().float()
+    for mode in range(4):
+        torch.library.opcheck(torch.ops.rlsd_kernels.fused_logprobs_terms.default,
+                              (s, t if mode else None, inp["labels"], 0.9, -100, mode, 0.3))

@@ -27,6 +27,7 @@ from .. import dispatch
 from ..backends.linear import chunked
 from ..hyper import Hyper
 from .fused_loss import N_METRICS, scale_grad_
+from .fused_loss_terms import TERMS_DTYPES
 
 _EMPTY = (0,)
 
@@ -169,8 +170,7 @@ def fused_linear_logprobs_terms(hidden: Tensor, weight: Tensor, bias: Optional[T
     differentiable through logp_s, entropy and div w.r.t. hidden, weight and bias."""
     out = chunked.forward_terms(hidden, weight, bias, teacher_hidden, labels.to(torch.int64).contiguous(),
                                 temperature, ignore_index, div_mode, beta)
-    empty = lambda: hidden.new_empty(_EMPTY, dtype=torch.float32)  # noqa: E731
-    return tuple(empty() if t is None else t for t in out)
+    return tuple(hidden.new_empty(_EMPTY, dtype=dt) if t is None else t for t, dt in zip(out, TERMS_DTYPES))
 
 
 @fused_linear_logprobs_terms.register_fake
@@ -179,7 +179,8 @@ def _(hidden, weight, bias, teacher_hidden, labels, temperature, ignore_index, d
     f32 = lambda shape: hidden.new_empty(shape, dtype=torch.float32)  # noqa: E731
     t = n if teacher_hidden is not None else _EMPTY
     d = n if div_mode else _EMPTY
-    return f32(n), f32(t), f32(n), f32(n), f32(d), f32(d), f32(d)
+    f64 = lambda shape: f32(shape).to(torch.float64)  # noqa: E731  (the log-sum-exps are float64)
+    return f32(n), f32(t), f64(n), f32(n), f64(d), f32(d), f32(d)
 
 
 @torch.library.custom_op("rlsd_kernels::fused_linear_logprobs_terms_backward", mutates_args=())

@@ -33,20 +33,23 @@ from ..loss import Terms, loss_with_terms
 from .fused_logprobs import fused_logprobs
 
 _EMPTY = (0,)
+# dtypes of fused_logprobs_terms' outputs (logp_s, logp_t, lse_s, entropy, lse_t, div, aux)
+TERMS_DTYPES = (torch.float32, torch.float32, torch.float64, torch.float32, torch.float64, torch.float32, torch.float32)
 
 
 @torch.library.custom_op("rlsd_kernels::fused_logprobs_terms", mutates_args=())
 def fused_logprobs_terms(student: Tensor, teacher: Optional[Tensor], labels: Tensor, temperature: float,
                          ignore_index: int, div_mode: int, beta: float
                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (logp_s, logp_t, lse_s, entropy, lse_t, div, aux), flat float32 ``[N]`` (``logp_t`` / ``lse_t`` / ``div``
-    / ``aux`` empty when not produced); differentiable through ``logp_s``, ``entropy`` and ``div``."""
+    """-> (logp_s, logp_t, lse_s, entropy, lse_t, div, aux), flat ``[N]``, float32 but the float64 log-sum-exps
+    (``logp_t`` / ``lse_t`` / ``div`` / ``aux`` empty when not produced); differentiable through ``logp_s``,
+    ``entropy`` and ``div``."""
     backend = get_backend(student.device)
     out = backend.forward_terms(as_rows3d(student), None if teacher is None else as_rows3d(teacher),
                                 labels.reshape(-1).to(torch.int64).contiguous(), temperature, ignore_index, True,
                                 div_mode, beta)
-    empty = lambda: student.new_empty(_EMPTY, dtype=torch.float32)  # noqa: E731
-    return tuple(empty() if t is None else t.reshape(-1) for t in out)
+    return tuple(student.new_empty(_EMPTY, dtype=dt) if t is None else t.reshape(-1)
+                 for t, dt in zip(out, TERMS_DTYPES))
 
 
 @fused_logprobs_terms.register_fake
@@ -55,7 +58,8 @@ def _(student, teacher, labels, temperature, ignore_index, div_mode, beta):
     f32 = lambda shape: student.new_empty(shape, dtype=torch.float32)  # noqa: E731
     t = n if teacher is not None else _EMPTY
     d = n if div_mode else _EMPTY
-    return f32(n), f32(t), f32(n), f32(n), f32(d), f32(d), f32(d)
+    f64 = lambda shape: f32(shape).to(torch.float64)  # noqa: E731  (the log-sum-exps are float64)
+    return f32(n), f32(t), f64(n), f32(n), f64(d), f32(d), f32(d)
 
 
 @torch.library.custom_op("rlsd_kernels::fused_logprobs_terms_backward", mutates_args=())

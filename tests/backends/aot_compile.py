@@ -51,8 +51,8 @@ def main():
 def compile_terms():
     """The row-term kernels (triton_terms.py): every divergence mode with and without the entropy term, both
     vocabulary layouts, bf16 and fp32."""
-    fwd_sig = {"LABELS": "*i64", "LOGP_S": "*fp32", "LOGP_T": "*fp32", "LSE_S": "*fp32", "ENT": "*fp32",
-               "LSE_T": "*fp32", "DIV": "*fp32", "AUX": "*fp32", "seq_len": "i64", "t_seq_len": "i64", "V": "i32",
+    fwd_sig = {"LABELS": "*i64", "LOGP_S": "*fp32", "LOGP_T": "*fp32", "LSE_S": "*fp64", "ENT": "*fp32",
+               "LSE_T": "*fp64", "DIV": "*fp32", "AUX": "*fp32", "seq_len": "i64", "t_seq_len": "i64", "V": "i32",
                "s_sb": "i64", "s_st": "i64", "s_sv": "i64", "t_sb": "i64", "t_st": "i64", "t_sv": "i64",
                "inv_temp": "fp32", "ignore_index": "i64", "beta": "fp32"}
     for dt, (teacher, mode), contig in itertools.product(
@@ -60,8 +60,8 @@ def compile_terms():
         compile_one(f"terms_fwd[{dt}]", tterms.KERNELS["terms_fwd"], {"S": PTR[dt], "TCH": PTR[dt], **fwd_sig},
                     {"HAS_TEACHER": teacher, "DIV_MODE": mode, "CONTIG": contig, "BLOCK_V": LAUNCH["fwd_block_v"]},
                     LAUNCH["fwd_warps"])
-    bwd_sig = {"COEF": "*fp32", "ECOEF": "*fp32", "FCOEF": "*fp32", "LABELS": "*i64", "LSE": "*fp32", "ENT": "*fp32",
-               "LSE_T": "*fp32", "DIV": "*fp32", "AUX": "*fp32", "seq_len": "i64", "t_seq_len": "i64", "V": "i32",
+    bwd_sig = {"COEF": "*fp32", "ECOEF": "*fp32", "FCOEF": "*fp32", "LABELS": "*i64", "LSE": "*fp64", "ENT": "*fp32",
+               "LSE_T": "*fp64", "DIV": "*fp32", "AUX": "*fp32", "seq_len": "i64", "t_seq_len": "i64", "V": "i32",
                "s_sb": "i64", "s_st": "i64", "s_sv": "i64", "t_sb": "i64", "t_st": "i64", "t_sv": "i64",
                "o_sb": "i64", "o_st": "i64", "o_sv": "i64", "inv_temp": "fp32", "beta": "fp32"}
     variants = [(ent, mode, True) for ent in (True, False) for mode in range(4)] + [(True, 1, False)]

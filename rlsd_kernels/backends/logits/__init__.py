@@ -13,8 +13,10 @@ module is chosen by ``dispatch.get_backend``). Each module exposes the same two 
     ``ignore_index`` have ``grad_logp = 0`` and so get a zero gradient without the backward knowing the index.
 
 ``forward_terms(student, teacher, labels, temperature, ignore_index, want_entropy, div_mode, beta)``
-    ``forward`` plus, for a divergence mode (``DIV_MODES``), float32 ``[B*T]`` vectors ``lse_t`` (teacher lse),
-    ``div`` (``D_t`` of section 2b, unclipped) and ``aux`` (JSD: ``KL(p_S || M)``); ``None`` for mode 0.
+    ``forward`` (with the entropy) plus, for a divergence mode (``DIV_MODES``), ``[B*T]`` vectors ``lse_t`` (the
+    teacher's lse), ``div`` (``D_t`` of section 2b, unclipped) and ``aux`` (JSD: ``KL(p_S || M)``); ``None`` for
+    mode 0. ``lse_s`` and ``lse_t`` are float64 here: at |logits| ~ 1e4 a float32 lse is rounded by ~5e-4, which
+    the gradient sweep would turn into a relative error of every probability.
 
 ``backward_terms(coef, ent_coef, div_coef, student, teacher, labels, lse, entropy, lse_t, div, aux, temperature,
 div_mode, beta, out)``

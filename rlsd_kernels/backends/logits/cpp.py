@@ -154,10 +154,12 @@ def forward_terms(student, teacher, labels, temperature, ignore_index, want_entr
     logp_s, logp_t, lse_s, ent = alloc_row_outputs(n, student.device, teacher is not None, want_entropy)
     lse_t = div = aux = None
     if div_mode:
-        lse_t, div, aux = (torch.zeros(n, dtype=torch.float32) for _ in range(3))
+        lse_t = torch.zeros(n, dtype=torch.float64)  # float64: see backends/logits/__init__.py
+        div, aux = (torch.zeros(n, dtype=torch.float32) for _ in range(2))
     ext.forward(student, teacher, labels, float(temperature), int(ignore_index), logp_s, logp_t, lse_s, ent,
                 int(div_mode), float(beta), lse_t, div, aux)
-    return logp_s, logp_t, lse_s, ent, lse_t, div, aux
+    # the terms interface's lse is float64; this backend's backward_terms re-splits rows with |lse| > 32 exactly
+    return logp_s, logp_t, lse_s.double(), ent, lse_t, div, aux
 
 
 def backward_terms(coef, ent_coef, div_coef, student, teacher, labels, lse, entropy, lse_t, div, aux, temperature,

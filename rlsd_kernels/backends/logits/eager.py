@@ -106,28 +106,36 @@ def _div_rows(ls, lt, div_mode: int, beta: float):
 
 
 def forward_terms(student, teacher, labels, temperature, ignore_index, want_entropy, div_mode, beta):
-    logp_s, logp_t, lse_s, ent = forward(student, teacher, labels, temperature, ignore_index, want_entropy)
-    return (logp_s, logp_t, lse_s, ent) + divergence_stats(student, teacher, lse_s, temperature, div_mode, beta)
+    logp_s, logp_t, _, ent = forward(student, teacher, labels, temperature, ignore_index, True)
+    lse_s, lse_t, div, aux = divergence_stats(student, teacher, temperature, div_mode, beta)
+    return logp_s, logp_t, lse_s, ent, lse_t, div, aux
 
 
-def divergence_stats(student, teacher, lse_s, temperature, div_mode, beta):
-    """``(lse_t, div, aux)`` of ``forward_terms`` over blocks of rows (``(None,) * 3`` without a divergence)."""
-    if not div_mode:
-        return None, None, None
-    n = lse_s.numel()
-    lse_t, div, aux = (torch.zeros(n, dtype=torch.float32, device=student.device) for _ in range(3))
-    step = _rows_per_block(student.shape[-1])
+def divergence_stats(student, teacher, temperature, div_mode, beta):
+    """``(lse_s, lse_t, div, aux)`` of ``forward_terms`` over blocks of rows, in float64 (the log-sum-exps stay
+    float64; ``lse_t`` / ``div`` / ``aux`` are None without a divergence)."""
+    B, T, V = student.shape
+    n = B * T
+    dev = student.device
+    lse_s = torch.empty(n, dtype=torch.float64, device=dev)
+    lse_t = torch.empty(n, dtype=torch.float64, device=dev) if div_mode else None
+    div, aux = ((torch.zeros(n, dtype=torch.float32, device=dev) for _ in range(2)) if div_mode else (None, None))
+    step = _rows_per_block(V)
     with torch.no_grad():
         for r0 in range(0, n, step):
             r1 = min(n, r0 + step)
-            xs = _flat_rows(student, r0, r1).to(torch.float32) / temperature
-            xt = _flat_rows(teacher, r0, r1).to(torch.float32) / temperature
+            xs = _flat_rows(student, r0, r1).to(torch.float64) / temperature
+            ls_b = torch.logsumexp(xs, -1)
+            lse_s[r0:r1] = ls_b
+            if not div_mode:
+                continue
+            xt = _flat_rows(teacher, r0, r1).to(torch.float64) / temperature
             lt_b = torch.logsumexp(xt, -1)
-            d, a = _div_rows(xs - lse_s[r0:r1, None], xt - lt_b[:, None], div_mode, beta)
-            lse_t[r0:r1], div[r0:r1] = lt_b, d
+            d, a = _div_rows(xs - ls_b[:, None], xt - lt_b[:, None], div_mode, beta)
+            lse_t[r0:r1], div[r0:r1] = lt_b, d.to(torch.float32)
             if a is not None:
-                aux[r0:r1] = a
-    return lse_t, div, aux
+                aux[r0:r1] = a.to(torch.float32)
+    return lse_s, lse_t, div, aux
 
 
 def backward_terms(coef, ent_coef, div_coef, student, teacher, labels, lse, entropy, lse_t, div, aux, temperature,
@@ -138,17 +146,17 @@ def backward_terms(coef, ent_coef, div_coef, student, teacher, labels, lse, entr
     with torch.no_grad():
         for r0 in range(0, n, step):
             r1 = min(n, r0 + step)
-            x = _flat_rows(student, r0, r1).to(torch.float32) / temperature
+            x = _flat_rows(student, r0, r1).to(torch.float64) / temperature
             lp = x - lse[r0:r1, None]
             p = torch.exp(lp)
             g = -p * coef[r0:r1, None]
             lab = labels[r0:r1]
             rows = torch.nonzero((lab >= 0) & (lab < V)).squeeze(1)
-            g[rows, lab[rows]] += coef[r0:r1][rows]
+            g[rows, lab[rows]] += coef[r0:r1][rows].to(g.dtype)
             if ent_coef is not None:
                 g -= ent_coef[r0:r1, None] * torch.where(p > 0, p * (lp + entropy[r0:r1, None]), 0.0)
             if div_mode:
-                lt = _flat_rows(teacher, r0, r1).to(torch.float32) / temperature - lse_t[r0:r1, None]
+                lt = _flat_rows(teacher, r0, r1).to(torch.float64) / temperature - lse_t[r0:r1, None]
                 pt = lt.exp()
                 if div_mode == 1:
                     dg = p - pt

@@ -38,7 +38,7 @@ def _fused_logprobs_fwd(
     t_row = row_pointer(TCH, row, t_seq_len, t_sb, t_st)
     label = tl.load(LABELS + row)
     tgt_s, tgt_t = target_logits(s_row, t_row, label, V, s_sv, t_sv, inv_temp, HAS_TEACHER)
-    m_s, d_s, e_s, m_t, d_t, _ = row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, HAS_TEACHER, WANT_ENT, CONTIG,
+    m_s, d_s, e_s, m_t, d_t, _, _ = row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, HAS_TEACHER, WANT_ENT, CONTIG,
                                            BLOCK_V, False, False, 0)
 
     # logp = (x_y - m) - log(d) rather than x_y - (m + log d): x_y - m is exact for logits of similar size, which

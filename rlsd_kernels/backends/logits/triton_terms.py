@@ -25,7 +25,7 @@ FORWARD_KL, REVERSE_KL, JSD = 1, 2, 3  # backends.logits.DIV_MODES
 
 @triton.jit
 def _terms_fwd(
-    S, TCH, LABELS, LOGP_S, LOGP_T, LSE_S, ENT, LSE_T, DIV, AUX,
+    S, TCH, LABELS, LOGP_S, LOGP_T, LSE_S, ENT, LSE_T, DIV, AUX,  # LSE_S, LSE_T: float64
     seq_len, t_seq_len, V,
     s_sb, s_st, s_sv, t_sb, t_st, t_sv,
     inv_temp, ignore_index, beta,
@@ -37,32 +37,32 @@ def _terms_fwd(
     label = tl.load(LABELS + row)
     tgt_s, tgt_t = target_logits(s_row, t_row, label, V, s_sv, t_sv, inv_temp, HAS_TEACHER)
     # the entropy always (the terms' backward needs it), the divergence's cross sum in the same read
-    m_s, d_s, e_s, m_t, d_t, c = row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, HAS_TEACHER, True, CONTIG, BLOCK_V,
+    m_s, d_s, e_s, m_t, d_t, c, e_t = row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, HAS_TEACHER, True, CONTIG, BLOCK_V,
                                            False, False, DIV_MODE)
     log_d = tl.log(d_s)
     lse_s = m_s + log_d
     ignored = label == ignore_index
-    tl.store(LSE_S + row, lse_s)
+    tl.store(LSE_S + row, m_s.to(tl.float64) + log_d.to(tl.float64))
     tl.store(LOGP_S + row, tl.where(ignored, 0.0, (tgt_s - m_s) - log_d))
     tl.store(ENT + row, log_d - e_s / d_s)
     if HAS_TEACHER:
         log_dt = tl.log(d_t)
         tl.store(LOGP_T + row, tl.where(ignored, 0.0, (tgt_t - m_t) - log_dt))
         if DIV_MODE != 0:
-            lse_t = m_t + log_dt
-            tl.store(LSE_T + row, lse_t)
-            if DIV_MODE == 1:
-                tl.store(DIV + row, c / d_t - (m_t - m_s) - (log_dt - log_d))
+            # float64: at |logits| ~ 1e4 a float32 lse is rounded by ~5e-4, a relative error of every p_T
+            tl.store(LSE_T + row, m_t.to(tl.float64) + log_dt.to(tl.float64))
+            if DIV_MODE == 1:  # KL(p_w || p_o) = (e_w - c) / d_w - log d_w + log d_o
+                tl.store(DIV + row, (e_t - c) / d_t - log_dt + log_d)
             if DIV_MODE == 2:
-                tl.store(DIV + row, c / d_s - (m_s - m_t) - (log_d - log_dt))
+                tl.store(DIV + row, (e_s - c) / d_s - log_d + log_dt)
             if DIV_MODE == 3:  # second sweep: sum p_T (log p_T - log M) and sum p_S (log p_S - log M)
                 a = tl.zeros((), tl.float32)
                 b = tl.zeros((), tl.float32)
                 cols0 = tl.arange(0, BLOCK_V)
                 for start in range(0, V, BLOCK_V):
                     x, y = load_chunk(s_row, t_row, start, cols0, V, s_sv, t_sv, True, CONTIG, False)
-                    ls = x.to(tl.float32) * inv_temp - lse_s
-                    lt = y.to(tl.float32) * inv_temp - lse_t
+                    ls = (x.to(tl.float32) * inv_temp - m_s) - log_d
+                    lt = (y.to(tl.float32) * inv_temp - m_t) - log_dt
                     ps = tl.exp(ls)
                     pt = tl.exp(lt)
                     lm = tl.log(beta * pt + (1.0 - beta) * ps)
@@ -85,11 +85,13 @@ def _terms_bwd(
     cols = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
     inb = cols < V
     coef = tl.load(COEF + row) * inv_temp
-    lse = tl.load(LSE + row)
+    lse64 = tl.load(LSE + row)  # float64, used as two float32 parts: (x - hi) - lo
+    lse = lse64.to(tl.float32)
+    lse_lo = (lse64 - lse.to(tl.float64)).to(tl.float32)
     label = tl.load(LABELS + row)
     x = tl.load(row_pointer(S, row, seq_len, s_sb, s_st) + col_offsets(cols, s_sv, CONTIG), mask=inb,
                 other=float("-inf")).to(tl.float32)
-    lp = x * inv_temp - lse
+    lp = (x * inv_temp - lse) - lse_lo
     p = tl.exp(lp)
     g = coef * tl.where(cols == label, 1.0 - p, -p)  # target term in float32 before the cast
     live = coef != 0
@@ -101,7 +103,10 @@ def _terms_bwd(
         f = tl.load(FCOEF + row) * inv_temp
         y = tl.load(row_pointer(TCH, row, t_seq_len, t_sb, t_st) + col_offsets(cols, t_sv, CONTIG), mask=inb,
                     other=float("-inf")).to(tl.float32)
-        lt = y * inv_temp - tl.load(LSE_T + row)
+        lse_t = tl.load(LSE_T + row)  # float64, used as two float32 parts: (y - hi) - lo
+        lse_hi = lse_t.to(tl.float32)
+        lse_lo = (lse_t - lse_hi.to(tl.float64)).to(tl.float32)
+        lt = (y * inv_temp - lse_hi) - lse_lo
         if DIV_MODE == 1:
             g += f * (p - tl.exp(lt))
         if DIV_MODE == 2:
@@ -121,16 +126,18 @@ def forward_terms(student, teacher, labels, temperature, ignore_index, want_entr
     B, T, V = student.shape
     n = B * T
     dev = student.device
-    logp_s, logp_t, lse_s, ent = alloc_row_outputs(n, dev, teacher is not None, True)
+    logp_s, logp_t, _, ent = alloc_row_outputs(n, dev, teacher is not None, True)
+    lse_s = torch.empty(n, dtype=torch.float64, device=dev)  # float64: see backends/logits/__init__.py
     lse_t = div = aux = None
     if div_mode:
-        lse_t, div, aux = (torch.zeros(n, dtype=torch.float32, device=dev) for _ in range(3))
+        lse_t = torch.zeros(n, dtype=torch.float64, device=dev)  # see backends/logits/__init__.py
+        div, aux = (torch.zeros(n, dtype=torch.float32, device=dev) for _ in range(2))
     if n:
         tch = teacher if teacher is not None else student  # dummy pointer without a teacher, never read
         block = min(LAUNCH["fwd_block_v"], triton.next_power_of_2(V))
         _terms_fwd[(n,)](
             student, tch, labels, logp_s, logp_t if logp_t is not None else logp_s, lse_s, ent,
-            lse_t if div_mode else lse_s, div if div_mode else lse_s, aux if div_mode else lse_s,
+            lse_t if div_mode else lse_s, div if div_mode else logp_s, aux if div_mode else logp_s,
             T, tch.shape[1], V, *student.stride(), *tch.stride(),
             1.0 / temperature, ignore_index, float(beta),
             HAS_TEACHER=teacher is not None, DIV_MODE=int(div_mode), CONTIG=unit_vocab_stride(student, tch),
@@ -147,11 +154,11 @@ def backward_terms(coef, ent_coef, div_coef, student, teacher, labels, lse, entr
     if n == 0:
         return
     tch = teacher if div_mode else student
-    dummy = lse
+    dummy = coef  # float32 pointers never read (their flags are off)
     block = min(LAUNCH["bwd_block_v"], triton.next_power_of_2(V))
     _terms_bwd[(n, triton.cdiv(V, block))](
         student, tch, out, coef, dummy if ent_coef is None else ent_coef, dummy if div_coef is None else div_coef,
-        labels, lse, dummy if entropy is None else entropy, lse_t if div_mode else dummy,
+        labels, lse, dummy if entropy is None else entropy, lse_t if div_mode else lse,
         div if div_mode else dummy, aux if div_mode else dummy,
         T, tch.shape[1], V, *student.stride(), *tch.stride(), *out.stride(),
         1.0 / temperature, float(beta),
