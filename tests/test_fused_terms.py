@@ -106,10 +106,11 @@ def test_inplace_backward_with_token_terms(backend, case):
     torch.testing.assert_close(s.grad, 2.0 * want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("case", ["all_truncate", "entropy", "reverse_kl", "jsd", "gspo"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_within_eager_error(backend, dtype):
+def test_low_precision_within_eager_error(backend, dtype, case):
     inp, extra = INPUTS[6]
-    kw, _ = _kwargs("all_truncate", inp, extra)
+    kw, _ = _kwargs(case, inp, extra)
     inp, kw = _on(backend.device, inp, kw)
     ref, ref_grad = _truth(inp, kw)
     low = dict(inp, student_logits=inp["student_logits"].to(dtype), teacher_logits=inp["teacher_logits"].to(dtype))
