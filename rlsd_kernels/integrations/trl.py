@@ -83,8 +83,9 @@ def rlsd_lam_at(args: RLSDGRPOConfig, global_step: int) -> float:
     return max(0.0, float(args.rlsd_lam) * (1.0 - global_step / args.rlsd_lam_decay_steps))
 
 
-def _refuse_unsupported(trainer, args) -> None:
-    """ValueError for the TRL options whose loss terms the fused op cannot reproduce exactly."""
+def _refuse_unsupported(args) -> None:
+    """ValueError for the TRL options whose loss terms the fused op cannot reproduce exactly (checked before TRL's
+    own init, which would otherwise e.g. start vLLM first)."""
     if args.loss_type not in SUPPORTED_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {SUPPORTED_LOSS_TYPES} with RLSDGRPOTrainer, got "
                          f"{args.loss_type!r} (its surrogate is not PPO's clipped ratio)")
@@ -101,13 +102,18 @@ def _refuse_unsupported(trainer, args) -> None:
         raise ValueError("top_entropy_quantile < 1 (high-entropy token mask) is not supported by RLSDGRPOTrainer")
     if args.off_policy_mask_threshold is not None:
         raise ValueError("off_policy_mask_threshold is not supported by RLSDGRPOTrainer")
-    if trainer._entropy_bonus_enabled:
+    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
         raise ValueError("entropy_coef / use_adaptive_entropy (entropy bonus) is not supported by RLSDGRPOTrainer")
+    epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+    if args.delta is not None and args.delta <= 1.0 + epsilon_high:
+        raise ValueError(f"delta must be > 1 + epsilon_high = {1.0 + epsilon_high} with RLSDGRPOTrainer "
+                         f"(it is then the op's dual clip), got {args.delta}")
+
+
+def _refuse_unsupported_setup(trainer, args) -> None:
+    """ValueError for what only the built trainer knows: an MoE aux loss, several processes with the linear route."""
     if trainer.aux_loss_enabled:
         raise ValueError("the MoE router aux loss is not supported by RLSDGRPOTrainer: set router_aux_loss_coef=0")
-    if args.delta is not None and args.delta <= 1.0 + trainer.epsilon_high:
-        raise ValueError(f"delta must be > 1 + epsilon_high = {1.0 + trainer.epsilon_high} with RLSDGRPOTrainer "
-                         f"(it is then the op's dual clip), got {args.delta}")
     if args.rlsd_route == "linear" and trainer.accelerator.num_processes > 1:
         raise ValueError("rlsd_route='linear' calls the backbone directly and supports one process only; use "
                          "rlsd_route='logits' for multi-process training")
@@ -119,8 +125,9 @@ class RLSDGRPOTrainer(GRPOTrainer):
     def __init__(self, *trl_args, args: RLSDGRPOConfig | None = None, **trl_kwargs):
         if not isinstance(args, RLSDGRPOConfig):
             raise ValueError(f"args must be an RLSDGRPOConfig, got {type(args).__name__}")
+        _refuse_unsupported(args)
         super().__init__(*trl_args, args=args, **trl_kwargs)
-        _refuse_unsupported(self, args)
+        _refuse_unsupported_setup(self, args)
         self._teacher_copy = None
         self._teacher_synced_at = 0
         if args.teacher_sync_steps > 0:
