@@ -17,9 +17,10 @@ TEMPLATE = "{prompt}\nReference answer: {answer}\n"
 
 def _trainer(tmp_path, **kwargs):
     tok = char_tokenizer()
-    args = RLSDGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], seed=0,
-                          per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
-                          teacher_prompt_template=TEMPLATE, **kwargs)
+    base = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], seed=0,
+                per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
+                teacher_prompt_template=TEMPLATE)
+    args = RLSDGRPOConfig(**{**base, **kwargs})
     return RLSDGRPOTrainer(model=tiny_qwen2(tok), reward_funcs=vowel_reward, args=args, train_dataset=qa_dataset(),
                            processing_class=tok)
 
@@ -55,10 +56,14 @@ def test_weighted_loss_matches_eager_reference(tmp_path, route, sync):
     assert logged["rlsd/weight_mean"] != 1.0  # the privileged prompt moves the teacher away from the student
 
 
-@pytest.mark.parametrize("route,sync", [("linear", 0), ("logits", 2)])
-def test_three_step_training_logs_weight_metrics(tmp_path, route, sync):
-    trainer = _trainer(tmp_path, loss_type="dapo", rlsd_lam=0.5, rlsd_lam_decay_steps=2, rlsd_route=route,
-                       teacher_sync_steps=sync, max_steps=3, logging_steps=1, learning_rate=1e-2)
+@pytest.mark.parametrize("route,sync,loss_type,accum,iterations", [
+    ("linear", 0, "dapo", 1, 1), ("logits", 2, "grpo", 2, 2)])
+def test_three_step_training_logs_weight_metrics(tmp_path, route, sync, loss_type, accum, iterations):
+    # the second case runs TRL's real loop with gradient accumulation and num_iterations=2 (old log-probs)
+    trainer = _trainer(tmp_path, loss_type=loss_type, rlsd_lam=0.5, rlsd_lam_decay_steps=2, rlsd_route=route,
+                       teacher_sync_steps=sync, max_steps=3, logging_steps=1, learning_rate=1e-2,
+                       gradient_accumulation_steps=accum, num_iterations=iterations,
+                       per_device_train_batch_size=8 // accum)  # a generation batch: the dataset's 2 prompts x 4
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
     steps = [h for h in trainer.state.log_history if "loss" in h]
@@ -71,3 +76,21 @@ def test_three_step_training_logs_weight_metrics(tmp_path, route, sync):
             assert math.isfinite(h[name]), name
     assert steps[0]["rlsd/weight_mean"] != 1.0 and steps[2]["rlsd/weight_mean"] == 1.0  # lam=0: g = 1
     assert any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+
+
+def test_conversational_prompt_gets_the_template_in_its_last_message(tmp_path):
+    from datasets import Dataset
+    tok = char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}|{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": "What is 2+3?"}]], "answer": ["5"]})
+    args = RLSDGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[],
+                          per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
+                          teacher_prompt_template="{prompt} Reference answer: {answer}")
+    trainer = RLSDGRPOTrainer(model=tiny_qwen2(tok), reward_funcs=vowel_reward, args=args, train_dataset=data,
+                              processing_class=tok)
+    batch = trainer._generate_and_score_completions([data[0]] * 4)
+    ids = batch["teacher_prompt_ids"][0][batch["teacher_prompt_mask"][0] == 1]
+    assert tok.decode(ids) == "user: What is 2+3? Reference answer: 5|assistant: "
+    student = batch["prompt_ids"][0][batch["prompt_mask"][0] == 1]
+    assert tok.decode(student) == "user: What is 2+3?|assistant: "

@@ -34,4 +34,5 @@ def qa_dataset():
 
 def vowel_reward(completions, **kwargs):
     """A reward that varies between completions of a random model: its number of vowels."""
-    return [float(sum(c in "aeiou" for c in text)) for text in completions]
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # conversational: messages
+    return [float(sum(ch in "aeiou" for ch in text)) for text in texts]
