@@ -40,11 +40,21 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("route", ["linear", "logits"])
 @pytest.mark.parametrize("num_iterations", [1, 2])
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo", "luspo"])
 def test_lam0_matches_trl_loss_and_gradients(tmp_path, loss_type, num_iterations, route):
+    _check_parity(tmp_path, route, loss_type=loss_type, num_iterations=num_iterations)
+
+
+@pytest.mark.parametrize("route", ["linear", "logits"])
+def test_lam0_matches_trl_with_two_sided_clip_delta(tmp_path, route):
+    # TRL's `delta` caps the unclipped ratio: the op's dual clip for negative advantages
+    _check_parity(tmp_path, route, loss_type="dapo", num_iterations=2, delta=1.05 + 0.28)
+
+
+def _check_parity(tmp_path, route, **common):
     tok = char_tokenizer()
     model = tiny_qwen2(tok)
-    common = dict(loss_type=loss_type, num_iterations=num_iterations)
+    num_iterations = common["num_iterations"]
     ours = _trainer(RLSDGRPOTrainer, RLSDGRPOConfig, copy.deepcopy(model), tok, tmp_path / "ours",
                     teacher_prompt_template=TEMPLATE, rlsd_lam=0.0, rlsd_route=route, **common)
     theirs = _trainer(GRPOTrainer, GRPOConfig, model, tok, tmp_path / "trl", **common)
@@ -75,3 +85,5 @@ def test_lam0_matches_trl_loss_and_gradients(tmp_path, loss_type, num_iterations
     assert _rel(grads_ours, grads_trl) <= 1e-6
     if num_iterations == 2:
         assert ours._metrics["train"]["rlsd/pg_clipfrac"][-1] > 0  # the clip branch was exercised
+    if "delta" in common:
+        assert ours._metrics["train"]["rlsd/pg_clipfrac_lower"][-1] > 0  # and the dual clip
