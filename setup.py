@@ -27,7 +27,11 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6"],
+        # rlsd_kernels.integrations.trl overrides GRPOTrainer internals: the TRL minor version it was tested with
+        "trl": ["trl>=1.16.0,<1.17"],
+    },
     entry_points={
         "console_scripts": [
             "rlsd-train=rlsd_kernels.train.cli:main",
