@@ -27,7 +27,11 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6"],
+        # verl 0.9.1 (the tested version) pins transformers>=5.5.3,<5.11
+        "verl": ["verl==0.9.1"],
+    },
     entry_points={
         "console_scripts": [
             "rlsd-train=rlsd_kernels.train.cli:main",
