@@ -7,7 +7,9 @@
   ``ppo_loss`` (``model_output, data, dp_group``) it applies the RLSD loss on verl's per-token log-probs; called as
   the engine's logits processor (``student_logits=(1, nnz, V)``, when the micro-batch has ``distillation_use_topk``)
   it scores the packed logits with the fused :func:`rlsd_kernels.token_logprobs` and hands them back per token.
-- :class:`RLSDTrainerMixin` wires both into ``RayPPOTrainer``.
+- :class:`RLSDTrainerMixin` wires both into verl's DataProto trainer ``RayPPOTrainer`` (``trainer.use_v1=false``);
+  :func:`main` (``python -m rlsd_kernels.integrations.verl`` + verl's Hydra overrides) runs verl's PPO entry point
+  with it. verl's TransferQueue trainer (``trainer.use_v1=true``, verl's default) is not supported yet.
 
 verl's options are mapped onto the loss exactly (clip ratios, dual clip, every ``loss_agg_mode`` with verl's global
 batch normalisation); options the loss cannot honour raise ``ValueError`` naming the option.
@@ -30,7 +32,7 @@ from ..hyper import Hyper
 from ..loss import loss_from_logprobs
 
 __all__ = ["TEACHER_KEY", "LOGPROBS_KEY", "verl_aggregation", "RLSDLossFn", "build_teacher_batch",
-           "add_teacher_log_probs", "RLSDTrainerMixin"]
+           "add_teacher_log_probs", "RLSDTrainerMixin", "rlsd_trainer_class", "main"]
 
 TEACHER_KEY = "rlsd_teacher_log_probs"   # not verl's "teacher_logprobs" (its top-k distillation field)
 LOGPROBS_KEY = "rlsd_log_probs"          # per-token log-probs handed back by the logits route
@@ -257,7 +259,9 @@ class RLSDTrainerMixin:
 
     def init_workers(self):
         super().init_workers()
-        rlsd = self.config.rlsd
+        rlsd = self.config.get("rlsd")
+        if rlsd is None or not rlsd.get("teacher_prompt_template"):
+            raise ValueError("rlsd.teacher_prompt_template must be set (e.g. +rlsd.teacher_prompt_template=...)")
         self.rlsd_loss_fn = RLSDLossFn(self.config.actor_rollout_ref.actor, lam=float(rlsd.get("lam", 0.5)),
                                        eps_w=float(rlsd.get("eps_w", 0.2)))
         self.actor_rollout_wg.set_loss_fn(self.rlsd_loss_fn)
@@ -268,3 +272,46 @@ class RLSDTrainerMixin:
             add_teacher_log_probs(batch, self.actor_rollout_wg, self.tokenizer, rlsd.teacher_prompt_template,
                                   rlsd.get("max_teacher_prompt_length"))
         return super()._update_actor(batch)
+
+
+def rlsd_trainer_class():
+    """``RayPPOTrainer`` with :class:`RLSDTrainerMixin` (built on demand: importing the trainer pulls in Ray)."""
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+    return type("RLSDRayPPOTrainer", (RLSDTrainerMixin, RayPPOTrainer), {})
+
+
+def _rlsd_task_runner():
+    """verl's DataProto task runner (a Ray actor) whose trainer is the RLSD one."""
+    import ray
+    from verl.trainer import main_ppo_v0
+
+    class RLSDTaskRunner(main_ppo_v0.TaskRunner.__ray_actor_class__):
+        def run(self, config):
+            # main_ppo_v0 builds the trainer from its module-level name; this runs inside the runner's process
+            main_ppo_v0.RayPPOTrainer = rlsd_trainer_class()
+            return super().run(config)
+
+    return ray.remote(RLSDTaskRunner)
+
+
+def main():
+    """verl's ``main_ppo`` (same Hydra config and overrides) with the RLSD trainer; needs ``trainer.use_v1=false``
+    and an ``rlsd`` section (``+rlsd.teacher_prompt_template=...``)."""
+    from verl.trainer import main_ppo
+
+    run_ppo = main_ppo.run_ppo
+
+    def run_rlsd(config, task_runner_class):
+        if config.trainer.use_v1:
+            raise ValueError("trainer.use_v1 must be false: RLSD runs on verl's DataProto trainer (RayPPOTrainer)")
+        if not config.get("rlsd", {}).get("teacher_prompt_template"):
+            raise ValueError("rlsd.teacher_prompt_template must be set (e.g. +rlsd.teacher_prompt_template=...)")
+        return run_ppo(config, _rlsd_task_runner())
+
+    main_ppo.run_ppo = run_rlsd
+    main_ppo.main()
+
+
+if __name__ == "__main__":
+    main()
