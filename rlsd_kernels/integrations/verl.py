@@ -16,8 +16,7 @@ batch normalisation); options the loss cannot honour raise ``ValueError`` naming
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 
