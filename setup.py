@@ -31,11 +31,16 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6"],
         # rlsd_kernels.integrations.trl overrides GRPOTrainer internals: the TRL minor version it was tested with
         "trl": ["trl>=1.16.0,<1.17"],
+        # verl 0.9.1 (the tested version) pins transformers>=5.5.3,<5.11; its trainer modules also import
+        # cachetools, fastapi and uvicorn, which only its heavy "verl-core" extra lists
+        "verl": ["verl==0.9.1", "cachetools", "fastapi", "uvicorn"],
     },
     entry_points={
         "console_scripts": [
             "rlsd-train=rlsd_kernels.train.cli:main",
             "rlsd-bench=bench.__main__:main",
-        ]
+        ],
+        # verl imports every "verl.plugins" entry point on `import verl` (VERL_USE_EXTERNAL_PLUGINS=auto, its default)
+        "verl.plugins": ["rlsd_kernels=rlsd_kernels.integrations.verl"],
     },
 )
