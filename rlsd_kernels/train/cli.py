@@ -1,7 +1,8 @@
 """``rlsd-train``: the reference trainer's command line.
 
     rlsd-train [flags]                                 one run (no flags: the CPU demo, RLSD on 3-digit addition)
-    rlsd-train compare --methods grpo,rlsd,opsd --seeds 3 [flags]   several methods x seeds, one chart + table
+    rlsd-train compare --methods grpo,rlsd,opsd,grpo+opsd --seeds 5 [flags]   methods x seeds, one chart + table
+    rlsd-train ablate --seeds 5 --out DIR [flags]      RLSD: lam decay over the run, eps_w 0.5, live teacher
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import typing
 from typing import List, Optional
 
 from ..hyper import LOSS_TYPES
+from ..loss import KL_TYPES
 from ..reference import OPSD_DIVERGENCES
 from .config import AGG_MODES, BACKEND_CHOICES, DEVICE_CHOICES, METHODS, TrainConfig, validate
 from .tasks import TASKS
@@ -24,12 +26,14 @@ PRESETS = {
 }
 
 HELP = {
-    "method": "rlsd (GRPO direction, teacher-weighted magnitude), grpo (lam = 0, no teacher) or opsd (per-token "
-              "divergence to the teacher, no reward)",
+    "method": "rlsd (GRPO direction, teacher-weighted magnitude), grpo (lam = 0, no teacher), opsd (per-token "
+              "divergence to the teacher, no reward) or grpo+opsd (GRPO plus --distill-coef x that divergence)",
     "seed": "seed of model init, data and sampling",
     "out": "output directory (metrics.jsonl, curves.png, ckpt/)",
-    "task": "built-in verifiable task",
-    "digits": "operand digits of the addition task",
+    "task": "built-in verifiable task: addition ('47+05=' -> '52') or chainsum (running partial sums, "
+            "'3+7+2+9+4=' -> '10,12,21,25')",
+    "digits": "operand digits (addition, chainsum)",
+    "operands": "numbers per problem of the chainsum task",
     "eval_size": "held-out eval problems",
     "model": "local transformers causal-LM checkpoint directory",
     "hidden": "hidden size of the built-in model",
@@ -58,6 +62,12 @@ HELP = {
     "loss_agg_mode": "loss aggregation over tokens",
     "teacher_sync": "teacher = copy of the student synced every N steps (0 = the live student)",
     "opsd_divergence": "OPSD divergence",
+    "kl_coef": "KL penalty to the reference policy (the warm-start model, frozen); 0 = off",
+    "kl_type": "KL estimator (verl's k1 / k2 / k3 = low_var_kl)",
+    "entropy_coef": "entropy bonus coefficient; 0 = off",
+    "distill_coef": "on-policy distillation term (divergence to the hinted teacher) added to grpo / rlsd; "
+                    "grpo+opsd needs it > 0",
+    "distill_divergence": "divergence of the distillation term",
     "fused_linear": "grpo/rlsd: compute the loss from hidden states + LM head (rlsd_linear_loss), no logits",
     "eval_every": "evaluate the held-out split every N steps",
     "ckpt_every": "checkpoint every N steps",
@@ -76,11 +86,12 @@ HELP = {
 }
 
 # What "(default: ...)" shows where the field's value alone would not say it.
-DEFAULT_SHOWN = {"model": "a tiny Qwen2 built from a config, with a character tokenizer", "resume": "a new run",
+DEFAULT_SHOWN = {"distill_coef": "1.0 for grpo+opsd, else 0 (off)", "model": "a tiny Qwen2 built from a config, with a character tokenizer", "resume": "a new run",
                  "init_from": "warm start from scratch"}
 
 CHOICES = {"method": METHODS, "backend": BACKEND_CHOICES, "device": DEVICE_CHOICES, "loss_type": LOSS_TYPES,
-           "loss_agg_mode": AGG_MODES, "opsd_divergence": OPSD_DIVERGENCES, "task": tuple(TASKS)}
+           "loss_agg_mode": AGG_MODES, "opsd_divergence": OPSD_DIVERGENCES,
+           "kl_type": KL_TYPES, "distill_divergence": OPSD_DIVERGENCES, "task": tuple(TASKS)}
 
 
 def _add_config_flags(p: argparse.ArgumentParser, skip=()) -> None:
@@ -142,6 +153,28 @@ def compare_parser() -> argparse.ArgumentParser:
     return p
 
 
+def ablate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlsd-train ablate", description="RLSD with the given settings and one change "
+                                "each: lam decaying over the whole run (--lam-decay-steps = --steps), --eps-w 0.5, "
+                                "the live policy as the teacher (--teacher-sync 0); same seeds, same warm starts. "
+                                "Point --out at a `compare` folder made with the same flags to reuse its warm "
+                                "starts and rlsd runs.")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1) (default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes) (default: %(default)s)")
+    p.add_argument("--out", default="runs/compare", help="output directory (default: %(default)s)")
+    _add_config_flags(p, skip=("method", "seed", "out", "resume", "init_from"))
+    return p
+
+
+def _grid_args(parser, argv):
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    return args
+
+
 def _parse_or_exit(parser, fn):
     try:
         return fn()
@@ -153,16 +186,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "compare":
         parser = compare_parser()
-        args = parser.parse_args(argv[1:])
+        args = _grid_args(parser, argv[1:])
         from .compare import compare, parse_methods
 
         methods = _parse_or_exit(parser, lambda: parse_methods(args.methods))
-        if args.seeds < 1:
-            parser.error(f"--seeds must be >= 1, got {args.seeds}")
-        if args.jobs < 1:
-            parser.error(f"--jobs must be >= 1, got {args.jobs}")
         base = _parse_or_exit(parser, lambda: _checked(_config(args, skip=("method", "seed", "out")), compare=True))
+        for m in methods:  # every method's own checks (e.g. grpo+opsd needs a distillation coefficient > 0)
+            _parse_or_exit(parser, lambda: validate(dataclasses.replace(base, method=m)))
         _parse_or_exit(parser, lambda: compare(methods, args.seeds, args.out, base, jobs=args.jobs))
+        return 0
+    if argv and argv[0] == "ablate":
+        parser = ablate_parser()
+        args = _grid_args(parser, argv[1:])
+        from .compare import ablate
+
+        base = _parse_or_exit(parser, lambda: _checked(dataclasses.replace(
+            _config(args, skip=("method", "seed", "out")), method="rlsd")))
+        _parse_or_exit(parser, lambda: ablate(args.seeds, args.out, base, jobs=args.jobs))
         return 0
     if argv and argv[0] == "train":
         argv = argv[1:]

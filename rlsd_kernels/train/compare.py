@@ -1,17 +1,21 @@
-"""``rlsd-train compare``: methods x seeds from one shared warm start per seed; mean/spread chart + markdown table."""
+"""``rlsd-train compare`` (methods x seeds) and ``rlsd-train ablate`` (RLSD variants x the same seeds).
+
+Every run of a seed starts from that seed's one warm start (``OUT/seed<s>/warmstart``), so methods and variants
+differ only in the RL phase. Finished runs found in ``OUT`` are reused: ``ablate`` on a compare's ``OUT`` reuses its
+warm starts and its ``rlsd`` runs (the baseline variant). Outputs: a chart, a markdown table, a JSON summary.
+"""
 from __future__ import annotations
 
 import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Dict, List
-
-import numpy as np
+from typing import Dict, List, Tuple
 
 from .config import METHODS, TrainConfig
+from .stats import json_ready, markdown_table, summarize_runs
 
-__all__ = ["compare", "parse_methods", "summarize"]
+__all__ = ["compare", "ablate", "ablation_variants", "parse_methods", "summarize_runs"]
 
 
 def parse_methods(text: str) -> List[str]:
@@ -39,8 +43,10 @@ def _run(cfg_dict: Dict) -> Dict:
     from .trainer import train
 
     cfg = TrainConfig(**cfg_dict)
+    if cfg.steps > 0 and _complete(cfg.out, cfg.steps):  # finished meanwhile (e.g. by a compare on the same OUT)
+        return {"out": cfg.out, "wall_s": 0.0, "final_acc": _read_history(cfg.out)[-1]["eval_acc"]}
     t0 = time.time()
-    tag = f"[{cfg.method} seed {cfg.seed}]"
+    tag = f"[{os.path.basename(cfg.out)} seed {cfg.seed}]"
     res = train(cfg, log=lambda msg: print(f"{tag} {msg}", flush=True))
     return {"out": cfg.out, "wall_s": time.time() - t0, "final_acc": res["final_acc"]}
 
@@ -54,95 +60,95 @@ def _map(fn, jobs_list: List[Dict], jobs: int):
         return list(ex.map(fn, jobs_list))
 
 
-def compare(methods: List[str], seeds: int, out: str, base: TrainConfig, jobs: int = 1) -> Dict:
-    """Runs every method for seeds 0..seeds-1 (all methods of a seed start from the same warm-start weights and RNG
-    state), reuses finished runs found in ``out``, then writes ``compare.png``, ``compare.md``, ``summary.json``."""
+def _run_grid(variants: List[Tuple[str, Dict]], seeds: int, out: str, base: TrainConfig, jobs: int,
+              last: Tuple[str, ...] = ()) -> Dict:
+    """Runs ``OUT/seed<s>/<label>`` for every (label, overrides of ``base``) and seed from the seed's warm start;
+    returns the metric histories by label. Labels in ``last`` run after all the others (and a run found finished
+    by then is not repeated)."""
     os.makedirs(out, exist_ok=True)
-    t0 = time.time()
     base_d = base.to_dict()
     base_d.update(resume=None, init_from=None)
     if jobs > 1:
         base_d.update(progress=False, threads=base.threads or 1)
-    # 1. one warm start per seed (a run with 0 RL steps writes warmstart.pt)
-    ws = []
+    ws = []  # 1. one warm start per seed (a run with 0 RL steps writes warmstart.pt)
     for s in range(seeds):
-        d = dict(base_d, seed=s, steps=0, method=methods[0], out=os.path.join(out, f"seed{s}", "warmstart"),
+        d = dict(base_d, **variants[0][1], seed=s, steps=0, out=os.path.join(out, f"seed{s}", "warmstart"),
                  plot=False, progress=False)
         if not os.path.exists(os.path.join(d["out"], "warmstart.pt")):
             ws.append(d)
     _map(_run, ws, jobs)
-    # 2. every method from it
-    runs = []
+    runs = []  # 2. every variant from it
     for s in range(seeds):
-        for m in methods:
-            d = dict(base_d, seed=s, method=m, out=os.path.join(out, f"seed{s}", m),
+        for label, overrides in variants:
+            d = dict(base_d, **overrides, seed=s, out=os.path.join(out, f"seed{s}", label),
                      init_from=os.path.join(out, f"seed{s}", "warmstart", "warmstart.pt"))
             if not _complete(d["out"], base.steps):
                 runs.append(d)
+    runs.sort(key=lambda d: os.path.basename(d["out"]) in last)  # stable: otherwise seed-major order
     _map(_run, runs, jobs)
-    hist = {m: [_read_history(os.path.join(out, f"seed{s}", m)) for s in range(seeds)] for m in methods}
-    summary = summarize(hist, base)
-    summary["wall_s"] = time.time() - t0
-    summary["config"] = {k: v for k, v in base_d.items() if k not in ("method", "seed", "out")}
+    return {label: [_read_history(os.path.join(out, f"seed{s}", label)) for s in range(seeds)]
+            for label, _ in variants}
+
+
+def _write(summary: Dict, out: str, name: str, md: str, title: str) -> None:
     from .plotting import plot_compare
 
-    plot_compare(summary["curves"], os.path.join(out, "compare.png"),
-                 title=f"{base.task} ({base.digits} digits): held-out accuracy over {seeds} seeds "
-                       f"(mean, +-1 std, min-max)")
-    md = markdown_table(summary, seeds)
-    with open(os.path.join(out, "compare.md"), "w") as f:
+    plot_compare(summary["curves"], os.path.join(out, f"{name}.png"), title=title)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(md)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({k: v for k, v in summary.items() if k != "curves"}, f, indent=1)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(json_ready(summary), f, indent=1)
     print(md)
-    print(f"compare: {time.time() - t0:.0f}s; chart {os.path.join(out, 'compare.png')}")
+    print(f"{name}: {summary['wall_s']:.0f}s; chart {os.path.join(out, name + '.png')}")
+
+
+def _task_label(base: TrainConfig) -> str:
+    extra = f", {base.operands} operands" if base.task == "chainsum" else ""
+    return f"{base.task} ({base.digits} digit(s){extra})"
+
+
+def compare(methods: List[str], seeds: int, out: str, base: TrainConfig, jobs: int = 1) -> Dict:
+    """Every method for seeds 0..seeds-1 from the seed's shared warm start; writes ``compare.png``, ``compare.md``
+    and ``compare.json`` (per-seed statistics, bootstrap intervals, curves) into ``out``."""
+    t0 = time.time()
+    hist = _run_grid([(m, {"method": m}) for m in methods], seeds, out, base, jobs)
+    summary = summarize_runs(hist)
+    summary["wall_s"] = time.time() - t0
+    summary["config"] = {k: v for k, v in base.to_dict().items() if k not in ("method", "seed", "out")}
+    _write(summary, out, "compare", markdown_table(summary, "method"),
+           f"{_task_label(base)}: {seeds} seeds (mean, +-1 std, min-max)")
     return summary
 
 
-def summarize(hist: Dict[str, List[List[Dict]]], base: TrainConfig) -> Dict:
-    curves, rows = {}, {}
-    for m, runs in hist.items():
-        evals = [{h["step"]: h["eval_acc"] for h in r if "eval_acc" in h} for r in runs]
-        steps = sorted(set.intersection(*[set(e) for e in evals]))
-        acc = np.array([[e[s] for s in steps] for e in evals])  # [seeds, S]
-        curves[m] = {"steps": steps, "acc": acc}
-        hints = [{h["step"]: h["hint_eval_acc"] for h in r if "hint_eval_acc" in h} for r in runs]
-        if all(set(steps) <= set(hd) for hd in hints):
-            curves[m]["hint"] = np.array([[hd[s] for s in steps] for hd in hints])
-        mean = acc.mean(0)
-        early = [i for i, s in enumerate(steps) if 0 < s <= max(1, steps[-1] // 4)] or [min(1, len(steps) - 1)]
-        rewards = np.array([[h["reward_mean"] for h in r if h["step"] > 0] for r in runs])
-        rows[m] = {
-            "start": float(acc[:, 0].mean()),
-            "final_mean": float(acc[:, -1].mean()), "final_std": float(acc[:, -1].std()),
-            "best_mean": float(acc.max(1).mean()),
-            "early_mean": float(acc[:, early].mean()),  # first quarter of the run
-            "auc": float(mean[1:].mean()) if len(mean) > 1 else float(mean[0]),
-            "train_reward_last20": float(rewards[:, -20:].mean()) if rewards.size else float("nan"),
-            "per_seed_final": [float(x) for x in acc[:, -1]],
-            "final_step": int(steps[-1]),
-            "hint_final_mean": float(curves[m]["hint"][:, -1].mean()) if "hint" in curves[m] else float("nan"),
-        }
-    return {"curves": curves, "rows": rows}
-
-
-def markdown_table(summary: Dict, seeds: int) -> str:
-    rows = summary["rows"]
-    any_row = next(iter(rows.values()))
-    lines = [
-        f"Held-out accuracy (greedy, exact match), {seeds} seeds, mean +- std; every method of a seed starts from "
-        f"the same warm-start weights. Early = mean over evals in the first quarter of the run (steps <= "
-        f"{any_row['final_step'] // 4}); AUC = mean over all evals after step 0. "
-        f"Hint-format = accuracy when the answer is in the prompt (the teacher's view), at the end of the run.",
-        "",
-        "| method | post-warm-start | early | AUC | best | final (step %d) | final per seed | train reward (last 20 steps) "
-        "| hint-format (final) |"
-        % any_row["final_step"],
-        "|---|---|---|---|---|---|---|---|---|",
+def ablation_variants(base: TrainConfig) -> List[Tuple[str, Dict]]:
+    """RLSD with ``base``'s settings (label ``rlsd``, the compare's own run) and one change each: lam decaying over
+    the whole run instead of ``--lam-decay-steps``, eps_w 0.5, and the live policy as the teacher (no synced copy).
+    A variant equal to the baseline under ``base`` (e.g. ``--teacher-sync 0`` already) is dropped."""
+    candidates = [
+        ("rlsd", {}),
+        (f"rlsd-lam-decay-{base.steps}", {"lam_decay_steps": base.steps}),
+        ("rlsd-eps_w-0.5", {"eps_w": 0.5}),
+        ("rlsd-live-teacher", {"teacher_sync": 0}),
     ]
-    for m, r in rows.items():
-        lines.append(f"| {m} | {r['start']:.3f} | {r['early_mean']:.3f} | {r['auc']:.3f} | {r['best_mean']:.3f} | "
-                     f"{r['final_mean']:.3f} +- {r['final_std']:.3f} | "
-                     f"{', '.join(f'{x:.3f}' for x in r['per_seed_final'])} | {r['train_reward_last20']:.3f} | "
-                     f"{r['hint_final_mean']:.3f} |")
-    return "\n".join(lines) + "\n"
+    out = []
+    for label, overrides in candidates:
+        if label == "rlsd" or any(getattr(base, k) != v for k, v in overrides.items()):
+            out.append((label, {"method": "rlsd", **overrides}))
+    return out
+
+
+def ablate(seeds: int, out: str, base: TrainConfig, jobs: int = 1) -> Dict:
+    """The RLSD ablations of :func:`ablation_variants` over seeds 0..seeds-1; writes ``ablate.png``, ``ablate.md``
+    and ``ablate.json`` into ``out`` (use a compare's ``out`` with the same flags to reuse its warm starts and its
+    rlsd runs)."""
+    t0 = time.time()
+    variants = ablation_variants(base)
+    # the baseline last: a compare still running on the same OUT may finish those runs first
+    hist = _run_grid(variants, seeds, out, base, jobs, last=("rlsd",))
+    summary = summarize_runs(hist)
+    summary["wall_s"] = time.time() - t0
+    summary["variants"] = {label: overrides for label, overrides in variants}
+    summary["config"] = {k: v for k, v in base.to_dict().items() if k not in ("method", "seed", "out")}
+    _write(summary, out, "ablate", markdown_table(summary, "RLSD variant"),
+           f"RLSD ablations, {_task_label(base)}: {seeds} seeds (mean, +-1 std, min-max)")
+    return summary

@@ -12,9 +12,13 @@ import torch
 
 from ..dispatch import select_backend
 from ..hyper import Hyper
+from ..loss import KL_TYPES
 from ..reference import OPSD_DIVERGENCES
 
-METHODS = ("grpo", "rlsd", "opsd")
+# grpo+opsd: GRPO (lam = 0) plus the distillation term of SPEC 2c (distill_coef > 0).
+METHODS = ("grpo", "rlsd", "opsd", "grpo+opsd")
+# grpo+opsd's distillation coefficient when --distill-coef is not given (SPEC 2c: OPSD is distill_coef = 1).
+GRPO_OPSD_DEFAULT_DISTILL_COEF = 1.0
 BACKEND_CHOICES = ("auto", "cpp", "reference", "triton")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # "sum" needs a constant normaliser (Dr. GRPO) that the trainer does not expose.
@@ -33,6 +37,7 @@ class TrainConfig:
     # task
     task: str = "addition"
     digits: int = 2
+    operands: int = 5  # chainsum task: numbers per problem
     eval_size: int = 256
     # model
     model: Optional[str] = None  # local transformers checkpoint; None = tiny Qwen2 built from a config
@@ -66,6 +71,12 @@ class TrainConfig:
     loss_agg_mode: str = Hyper.loss_agg_mode
     teacher_sync: int = 10  # 0 = the live student is the teacher
     opsd_divergence: str = "forward_kl"
+    # SPEC 2c terms (all off by default). Reference policy of the KL = the warm-start model, frozen.
+    kl_coef: float = 0.0
+    kl_type: str = "k3"
+    entropy_coef: float = 0.0
+    distill_coef: Optional[float] = None  # None = GRPO_OPSD_DEFAULT_DISTILL_COEF for grpo+opsd, else 0 (off)
+    distill_divergence: str = "forward_kl"
     fused_linear: bool = False  # grpo/rlsd loss from hidden states + LM head (rlsd_linear_loss), no logits
     # operations
     eval_every: int = 20
@@ -82,6 +93,24 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def distill(self) -> float:
+        """The distillation coefficient this run uses (``distill_coef`` resolved against the method)."""
+        if self.distill_coef is not None:
+            return float(self.distill_coef)
+        return GRPO_OPSD_DEFAULT_DISTILL_COEF if self.method == "grpo+opsd" else 0.0
+
+    def extra_terms(self) -> Dict[str, Any]:
+        """The SPEC 2c keyword arguments of the loss op that are on for this run (empty = plain section 2 loss)."""
+        terms: Dict[str, Any] = {}
+        if self.kl_coef > 0:
+            terms.update(kl_coef=self.kl_coef, kl_type=self.kl_type)
+        if self.entropy_coef > 0:
+            terms["entropy_coef"] = self.entropy_coef
+        if self.distill > 0:
+            terms.update(distill_coef=self.distill, distill_divergence=self.distill_divergence)
+        return terms
 
     def loss_hyper(self, lam: Optional[float] = None) -> Hyper:
         """The op's hyper-parameters for this run; ``lam`` is the scheduled value of one step (default: the peak)."""
@@ -119,6 +148,7 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{flag(name)}: {e}") from e
     _need(not (cfg.fused_linear and cfg.method == "opsd"), "fused_linear",
           "OPSD needs the full distributions (logits); use --fused-linear with grpo or rlsd")
+    _validate_terms(cfg)
     for name in ("steps", "warm_steps", "lam_warmup_steps", "lam_decay_steps", "teacher_sync", "threads"):
         _need(getattr(cfg, name) >= 0, name, f"must be >= 0, got {getattr(cfg, name)}")
     for name in ("prompts_per_step", "warm_batch", "eval_size", "hidden", "layers", "heads", "eval_every",
@@ -141,6 +171,23 @@ def validate(cfg: TrainConfig) -> None:
     choose_backend(cfg, choose_device(cfg))
 
 
+def _validate_terms(cfg: TrainConfig) -> None:
+    """The SPEC 2c flags: bounds, names, and the methods / paths that can carry them."""
+    _need(cfg.kl_type in KL_TYPES, "kl_type", f"must be one of {KL_TYPES}, got {cfg.kl_type!r}")
+    _need(cfg.distill_divergence in OPSD_DIVERGENCES, "distill_divergence",
+          f"must be one of {OPSD_DIVERGENCES}, got {cfg.distill_divergence!r}")
+    for name in ("kl_coef", "entropy_coef", "distill_coef"):
+        v = getattr(cfg, name)
+        _need(v is None or (math.isfinite(v) and v >= 0), name, f"must be a finite number >= 0, got {v}")
+    _need(cfg.method != "grpo+opsd" or cfg.distill > 0, "distill_coef",
+          "grpo+opsd is GRPO plus the distillation term: it needs --distill-coef > 0")
+    for name in ("kl_coef", "entropy_coef", "distill_coef"):
+        _need(cfg.method != "opsd" or not getattr(cfg, name), name,
+              "--method opsd is the plain distillation loss (opsd_loss); add terms to grpo, rlsd or grpo+opsd")
+    _need(not (cfg.fused_linear and cfg.extra_terms()), "fused_linear",
+          "the fused-linear loss does not take --kl-coef / --entropy-coef / --distill-coef / grpo+opsd yet")
+
+
 def choose_device(cfg: TrainConfig) -> torch.device:
     """``--device auto`` is CUDA when there is one; ``--device cuda`` without one is a ValueError."""
     if cfg.device == "auto":
@@ -159,7 +206,7 @@ def choose_backend(cfg: TrainConfig, device: torch.device) -> str:
 
 def lam_at(cfg: TrainConfig, step: int) -> float:
     """lam for RL step ``step`` (1-based): linear warm-up to ``lam``, then linear decay to 0 (paper schedule)."""
-    if cfg.method != "rlsd":  # GRPO is lam = 0; OPSD has no lam
+    if cfg.method != "rlsd":  # GRPO and GRPO+OPSD are lam = 0; OPSD has no lam
         return 0.0
     i = step - 1
     if cfg.lam_warmup_steps > 0 and i < cfg.lam_warmup_steps:

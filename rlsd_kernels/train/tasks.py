@@ -103,10 +103,51 @@ class AdditionTask(Task):
         return Problem(f"{a:0{self.digits}d}+{b:0{self.digits}d}", str(a + b))
 
 
-TASKS: Dict[str, Type[Task]] = {"addition": AdditionTask}
+class ChainSumTask(Task):
+    """``operands`` numbers of ``digits`` digits whose answer is the running partial sums, each zero-padded to the
+    width of the largest possible sum, e.g. 5 one-digit operands: ``'3+7+2+9+4='`` -> ``'10,12,21,25'``.
+
+    Every partial sum depends on the one before it, so an early wrong digit makes every later sum wrong: the answer
+    is long (``(operands - 1) * (width + 1) - 1`` characters, 11 for the example) and its intermediate tokens decide
+    correctness, which is where per-token credit (RLSD's weights) can matter. Exact match on the whole chain."""
+
+    name = "chainsum"
+    sum_sep = ","
+
+    def __init__(self, digits: int = 1, operands: int = 5, eval_size: int = 256, eval_seed: int = 1234):
+        if not 1 <= int(digits) <= 4:
+            raise ValueError(f"--digits must be in [1, 4] for the chainsum task, got {digits}")
+        if not 3 <= int(operands) <= 9:
+            raise ValueError(f"--operands must be in [3, 9], got {operands}")
+        self.digits, self.operands = int(digits), int(operands)
+        self.width = len(str(self.operands * (10 ** self.digits - 1)))
+        super().__init__(eval_size, eval_seed)
+
+    @property
+    def alphabet(self) -> str:
+        return "0123456789+" + self.sum_sep + self.hint_sep + self.answer_sep
+
+    @property
+    def max_answer_chars(self) -> int:
+        return (self.operands - 1) * (self.width + 1) - 1
+
+    def make_problem(self, rng: random.Random) -> Problem:
+        hi = 10 ** self.digits
+        xs = [rng.randrange(hi) for _ in range(self.operands)]
+        partial = [sum(xs[:i + 1]) for i in range(1, self.operands)]
+        return Problem("+".join(f"{x:0{self.digits}d}" for x in xs),
+                       self.sum_sep.join(f"{s:0{self.width}d}" for s in partial))
+
+
+TASKS: Dict[str, Type[Task]] = {"addition": AdditionTask, "chainsum": ChainSumTask}
 
 
 def make_task(name: str, **kwargs) -> Task:
+    """The task ``name``; keyword arguments that its constructor does not take (e.g. ``operands`` for addition) are
+    dropped, so that one config serves every task."""
     if name not in TASKS:
         raise ValueError(f"--task must be one of {sorted(TASKS)}, got {name!r}")
-    return TASKS[name](**kwargs)
+    import inspect
+
+    params = inspect.signature(TASKS[name].__init__).parameters
+    return TASKS[name](**{k: v for k, v in kwargs.items() if k in params})

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import numpy as np
 import torch
 
-from .. import rlsd_linear_loss, rlsd_loss, token_logprobs, token_logprobs_linear
+from .. import rlsd_linear_loss, token_logprobs, token_logprobs_linear
 from ..dispatch import force_backend
 from ..hf import causal_lm_hidden, lm_head_of
 from ..reference import opsd_loss
@@ -24,6 +24,7 @@ from .checkpoint import (WARMSTART, Rotation, atomic_save, load_checkpoint, rng_
                          set_rng_state)
 from .config import (BACKEND_CHOICES, METHODS, RESUME_OVERRIDABLE, TIMING_KEYS, TrainConfig, choose_backend,
                      choose_device, lam_at, resumed_config, validate)
+from .losses import policy_loss
 from .model import Forward, TokenizerAdapter, build_char_tokenizer, build_tiny_model, load_pretrained
 from .rollout import generate, pack
 from .tasks import Task, make_task
@@ -56,7 +57,8 @@ class Trainer:
         self.rotation = Rotation(cfg.out, cfg.keep_checkpoints, inherited_ckpts)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        self.task: Task = make_task(cfg.task, digits=cfg.digits, eval_size=cfg.eval_size)
+        self.task: Task = make_task(cfg.task, digits=cfg.digits, operands=cfg.operands,
+                                         eval_size=cfg.eval_size)
         self._seed(cfg.seed)
         if cfg.model is not None:
             self.model, self.tok = load_pretrained(cfg.model)
@@ -69,6 +71,7 @@ class Trainer:
         self.model.to(self.device).train()
         self.fwd = Forward(self.model)
         self.teacher = None
+        self.reference = None  # the frozen warm-start model of --kl-coef
         self.opt = None
         self.step = 0
         self.history: List[Dict[str, Any]] = []
@@ -115,7 +118,11 @@ class Trainer:
             with torch.no_grad():
                 _, ent = token_logprobs(s_logits.detach(), labels, return_entropy=True)
             return loss, ent, {"opsd_div": float((div * valid).sum() / valid.sum())}
-        out = rlsd_loss(s_logits, t_logits, labels, adv, mask=valid, return_entropy=True, **self._loss_kwargs(lam))
+        ref_logp = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logp = token_logprobs(self._logits(self.reference, prompts, resp, valid), labels)
+        out = policy_loss(s_logits, t_logits, labels, adv, valid, self._loss_kwargs(lam), cfg.extra_terms(), ref_logp)
         return out.loss, out.entropy, dict(out.metrics)
 
     def _fused_linear_loss(self, teacher, prompts, priv, resp, valid, labels, adv, lam):
@@ -212,7 +219,7 @@ class Trainer:
         adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + 1e-6)).view(-1)
         labels = torch.where(valid, resp, -100)
 
-        use_teacher = cfg.method == "opsd" or (cfg.method == "rlsd" and lam > 0)
+        use_teacher = cfg.method == "opsd" or (cfg.method == "rlsd" and lam > 0) or cfg.distill > 0
         teacher = priv = None
         if use_teacher:
             priv = [self.tok.encode(self.task.privileged_prompt(p)) for p in probs for _ in range(G)]
@@ -246,6 +253,7 @@ class Trainer:
     def state(self) -> Dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": None if self.opt is None else self.opt.state_dict(),
                 "teacher": None if self.teacher is None else self.teacher.state_dict(),
+                "reference": None if self.reference is None else self.reference.state_dict(),
                 "rng": rng_state(self.device), "data_rng": self.data_rng.getstate(), "step": self.step,
                 "config": self.cfg.to_dict(), "history": list(self.history),
                 "checkpoints_written": list(self.rotation.written)}
@@ -276,14 +284,22 @@ class Trainer:
                 self.opt.load_state_dict(ck["optimizer"])
             if self.teacher is not None and ck.get("teacher") is not None:
                 self.teacher.load_state_dict(ck["teacher"])
+            if self.reference is not None and ck.get("reference") is not None:
+                self.reference.load_state_dict(ck["reference"])
 
     # ------------------------------------------------------------------------------------------------ run
     def _setup_rl(self) -> None:
         self.opt = self._make_optimizer()
-        if self.cfg.method != "grpo" and self.cfg.teacher_sync > 0:
-            self.teacher = copy.deepcopy(self.model).eval()
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
+        if (self.cfg.method != "grpo" or self.cfg.distill > 0) and self.cfg.teacher_sync > 0:
+            self.teacher = self._frozen_copy()
+        if self.cfg.kl_coef > 0:  # called right after the warm start / --init-from: the reference policy
+            self.reference = self._frozen_copy()
+
+    def _frozen_copy(self):
+        copy_ = copy.deepcopy(self.model).eval()
+        for p in copy_.parameters():
+            p.requires_grad_(False)
+        return copy_
 
     def run(self, log=print) -> Dict[str, Any]:
         cfg = self.cfg
