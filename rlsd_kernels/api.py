@@ -8,12 +8,14 @@ from . import dispatch, ops
 from ._inputs import check_logits, check_loss_inputs, check_scoring
 from ._output import RLSDOutput
 from .hyper import Hyper
+from . import vocab_parallel
 
 
 def rlsd_loss(student_logits, teacher_logits, labels, advantages, old_logprobs=None, mask=None, *,
               teacher_logprobs=None, lam=1.0, eps_w=0.2, clip_low=0.2, clip_high=0.28, clip_dual=3.0,
               loss_type="ppo", loss_agg_mode="token", norm=None, cu_seqlens=None, temperature=1.0,
-              ignore_index=-100, return_entropy=False, inplace_backward=False) -> RLSDOutput:
+              ignore_index=-100, return_entropy=False, inplace_backward=False, vocab_parallel_group=None,
+              vocab_start=None) -> RLSDOutput:
     """Fused RLSD loss (GRPO/PPO with teacher-gap evidence weights), differentiable w.r.t. ``student_logits``.
 
     student_logits, teacher_logits: ``[..., V]`` float32/bfloat16/float16, any strides. ``teacher_logits=None`` and
@@ -24,14 +26,22 @@ def rlsd_loss(student_logits, teacher_logits, labels, advantages, old_logprobs=N
 
     On the Triton backend the label range is checked on the device (no host sync): out-of-range labels are left
     out of the loss and reading ``out.metrics`` (or ``out.check_inputs()``) raises the ValueError.
+
+    ``vocab_parallel_group`` (a ``torch.distributed`` group): the logits are this rank's vocabulary shard
+    ``[..., V_local]`` starting at global id ``vocab_start`` (default ``rank * V_local``); labels are global ids
+    (docs/math.md section 2d, ``rlsd_kernels/vocab_parallel.py``).
     """
     h = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index)
     return _rlsd_loss(h, student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
-                      cu_seqlens, return_entropy, inplace_backward)
+                      cu_seqlens, return_entropy, inplace_backward, vocab_parallel_group, vocab_start)
 
 
 def _rlsd_loss(h: Hyper, student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
-               cu_seqlens, return_entropy, inplace_backward) -> RLSDOutput:
+               cu_seqlens, return_entropy, inplace_backward, group=None, vocab_start=None) -> RLSDOutput:
+    if vocab_parallel.check_vocab_parallel(group, vocab_start) is not None:  # docs/math.md section 2d
+        return vocab_parallel.rlsd_loss_sharded(h, student_logits, teacher_logits, labels, advantages, old_logprobs,
+                                                mask, teacher_logprobs, cu_seqlens, return_entropy, inplace_backward,
+                                                group, vocab_start)
     # The Triton backend checks label / cu_seqlens values on the device; the CPU backends check them here (a host
     # read is free there). Under torch.compile value checks are skipped (they would break the graph).
     check_logits("student_logits", student_logits)
@@ -53,11 +63,16 @@ def _rlsd_loss(h: Hyper, student_logits, teacher_logits, labels, advantages, old
 
 
 def token_logprobs(logits, labels, temperature: float = 1.0, return_entropy: bool = False, *,
-                   ignore_index: int = -100, inplace_backward: bool = False):
+                   ignore_index: int = -100, inplace_backward: bool = False, vocab_parallel_group=None,
+                   vocab_start=None):
     """Fused ``log_softmax(logits / T)[labels]`` (float32, shape of labels, 0 at ``ignore_index``), differentiable.
 
-    With ``return_entropy=True`` returns ``(logprobs, entropy)``; the entropy is detached.
+    With ``return_entropy=True`` returns ``(logprobs, entropy)``; the entropy is detached. ``vocab_parallel_group``
+    / ``vocab_start``: vocabulary-sharded logits, as in :func:`rlsd_loss`.
     """
+    if vocab_parallel.check_vocab_parallel(vocab_parallel_group, vocab_start) is not None:
+        return vocab_parallel.token_logprobs_sharded(logits, labels, temperature, return_entropy, ignore_index,
+                                                     inplace_backward, vocab_parallel_group, vocab_start)
     check_scoring(logits, labels, temperature, ignore_index)
     logp, _, _, ent = ops.fused_logprobs(logits, None, labels, float(temperature), int(ignore_index),
                                          bool(return_entropy), bool(inplace_backward))
@@ -70,11 +85,13 @@ class RLSDLoss(torch.nn.Module):
 
     def __init__(self, lam=1.0, eps_w=0.2, clip_low=0.2, clip_high=0.28, clip_dual=3.0, loss_type="ppo",
                  loss_agg_mode="token", norm=None, temperature=1.0, ignore_index=-100, return_entropy=False,
-                 inplace_backward=False):
+                 inplace_backward=False, vocab_parallel_group=None, vocab_start=None):
         super().__init__()
         self.hyper = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature,
                            ignore_index).validate()
         self.return_entropy, self.inplace_backward = return_entropy, inplace_backward
+        self.vocab_parallel_group = vocab_parallel.check_vocab_parallel(vocab_parallel_group, vocab_start)
+        self.vocab_start = vocab_start
 
     def __getattr__(self, name):
         if name in Hyper.names():
@@ -90,7 +107,8 @@ class RLSDLoss(torch.nn.Module):
     def forward(self, student_logits, teacher_logits, labels, advantages, old_logprobs=None, mask=None, *,
                 teacher_logprobs=None, cu_seqlens=None) -> RLSDOutput:
         return _rlsd_loss(self.hyper, student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
-                          teacher_logprobs, cu_seqlens, self.return_entropy, self.inplace_backward)
+                          teacher_logprobs, cu_seqlens, self.return_entropy, self.inplace_backward,
+                          self.vocab_parallel_group, self.vocab_start)
 
     def extra_repr(self) -> str:
         h = self.hyper

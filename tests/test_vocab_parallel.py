@@ -1,0 +1,124 @@
+"""Vocabulary-parallel op (docs/math.md section 2d) over gloo on localhost: 2 and 3 ranks, uneven shards.
+
+Each spawned job runs many cases on every CPU backend (spawning costs seconds, so checks are grouped); the test
+process compares what the ranks returned with one another (bit-identical) and with the unsharded op on the same
+backend and the float64 eager reference (section 7's float32 tolerance); the ranks' gradient shards concatenated
+must equal the unsharded gradient.
+"""
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import parallel_jobs as jobs
+from helpers import machine_backends
+
+from rlsd_kernels import dispatch, rlsd_loss, token_logprobs
+from rlsd_kernels.reference import rlsd_loss_eager, token_logprobs_eager
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+
+CPU_BACKENDS = [str(b) for b in machine_backends() if b.device.type == "cpu"]
+RTOL, ATOL = 1e-5, 1e-6
+
+CASES = [
+    # token aggregation, teacher logits, mask, off-policy, temperature, per-token advantages
+    dict(op="loss", seed=1, B=3, T=5, teacher="logits", mask=True, old=True, temperature=0.7, lam=0.8),
+    # seq aggregation, teacher log-probs, per-sequence advantages, in-place backward
+    dict(op="loss", seed=2, B=3, T=4, teacher="logprobs", agg="seq", adv_per_seq=True, inplace=True, mask=True),
+    # GRPO (no teacher), CISPO, large logits
+    dict(op="loss", seed=3, B=2, T=4, loss_type="cispo", old=True, scale=30.0),
+    # scoring with entropy, out-of-place and in-place backward
+    dict(op="logprobs", seed=4, B=2, T=5, temperature=1.3),
+    dict(op="logprobs", seed=6, B=2, T=3, inplace=True),
+]
+
+
+def _spawn(sizes, backends, cases):
+    world = len(sizes)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(jobs.job, args=(world, f"{tmp}/init", tmp, backends, cases, sizes), nprocs=world, join=True)
+        results = [torch.load(f"{tmp}/rank{r}.pt", weights_only=False) for r in range(world)]
+    for r, res in enumerate(results):
+        assert "exception" not in res, f"rank {r} failed:\n{res.get('exception')}"
+    return results
+
+
+def _reference(case, x):
+    """float64 eager ground truth of a case: the outputs and the full gradient."""
+    x64 = {k: (v.double() if v.is_floating_point() else v) for k, v in x.items()}
+    student = x64["student"].clone().requires_grad_(True)
+    if case["op"] == "loss":
+        kw = jobs.loss_kwargs(case, x64)
+        kw.pop("inplace_backward")
+        teacher = x64["teacher"] if case.get("teacher") == "logits" else None
+        if case.get("teacher") == "logprobs":
+            kw["teacher_logprobs"] = case["teacher_logprobs"].double()
+        res = rlsd_loss_eager(student, teacher, x64["labels"], x64["advantages"], **kw)
+        res.loss.backward()
+        return {"loss": res.loss, "logprobs": res.logprobs, "entropy": res.entropy, "grad": student.grad}
+    logp, ent = token_logprobs_eager(student, x64["labels"], case.get("temperature", 1.0), True)
+    (logp * x64["grad_weights"]).sum().backward()
+    return {"logprobs": logp, "entropy": ent, "grad": student.grad}
+
+
+def _check(results, sizes, backends, cases):
+    for backend in backends:
+        for i, case in enumerate(cases):
+            x = jobs.make_inputs(case)
+            if case.get("teacher") == "logprobs":
+                case = dict(case, teacher_logprobs=jobs.teacher_logprobs_for(case, x))
+            outs = [res[(backend, i)] for res in results]
+            where = f"{backend} case {i} {case['op']}"
+            # every rank returns the same bits (loss, log-probs, metrics, entropy, weights)
+            for key, value in outs[0].items():
+                if key in ("grad", "collectives") or value is None:
+                    continue
+                for r, o in enumerate(outs[1:], 1):
+                    assert torch.equal(o[key], value), f"{where}: {key} differs between rank 0 and rank {r}"
+            # structural: one layout check + one gather of the per-row partials per forward, none in the backward
+            assert all(o["collectives"] == 2 for o in outs), f"{where}: {[o['collectives'] for o in outs]}"
+            grad = torch.cat([o["grad"] for o in outs], dim=-1)
+            with dispatch.force_backend(backend):
+                full = jobs.run_case(case, x, 0, sum(sizes))
+            ref = _reference(case, x)
+            for key in ("loss", "logprobs", "entropy", "weights", "teacher_logprobs", "metrics"):
+                if key in full and full[key] is not None:
+                    torch.testing.assert_close(outs[0][key], full[key], rtol=RTOL, atol=ATOL, msg=f"{where}: {key}")
+            for key in ("loss", "logprobs", "entropy"):
+                if key in ref:
+                    torch.testing.assert_close(outs[0][key].double(), ref[key].detach(), rtol=RTOL, atol=ATOL,
+                                               msg=f"{where}: {key} vs float64 reference")
+            torch.testing.assert_close(grad.double(), ref["grad"], rtol=RTOL, atol=ATOL, msg=lambda m: f"{where}: grad vs ref: {m}")
+            torch.testing.assert_close(grad, full["grad"], rtol=RTOL, atol=ATOL, msg=lambda m: f"{where}: grad vs unsharded: {m}")
+
+
+@pytest.mark.parametrize("sizes", [(16, 21), (10, 17, 6)], ids=["2ranks", "3ranks"])
+def test_sharded_matches_unsharded(sizes):
+    cases = [dict(c, V=sum(sizes)) for c in CASES]
+    results = _spawn(list(sizes), CPU_BACKENDS, cases)
+    _check(results, sizes, CPU_BACKENDS, cases)
+    errors = [res["errors"] for res in results]
+    assert all(e == errors[0] for e in errors), "ranks raised different errors"
+    assert "vocab_start" in errors[0]["overlap"] and "tile" in errors[0]["overlap"]
+    assert errors[0]["label"] is not None and errors[0]["label"].startswith("labels")
+    assert errors[0]["start"] is not None and "vocab_start" in errors[0]["start"]
+
+
+def test_vocab_start_without_group():
+    x = torch.randn(2, 3, 5)
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="vocab_start"):
+        token_logprobs(x, labels, vocab_start=0)
+    with pytest.raises(ValueError, match="vocab_start"):
+        rlsd_loss(x, None, labels, torch.zeros(2, 3), vocab_start=0)
+
+
+def test_group_needs_initialised_distributed():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    x = torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match="vocab_parallel_group"):
+        token_logprobs(x, torch.zeros(2, 3, dtype=torch.long), vocab_parallel_group=object())
