@@ -68,9 +68,11 @@ def parse_args(argv=None):
     p.add_argument("--profile-shape", default=None, help="NxV of the launch/sync counts (default 16384x32000)")
     p.add_argument("--sweep-shapes", default=None, help='NxV,... of the launch sweep (default 16384x32000,'
                    '16384x151936; "none" skips it)')
-    p.add_argument("--linear-shape", default=None, help='NxHxV of the fused-linear rows (default 16384x4096x151936;'
-                   ' "none" skips them)')
+    p.add_argument("--linear-shape", default=None, help='NxHxV,... of the fused-linear rows (default '
+                   '16384x4096x151936,16384x4096x128256; "none" skips them)')
     p.add_argument("--linear-reps", type=int, default=2)
+    p.add_argument("--terms-shape", default=None, help='NxV of the loss-terms rows (bench.terms; default 4096x151936,'
+                   ' "none" skips them)')
     p.add_argument("--roles", default=",".join(_roles()), help="contenders to run (default: all)")
     p.add_argument("--rep-budget-s", type=float, default=0.25, help="time of the timed reps per case and mode")
     p.add_argument("--case-need-s", type=float, default=5.0, help="do not start a case with less time left")
@@ -88,7 +90,8 @@ def parse_args(argv=None):
     a.profile_shape = _shapes(a.profile_shape)[0] if a.profile_shape else (a.shapes[0] if q else (16384, 32000))
     a.sweep_shapes = (_shapes(a.sweep_shapes) if a.sweep_shapes else
                       ([a.shapes[0]] if q else [(16384, 32000), (16384, 151936), (16384, 262144)]))
-    a.linear_shape = a.linear_shape or ("128x64x1000" if q else "16384x4096x151936")
+    a.linear_shape = a.linear_shape or ("512x64x1000" if q else "16384x4096x151936,16384x4096x128256")
+    a.terms_shape = a.terms_shape or ("64x1000" if q else "4096x151936")
     if q:
         a.rep_budget_s, a.case_need_s, a.linear_reps = min(a.rep_budget_s, 0.02), min(a.case_need_s, 1.0), 1
     a.roles = [r for r in a.roles.split(",") if r]
@@ -126,7 +129,7 @@ class Run:
                        "profile_shape": list(args.profile_shape), "sweep_shapes": [list(s) for s in args.sweep_shapes],
                        "linear_shape": args.linear_shape, "roles": args.roles, "dtype": args.dtype, "lam": args.lam,
                        "seqs": args.seqs, "advantages": "per sequence", "rep_budget_s": args.rep_budget_s},
-            "tests": None, "checks": [], "cases": [], "sweep": None, "linear": [], "stages": [],
+            "tests": None, "checks": [], "cases": [], "sweep": None, "linear": [], "terms": [], "stages": [],
             "files": {"json": str(self.json_path), "md": str(self.md_path)},
         }
 
@@ -252,15 +255,17 @@ def _bench(run: Run, args, deadline) -> None:
         LAUNCH.update(adopted["params"])
         run.log(f"grid timed with the sweep's fastest RLSD setting {adopted['setting']}: {adopted['params']}")
 
-    lin_n = int(args.linear_shape.split("x")[0]) if args.linear_shape != "none" else None
+    lin_shapes = [] if args.linear_shape == "none" else args.linear_shape.split(",")
+    lin_n = int(lin_shapes[0].split("x")[0]) if lin_shapes else None
     linear_done = lin_n is None
 
     def run_linear():
         t1 = time.time()
-        run.res["linear"] = linear.run_in_process(args.linear_shape, str(cfg.dtype).replace("torch.", ""), str(dev),
-                                                  args.linear_reps, deadline=deadline, need_s=args.case_need_s * 3,
-                                                  log=run.log)
-        run.write()
+        for shape in lin_shapes:
+            run.res["linear"] += linear.run_in_process(shape, str(cfg.dtype).replace("torch.", ""), str(dev),
+                                                       args.linear_reps, deadline=deadline,
+                                                       need_s=args.case_need_s * 3, log=run.log)
+            run.write()
         run.stage("fused linear", "ok", t1)
 
     for N, V in args.shapes:
@@ -272,6 +277,21 @@ def _bench(run: Run, args, deadline) -> None:
         run.stage(f"grid {N}x{V}", "ok", t1)
     if not linear_done:
         run_linear()
+
+    if args.terms_shape != "none":  # the section 2c terms' cost over plain RLSD, and OPSD against eager / Liger
+        t1 = time.time()
+        if deadline.allows(args.case_need_s * 4):
+            from . import terms
+
+            try:
+                run.res["terms"] = terms.run(args.terms_shape, str(dev), str(cfg.dtype).replace("torch.", ""), 3)
+                run.stage("loss terms", "ok", t1)
+            except Exception as e:  # noqa: BLE001 -- recorded, the check goes on
+                run.res["terms"] = [{"status": "error", "error": f"{type(e).__name__}: {str(e)[:300]}"}]
+                run.stage("loss terms", "error", t1)
+        else:
+            run.stage("loss terms", "skipped (time)", t1)
+        run.write()
 
     if "compile" in args.roles:
         t1 = time.time()

@@ -218,13 +218,27 @@ def gpu_markdown(res: dict) -> str:
         out += [""] + [f"- {x.strip()}" for x in _sweep_lines(res)]
     if res.get("linear"):
         out += ["", "## Fused linear (hidden states + LM head)", ""]
-        out += _md_table(["shape", "row", "status", "fwd ms", "fwd+bwd ms", "peak MiB above inputs", "backends"],
+        from .linear import derived
+
+        ratio = lambda r, k: f"{r[k]:.2f}" if k in r else "-"  # noqa: E731
+        out += _md_table(["shape", "row", "status", "fwd ms", "fwd+bwd ms", "vs logits_op (target <= 1.15)",
+                          "GEMM floor", "vs liger", "peak MiB above inputs", "backends"],
                          [[r["shape"], r["row"], r.get("status", "?"),
                            fmt_num(r["fwd_ms"]) if "fwd_ms" in r else "-",
                            fmt_num(r["fwd_bwd_ms"]) if "fwd_bwd_ms" in r else (r.get("error") or "")[:80],
+                           ratio(r, "vs_logits_op"),
+                           f"{100 * r['gemm_floor_frac']:.0f}%" if "gemm_floor_frac" in r else "-",
+                           ratio(r, "vs_liger"),
                            fmt_num(r["peak_mem_mib"]) if "peak_mem_mib" in r else "-",
-                           f"logits={r.get('logits_backend')}, linear={r.get('linear_backend')}"
-                           if "logits_backend" in r else "-"] for r in res["linear"]])
+                           f"logits={r.get('logits_backend')}, linear chunks={r.get('linear_backend')}"
+                           if "logits_backend" in r else "-"] for r in derived(res["linear"])])
+    if res.get("terms"):
+        out += ["", "## Loss terms (section 2c) over plain RLSD, and OPSD alone", ""]
+        out += _md_table(["shape", "row", "fwd+bwd ms", "vs plain", "vs eager (OPSD rows)"],
+                         [[r.get("shape", "-"), r.get("row", r.get("status", "?")),
+                           fmt_num(r["fwd_bwd_ms"]) if "fwd_bwd_ms" in r else (r.get("error") or "")[:80],
+                           f"{r['vs_plain']:.2f}" if "vs_plain" in r else "-",
+                           f"{r['vs_eager']:.2f}" if "vs_eager" in r else "-"] for r in res["terms"]])
     if res.get("stages"):
         out += ["", "## Stages", ""]
         out += _md_table(["stage", "status", "wall s"], [[s["name"], s["status"], f"{s['wall_s']:.1f}"]

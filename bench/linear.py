@@ -1,10 +1,17 @@
 """Benchmark of the fused linear RLSD loss (hidden states + LM head, no logits) against materialising the logits.
 
 Rows, each on the same inputs (student + teacher hidden states, one LM-head weight, RLSD with lam = 0.5):
+- ``gemm``:        one ``h @ W.T`` product into a preallocated buffer (forward only): the matmul rate on this shape. The GEMM
+                   floor of a forward+backward is 4 such products with a teacher (student and teacher logits,
+                   d hidden, d weight), 3 without;
 - ``eager``:       ``z = h @ W.T`` (student, with grad) and ``th @ W.T`` (teacher), then the eager reference loss
                    (``rlsd_kernels.reference.rlsd_loss_eager``: full-vocabulary log_softmax, gather, PPO, autograd);
 - ``logits_op``:   the same explicit matmuls, then our fused logits-level op ``rlsd_kernels.rlsd_loss``;
-- ``fused_linear``: ``rlsd_kernels.rlsd_linear_loss(h, W, ..., teacher_hidden=th)``: logits never materialised.
+- ``fused_linear``: ``rlsd_kernels.rlsd_linear_loss(h, W, ..., teacher_hidden=th)``: logits never materialised;
+- ``fused_linear_grpo`` / ``liger_grpo``: the GRPO work (lam = 0, no teacher, DAPO token-mean, clip 0.2 / 0.28,
+                   sequences of ``SEQ_LEN`` tokens with one advantage each) through ``rlsd_linear_loss`` and through
+                   Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (beta = 0, its defaults otherwise; CUDA only, where
+                   liger-kernel is installed): the comparison Liger supports.
 
 Each (row, shape) runs in its own subprocess, so that peak memory is that case's alone: on CPU, the growth of the
 peak resident set (``ru_maxrss``) over the resident set once the inputs exist; on GPU,
@@ -33,7 +40,8 @@ import sys
 import time
 from pathlib import Path
 
-ROWS = ("eager", "logits_op", "fused_linear")
+ROWS = ("gemm", "eager", "logits_op", "fused_linear", "fused_linear_grpo", "liger_grpo")
+SEQ_LEN = 512  # tokens per sequence of the GRPO rows (N must be a multiple)
 CPU_SHAPES = ["2048x256x32000", "512x128x151936"]
 GPU_SHAPES = [f"{n}x4096x{v}" for v in (128256, 151936) for n in (4096, 16384)]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,6 +64,7 @@ def _case(row: str, shape: str, dtype_name: str, device: str, reps: int) -> dict
     from rlsd_kernels import reference
     from rlsd_kernels.dispatch import select_backend
     from rlsd_kernels.linear import linear_backend
+    from rlsd_kernels.backends.linear.chunked import rows_per_chunk
 
     N, H, V = (int(x) for x in shape.split("x"))
     dt = getattr(torch, dtype_name)
@@ -72,10 +81,22 @@ def _case(row: str, shape: str, dtype_name: str, device: str, reps: int) -> dict
         labels = torch.randint(0, V, (N,), device=dev, generator=g)
         adv = torch.randn(N, device=dev, generator=g)
         kw = dict(lam=0.5)
+        grpo = dict(lam=0.0, clip_low=0.2, clip_high=0.28)
+        seq_adv = adv[::SEQ_LEN].contiguous()
+
+        out_buf = torch.zeros(N, V, device=dev, dtype=dt) if row == "gemm" else None  # touched: in the baseline
 
         def loss():
+            if row == "gemm":  # into a buffer allocated once: the product alone, no first-touch of fresh memory
+                return torch.mm(h, w.T, out=out_buf)
             if row == "fused_linear":
                 return rlsd_kernels.rlsd_linear_loss(h, w, labels, adv, teacher_hidden=th, **kw).loss
+            if row == "fused_linear_grpo":
+                return rlsd_kernels.rlsd_linear_loss(h.view(-1, SEQ_LEN, H), w, labels.view(-1, SEQ_LEN), seq_adv,
+                                                     **grpo).loss
+            if row == "liger_grpo":
+                return liger(h.view(-1, SEQ_LEN, H), w, labels.view(-1, SEQ_LEN),
+                             torch.ones(labels.numel() // SEQ_LEN, SEQ_LEN, device=dev), seq_adv)[0]
             z = h @ w.T
             with torch.no_grad():
                 zt = th @ w.T
@@ -87,14 +108,30 @@ def _case(row: str, shape: str, dtype_name: str, device: str, reps: int) -> dict
                 loss()
 
         def fwd_bwd():
+            if row == "gemm":  # a forward-only row
+                return fwd()
             h.grad = w.grad = None
             loss().backward()
             h.grad = w.grad = None
 
         return fwd, fwd_bwd
 
+    def skipped(why):
+        return dict(row=row, shape=shape, dtype=dtype_name, device=device, status="skipped", error=why)
+
+    if row == "liger_grpo":
+        if not cuda:
+            return skipped("Liger's fused linear GRPO loss runs on CUDA only")
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        except ImportError as e:
+            return skipped(f"liger-kernel not installed ({e})")
+        liger = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, epsilon_low=0.2, epsilon_high=0.28,
+                                         loss_type="dapo")
+    if row.endswith("grpo") and N % SEQ_LEN:
+        return skipped(f"N={N} is not a multiple of SEQ_LEN={SEQ_LEN}")
     # warm-up on a tiny copy of the case: lazy imports, op registration, kernel compilation happen before the baseline
-    for f in make(32, min(H, 64), min(V, 512)):
+    for f in make(SEQ_LEN, min(H, 64), min(V, 512)):
         f()
     fwd, fwd_bwd = make(N, H, V)
     # warm-up of the runtime itself (thread pools, allocator, BLAS buffers) before the memory baseline
@@ -128,7 +165,8 @@ def _case(row: str, shape: str, dtype_name: str, device: str, reps: int) -> dict
     out = dict(row=row, shape=shape, N=N, H=H, V=V, dtype=dtype_name, device=device,
                fwd_ms=t_fwd * 1e3, fwd_bwd_ms=t_fb * 1e3, peak_mem_mib=peak / 2 ** 20,
                logits_mib=N * V * torch.tensor([], dtype=dt).element_size() / 2 ** 20,
-               logits_backend=select_backend(dev), linear_backend=linear_backend(dev, dt))
+               logits_backend=select_backend(dev), linear_backend=linear_backend(dev),
+               chunk_rows=rows_per_chunk(N, V, 2 if row == "fused_linear" else 1, torch.tensor([], dtype=dt).element_size()))
     if not cuda:  # ru_maxrss never decreases: a case peaking below this floor is over-estimated, never under-
         out["rss_floor_mib"] = max(0, floor - base) / 2 ** 20
     return out
@@ -151,7 +189,8 @@ def run_in_process(shape: str, dtype: str, device: str, reps: int, rows=ROWS, de
             continue
         t0 = time.perf_counter()
         try:
-            r = {**_case(row, shape, dtype, device, reps), "status": "ok"}
+            r = _case(row, shape, dtype, device, reps)
+            r.setdefault("status", "ok")
         except Exception as e:  # noqa: BLE001 -- recorded, the check goes on
             oom = isinstance(e, getattr(torch, "OutOfMemoryError", MemoryError)) or "out of memory" in str(e)
             r = {**base, "status": "oom" if oom else "error", "error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -174,20 +213,59 @@ def _device_slug(device: str) -> str:
     return "cpu"
 
 
-def _markdown(results: list, device: str, slug: str) -> str:
-    lines = [f"# Fused linear RLSD benchmark ({slug})", "",
-             f"`python -m bench.linear --device {device}`; {platform.platform()}; torch threads as default.", "",
-             "N x H x V | dtype | row | fwd ms | fwd+bwd ms | peak extra MiB | N x V logits MiB | backends",
-             "---|---|---|---|---|---|---|---"]
+GEMM_PRODUCTS = {"fused_linear": 4, "logits_op": 4, "eager": 4, "fused_linear_grpo": 3, "liger_grpo": 3}
+TARGET_VS_LOGITS_OP = {"cpu": 1.2, "cuda": 1.15}  # docs/math.md section 8 / the fused-linear targets
+
+
+def derived(results: list) -> list:
+    """Per row of each shape, the ratios the targets are stated in: ``vs_logits_op`` (fused_linear fwd+bwd over
+    "GEMM logits + our op"), ``gemm_floor_frac`` (the GEMM floor, 4 or 3 ``gemm`` products, over the row's
+    fwd+bwd), ``vs_liger`` (fused_linear_grpo over liger_grpo). Rows that did not run get none."""
+    by = {(r["shape"], r["row"]): r for r in results if "fwd_bwd_ms" in r}
+    out = []
     for r in results:
-        if "error" in r:
-            lines.append(f"{r['shape']} | {r['dtype']} | {r['row']} | error: {r['error'][:80]} | | | |")
+        r = dict(r)
+        if "fwd_bwd_ms" in r:
+            gemm = by.get((r["shape"], "gemm"))
+            if gemm and r["row"] in GEMM_PRODUCTS:
+                r["gemm_floor_frac"] = GEMM_PRODUCTS[r["row"]] * gemm["fwd_ms"] / r["fwd_bwd_ms"]
+            base = by.get((r["shape"], "logits_op"))
+            if base and r["row"] == "fused_linear":
+                r["vs_logits_op"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+            liger = by.get((r["shape"], "liger_grpo"))
+            if liger and r["row"] == "fused_linear_grpo":
+                r["vs_liger"] = r["fwd_bwd_ms"] / liger["fwd_bwd_ms"]
+        out.append(r)
+    return out
+
+
+def _ratio(r, key):
+    return f"{r[key]:.2f}" if key in r else "-"
+
+
+def _markdown(results: list, device: str, slug: str, command: str) -> str:
+    lines = [f"# Fused linear RLSD benchmark ({slug})", "",
+             f"`{command}`; {platform.platform()}; torch threads as default.", "",
+             "N x H x V | dtype | row | fwd ms | fwd+bwd ms | vs logits_op | GEMM floor | vs liger | "
+             "peak extra MiB | N x V logits MiB | chunk rows | backends",
+             "---|---|---|---|---|---|---|---|---|---|---|---"]
+    for r in derived(results):
+        if "error" in r or "fwd_ms" not in r:
+            lines.append(f"{r['shape']} | {r['dtype']} | {r['row']} | {r.get('error', '?')[:90]} "
+                         "| | | | | | | | |")
             continue
-        lines.append(f"{r['shape']} | {r['dtype']} | {r['row']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | "
-                     f"{r['peak_mem_mib']:.0f} | {r['logits_mib']:.0f} | "
-                     f"logits={r['logits_backend']}, linear={r['linear_backend']}")
-    lines += ["", "peak extra: CPU = growth of peak RSS over the RSS with the inputs allocated (one fwd+bwd); "
-              "GPU = max_memory_allocated over the allocation with the inputs.", ""]
+        fb = "-" if r["row"] == "gemm" else f"{r['fwd_bwd_ms']:.1f}"
+        lines.append(f"{r['shape']} | {r['dtype']} | {r['row']} | {r['fwd_ms']:.1f} | {fb} | "
+                     f"{_ratio(r, 'vs_logits_op')} | "
+                     + (f"{100 * r['gemm_floor_frac']:.0f}%" if "gemm_floor_frac" in r else "-")
+                     + f" | {_ratio(r, 'vs_liger')} | {r['peak_mem_mib']:.0f} | {r['logits_mib']:.0f} | "
+                     f"{r.get('chunk_rows', '-')} | logits={r['logits_backend']}, linear chunks={r['linear_backend']}")
+    lines += ["", "vs logits_op: fused_linear fwd+bwd over `h @ W.T` + our logits op (target <= "
+              f"{TARGET_VS_LOGITS_OP['cpu']} on CPU, <= {TARGET_VS_LOGITS_OP['cuda']} on CUDA). GEMM floor: 4 (RLSD) or "
+              "3 (GRPO) times the `gemm` row's one product, over the row's fwd+bwd. vs liger: fused_linear_grpo over "
+              "Liger's fused linear GRPO loss on the same GRPO work. peak extra: CPU = growth of peak RSS over the "
+              "RSS with the inputs allocated (one fwd+bwd); GPU = max_memory_allocated over the allocation with the "
+              "inputs.", ""]
     return "\n".join(lines)
 
 
@@ -233,8 +311,9 @@ def main(argv=None):
     slug = _device_slug(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"linear-{slug}.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / f"linear-{slug}.md").write_text(_markdown(results, device, slug))
+    (out / f"linear-{slug}.json").write_text(json.dumps(derived(results), indent=1) + "\n")
+    command = "python -m bench.linear " + " ".join(argv if argv is not None else sys.argv[1:])
+    (out / f"linear-{slug}.md").write_text(_markdown(results, device, slug, command.strip()))
     print(f"wrote {out / f'linear-{slug}.json'} and .md")
     return 0
 

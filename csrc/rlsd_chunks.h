@@ -77,6 +77,37 @@ inline vf exp_neg(vf x) {
   return x < lo ? vf{} : y;
 }
 
+// log(x) for x > 0 on 16 lanes (Cephes logf: frexp, then a degree-8 polynomial; <= 2 ulp on normal numbers).
+// Arguments below FLT_MIN are treated as FLT_MIN (log = -87.3): the only caller weighs them by a probability that
+// is as small. nan propagates.
+inline vf log_pos(vf x0) {
+  constexpr float kMin = 1.17549435e-38f;
+  const vf x = x0 < kMin ? vsplat(kMin) : x0;
+  const vi u = reinterpret_cast<const vi&>(x);
+  vi e = ((u >> 23) & 0xff) - 126;
+  const vi mu = (u & 0x807fffff) | 0x3f000000;
+  vf m = reinterpret_cast<const vf&>(mu);  // [0.5, 1)
+  const vi small = m < 0.707106781186547524f;  // -1 where true
+  e = e + small;
+  m = (small != 0) ? m + m - 1.0f : m - 1.0f;
+  const vf z = m * m;
+  vf y = vsplat(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const vf ef = __builtin_convertvector(e, vf);
+  y = y + ef * -2.12194440e-4f;
+  y = y - z * 0.5f;
+  const vf r = m + y + ef * 0.693359375f;
+  return x0 != x0 ? x0 : r;  // nan in, nan out
+}
+
 // ------------------------------------------------------------------------------------ dtype conversions
 enum class DT { F32, BF16, F16, F64 };
 

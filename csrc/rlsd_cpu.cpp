@@ -5,6 +5,10 @@
 //           when asked, the student entropy (one more running sum). Outputs per row: logp_s, logp_t, lse_s, H.
 // backward: one pass over each row writing grad = coef * (onehot - exp(x / T - lse)) / T, formed in float32 and
 //           cast once on store; the output may alias the student logits (in-place backward).
+// With the section 2c row terms (docs/math.md), `forward` also gives the teacher's lse and a divergence D_t in the
+// same read of both rows (JSD: one more sweep per row), and `backward_terms` writes the gradient with the entropy
+// bonus and the divergence in one sweep (rlsd_row_terms.h). rlsd_rows.h: the per-row statistics and strided views;
+// rlsd_chunks.h: SIMD helpers and the chunk loads / stores.
 //
 // Rows are split over threads with at::parallel_for. Each row is walked in chunks of kChunk elements that are
 // converted to float32 (and scaled by 1/T) into a small per-thread buffer, so the arithmetic loops run on
@@ -32,92 +36,18 @@
 #include <limits>
 #include <optional>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "rlsd_chunks.h"
+#include "rlsd_row_terms.h"
+#include "rlsd_rows.h"
 
 namespace {
 
 using namespace rlsd_cpu;
 
-// ------------------------------------------------------------------------------------ online statistics
-// Running log-sum-exp state relative to the running max m: d = sum exp(x - m), e = sum exp(x - m) * (x - m).
-// Keeping e relative to m (instead of sum p * x) avoids the cancellation lse - sum(p x)/sum(p) when |x| is large:
-// the entropy is H = log(d) - e / d.
-struct Stats {
-  float m = kNegInf;
-  float d = 0.0f;
-  float e = 0.0f;
-};
-
-// x: a chunk buffer of n elements padded with -inf to a multiple of kLanes.
-template <bool kEntropy>
-// pf: the next chunk to be loaded (or nullptr), prefetched one cache line per iteration (pf_step = its element size):
-// the arithmetic here would otherwise leave the memory system idle between the loads of two chunks.
-inline void accumulate(Stats& st, const float* __restrict x, int64_t n, float chunk_max, const char* pf,
-                       int64_t pf_step) {
-  const float m_new = nan_max(st.m, chunk_max);  // nan stays nan: every later exp and sum of the row is nan
-  if (m_new == kNegInf) return;  // only -inf so far: nothing to add (and no -inf - -inf = nan)
-  vf vs{}, ves{};
-  const vf vm = vsplat(m_new);
-  for (int64_t i = 0; i < n; i += kLanes) {
-    if (pf) __builtin_prefetch(pf + i * pf_step);
-    const vf y = vload(x + i) - vm;
-    const vf p = exp_neg(y);
-    vs += p;
-    if (kEntropy) ves += p > 0.0f ? p * y : vf{};  // -inf entries contribute 0, not 0 * -inf
-  }
-  const float s = hsum(vs);
-  const float es = kEntropy ? hsum(ves) : 0.0f;
-  if (st.m == kNegInf) {
-    st.d = s;
-    st.e = es;
-  } else {
-    const float shift = st.m - m_new;  // <= 0
-    const float a = std::exp(shift);
-    st.e = a * (st.e + shift * st.d) + es;
-    st.d = a * st.d + s;
-  }
-  st.m = m_new;
-}
-
-struct View3 {
-  const char* base;
-  char* mbase;
-  DT dt;
-  int64_t esize, T, V, sb, st, sv;
-
-  explicit View3(const at::Tensor& x) {
-    TORCH_CHECK(x.dim() == 3, "rlsd_cpu: expected a [B, T, V] view, got ", x.dim(), " dims");
-    TORCH_CHECK(x.device().is_cpu(), "rlsd_cpu: expected a CPU tensor");
-    dt = dt_of(x);
-    esize = elem_size(dt);
-    mbase = static_cast<char*>(x.data_ptr());  // includes the storage offset
-    base = mbase;
-    T = x.size(1);
-    V = x.size(2);
-    sb = x.stride(0);
-    st = x.stride(1);
-    sv = x.stride(2);
-  }
-  int64_t row_offset(int64_t r) const {  // bytes, int64
-    return ((r / T) * sb + (r % T) * st) * esize;
-  }
-  // The chunk after (row r, column start) within rows [.., r_end), for prefetching; nullptr if none or strided.
-  const char* next_chunk(int64_t r, int64_t start, int64_t r_end) const {
-    if (sv != 1) return nullptr;
-    if (start + kChunk < V) return base + row_offset(r) + (start + kChunk) * esize;
-    return r + 1 < r_end ? base + row_offset(r + 1) : nullptr;
-  }
-};
-
-int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1)); }
-
-template <bool kEntropy>
+template <bool kEntropy, int kDiv>
 void forward_rows(const View3& s, const View3* t, const int64_t* labels, float inv_temp, int64_t ignore_index,
-                  float* logp_s, float* logp_t, float* lse_s, float* ent, int64_t n_rows) {
+                  float* logp_s, float* logp_t, float* lse_s, float* ent, int64_t n_rows, float beta, double* lse_t,
+                  float* div, float* aux) {
   const int64_t V = s.V;
   at::parallel_for(0, n_rows, grain_rows(V), [&](int64_t r0, int64_t r1) {
     alignas(64) float bs[kChunk];
@@ -127,6 +57,7 @@ void forward_rows(const View3& s, const View3* t, const int64_t* labels, float i
       const char* srow = s.base + s.row_offset(r);
       const char* trow = t ? t->base + t->row_offset(r) : nullptr;
       Stats ss, ts;
+      Cross cross;  // forward KL: weighted by the teacher; reverse KL: by the student
       float tgt_s = 0.0f, tgt_t = 0.0f;
       for (int64_t start = 0; start < V; start += kChunk) {
         const int64_t n = std::min(kChunk, V - start);
@@ -134,11 +65,19 @@ void forward_rows(const View3& s, const View3* t, const int64_t* labels, float i
         const bool has_tgt = label >= start && label < start + n;
         const float ms = load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, n, inv_temp, bs);
         if (has_tgt) tgt_s = bs[label - start];
-        accumulate<kEntropy>(ss, bs, n, ms, s.next_chunk(r, start, r1), s.esize);
-        if (t) {
-          const float mt = load_chunk(trow + start * t->sv * t->esize, t->dt, t->sv, n, inv_temp, bt);
+        float mt = kNegInf;
+        if (t) {  // the teacher chunk first: the reverse KL's cross sum (weighted by the student) needs it
+          mt = load_chunk(trow + start * t->sv * t->esize, t->dt, t->sv, n, inv_temp, bt);
           if (has_tgt) tgt_t = bt[label - start];
-          accumulate<false>(ts, bt, n, mt, t->next_chunk(r, start, r1), t->esize);
+        }
+        // the cross sums take the other row's values relative to its running max after this chunk
+        const float s_old = finite_shift(ss.m), t_old = finite_shift(ts.m);
+        const float s_new = finite_shift(nan_max(ss.m, ms)), t_new = finite_shift(nan_max(ts.m, mt));
+        accumulate<kEntropy || kDiv == kReverseKL, kDiv == kReverseKL>(ss, bs, n, ms, s.next_chunk(r, start, r1),
+                                                                        s.esize, &cross, bt, t_old, t_new);
+        if (t) {
+          accumulate<kDiv == kForwardKL, kDiv == kForwardKL>(ts, bt, n, mt, t->next_chunk(r, start, r1), t->esize,
+                                                             &cross, bs, s_old, s_new);
         }
       }
       const bool ignored = label == ignore_index;
@@ -149,18 +88,24 @@ void forward_rows(const View3& s, const View3* t, const int64_t* labels, float i
       logp_s[r] = ignored ? 0.0f : (tgt_s - ss.m) - log_d;
       if (kEntropy) ent[r] = log_d - ss.e / ss.d;
       if (t) logp_t[r] = ignored ? 0.0f : (tgt_t - ts.m) - std::log(ts.d);
+      if (kDiv != kNoDiv) {
+        const float log_dt = std::log(ts.d);
+        // float64: at |logits| ~ 1e4 a float32 lse is rounded by ~5e-4, a relative error of every p_T
+        lse_t[r] = static_cast<double>(ts.m) + std::log(static_cast<double>(ts.d));
+        // KL(p_w || p_o) = (e_w - c) / d_w - log d_w + log d_o: every value relative to its row's max
+        if (kDiv == kForwardKL) div[r] = (ts.e - cross.c) / ts.d - log_dt + log_d;
+        if (kDiv == kReverseKL) div[r] = (ss.e - cross.c) / ss.d - log_d + log_dt;
+        if (kDiv == kJSD) jsd_row(s, *t, r, inv_temp, ss.m, log_d, lse_t[r], beta, bs, bt, div + r, aux + r);
+      }
     }
   });
 }
 
-void check_vec(const at::Tensor& x, at::ScalarType dtype, int64_t n, const char* name) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == dtype && x.is_contiguous() && x.numel() == n,
-              "rlsd_cpu: ", name, " must be a contiguous CPU ", dtype, " vector of ", n, " elements");
-}
-
 void forward(const at::Tensor& student, const std::optional<at::Tensor>& teacher, const at::Tensor& labels,
              double temperature, int64_t ignore_index, at::Tensor& logp_s, const std::optional<at::Tensor>& logp_t,
-             at::Tensor& lse_s, const std::optional<at::Tensor>& entropy) {
+             at::Tensor& lse_s, const std::optional<at::Tensor>& entropy, int64_t div_mode, double beta,
+             const std::optional<at::Tensor>& lse_t, const std::optional<at::Tensor>& div,
+             const std::optional<at::Tensor>& aux) {
   const View3 s(student);
   const int64_t n = student.size(0) * student.size(1);
   check_vec(labels, at::kLong, n, "labels");
@@ -183,38 +128,34 @@ void forward(const at::Tensor& student, const std::optional<at::Tensor>& teacher
     check_vec(*entropy, at::kFloat, n, "entropy");
     ent = entropy->data_ptr<float>();
   }
+  double* lt_out = nullptr;
+  float *div_out = nullptr, *aux_out = nullptr;
+  TORCH_CHECK(div_mode >= kNoDiv && div_mode <= kJSD, "rlsd_cpu: unknown div_mode ", div_mode);
+  if (div_mode != kNoDiv) {
+    TORCH_CHECK(t && lse_t.has_value() && div.has_value() && aux.has_value(),
+                "rlsd_cpu: a divergence needs the teacher and the lse_t, div, aux outputs");
+    check_vec(*lse_t, at::kDouble, n, "lse_t");
+    check_vec(*div, at::kFloat, n, "div");
+    check_vec(*aux, at::kFloat, n, "aux");
+    lt_out = lse_t->data_ptr<double>();
+    div_out = div->data_ptr<float>();
+    aux_out = aux->data_ptr<float>();
+  }
   if (n == 0) return;
   const float inv_temp = static_cast<float>(1.0 / temperature);
   const View3* tp = t ? &*t : nullptr;
-  if (ent) {
-    forward_rows<true>(s, tp, labels.data_ptr<int64_t>(), inv_temp, ignore_index, logp_s.data_ptr<float>(), lt,
-                       lse_s.data_ptr<float>(), ent, n);
-  } else {
-    forward_rows<false>(s, tp, labels.data_ptr<int64_t>(), inv_temp, ignore_index, logp_s.data_ptr<float>(), lt,
-                        lse_s.data_ptr<float>(), nullptr, n);
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  float* ls = logp_s.data_ptr<float>();
+  float* lse = lse_s.data_ptr<float>();
+  const float b = static_cast<float>(beta);
+#define RLSD_FWD(E, D) forward_rows<E, D>(s, tp, lab, inv_temp, ignore_index, ls, lt, lse, ent, n, b, lt_out, div_out, aux_out)
+  switch (div_mode) {
+    case kForwardKL: ent ? RLSD_FWD(true, kForwardKL) : RLSD_FWD(false, kForwardKL); break;
+    case kReverseKL: ent ? RLSD_FWD(true, kReverseKL) : RLSD_FWD(false, kReverseKL); break;
+    case kJSD: ent ? RLSD_FWD(true, kJSD) : RLSD_FWD(false, kJSD); break;
+    default: ent ? RLSD_FWD(true, kNoDiv) : RLSD_FWD(false, kNoDiv); break;
   }
-}
-
-// A fresh gradient buffer is faulted in page by page on its first write; with 4 KiB pages that costs more than
-// the whole backward (~1 ms per 8 MiB). Advising transparent huge pages for its interior (as PyTorch's own
-// THP_MEM_ALLOC_ENABLE does for its allocations) makes the first touch 512x fewer faults. Advice only: it changes
-// no contents and is ignored where THP is unavailable.
-void advise_huge_pages(const at::Tensor& out) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  int64_t extent = 1;
-  for (int64_t d = 0; d < out.dim(); ++d) {
-    if (out.size(d) == 0) return;
-    extent += (out.size(d) - 1) * out.stride(d);
-  }
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t end = begin + static_cast<uintptr_t>(extent) * out.element_size();
-  const uintptr_t a = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t b = end & ~(kHuge - 1);
-  if (b > a && b - a >= 2 * kHuge) madvise(reinterpret_cast<void*>(a), b - a, MADV_HUGEPAGE);
-#else
-  (void)out;
-#endif
+#undef RLSD_FWD
 }
 
 void backward(const at::Tensor& grad_logp, const at::Tensor& student, const at::Tensor& labels,
@@ -297,13 +238,74 @@ void backward(const at::Tensor& grad_logp, const at::Tensor& student, const at::
   });
 }
 
+
+void backward_terms(const at::Tensor& grad_logp, const std::optional<at::Tensor>& ent_coef,
+                    const std::optional<at::Tensor>& div_coef, const at::Tensor& student,
+                    const std::optional<at::Tensor>& teacher, const at::Tensor& labels, const at::Tensor& lse,
+                    const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>& lse_t,
+                    const std::optional<at::Tensor>& div, const std::optional<at::Tensor>& aux, double temperature,
+                    int64_t div_mode, double beta, at::Tensor& out) {
+  const View3 s(student);
+  View3 o(out);
+  const int64_t n = student.size(0) * student.size(1);
+  TORCH_CHECK(out.size(0) * out.size(1) == n && out.size(2) == student.size(2) &&
+              out.scalar_type() == student.scalar_type(), "rlsd_cpu: out must match student");
+  check_vec(grad_logp, at::kFloat, n, "grad_logp");
+  check_vec(labels, at::kLong, n, "labels");
+  check_vec(lse, at::kDouble, n, "lse");
+  RowTermsArgs a{grad_logp.data_ptr<float>(), nullptr, nullptr, lse.data_ptr<double>(), nullptr, nullptr, nullptr,
+                 nullptr, labels.data_ptr<int64_t>(), static_cast<float>(1.0 / temperature),
+                 static_cast<float>(beta)};
+  const bool ent_on = ent_coef.has_value();
+  if (ent_on) {
+    TORCH_CHECK(entropy.has_value(), "rlsd_cpu: the entropy term needs the entropy");
+    check_vec(*ent_coef, at::kFloat, n, "ent_coef");
+    check_vec(*entropy, at::kFloat, n, "entropy");
+    a.e = ent_coef->data_ptr<float>();
+    a.ent = entropy->data_ptr<float>();
+  }
+  std::optional<View3> t;
+  TORCH_CHECK(div_mode >= kNoDiv && div_mode <= kJSD, "rlsd_cpu: unknown div_mode ", div_mode);
+  if (div_mode != kNoDiv) {
+    TORCH_CHECK(teacher.has_value() && div_coef.has_value() && lse_t.has_value() && div.has_value() &&
+                aux.has_value(), "rlsd_cpu: a divergence needs the teacher, div_coef, lse_t, div and aux");
+    check_vec(*div_coef, at::kFloat, n, "div_coef");
+    check_vec(*lse_t, at::kDouble, n, "lse_t");
+    check_vec(*div, at::kFloat, n, "div");
+    check_vec(*aux, at::kFloat, n, "aux");
+    t.emplace(*teacher);
+    a.f = div_coef->data_ptr<float>();
+    a.lse_t = lse_t->data_ptr<double>();
+    a.div = div->data_ptr<float>();
+    a.aux = aux->data_ptr<float>();
+  }
+  if (n == 0) return;
+  if (out.data_ptr() != student.data_ptr()) advise_huge_pages(out);
+  const View3* tp = t ? &*t : nullptr;
+#define RLSD_BWD(E, D) backward_terms_rows<E, D>(s, tp, o, a, n)
+  switch (div_mode) {
+    case kForwardKL: ent_on ? RLSD_BWD(true, kForwardKL) : RLSD_BWD(false, kForwardKL); break;
+    case kReverseKL: ent_on ? RLSD_BWD(true, kReverseKL) : RLSD_BWD(false, kReverseKL); break;
+    case kJSD: ent_on ? RLSD_BWD(true, kJSD) : RLSD_BWD(false, kJSD); break;
+    default: ent_on ? RLSD_BWD(true, kNoDiv) : RLSD_BWD(false, kNoDiv); break;
+  }
+#undef RLSD_BWD
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rlsd_kernels C++ CPU backend: fused log-prob forward/backward over [B, T, V] strided views";
   m.def("forward", &forward, "fused log-prob forward (outputs preallocated, float32 [B*T])", py::arg("student"),
         py::arg("teacher"), py::arg("labels"), py::arg("temperature"), py::arg("ignore_index"), py::arg("logp_s"),
-        py::arg("logp_t"), py::arg("lse_s"), py::arg("entropy"), py::call_guard<py::gil_scoped_release>());
+        py::arg("logp_t"), py::arg("lse_s"), py::arg("entropy"), py::arg("div_mode") = 0, py::arg("beta") = 0.5,
+        py::arg("lse_t") = py::none(), py::arg("div") = py::none(), py::arg("aux") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("backward_terms", &backward_terms, "gradient with the entropy / divergence row terms into out",
+        py::arg("grad_logp"), py::arg("ent_coef"), py::arg("div_coef"), py::arg("student"), py::arg("teacher"),
+        py::arg("labels"), py::arg("lse"), py::arg("entropy"), py::arg("lse_t"), py::arg("div"), py::arg("aux"),
+        py::arg("temperature"), py::arg("div_mode"), py::arg("beta"), py::arg("out"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("backward", &backward, "fused log-prob backward into out (may alias student)", py::arg("grad_logp"),
         py::arg("student"), py::arg("labels"), py::arg("lse"), py::arg("temperature"), py::arg("out"),
         py::arg("use_thp") = true, py::call_guard<py::gil_scoped_release>());

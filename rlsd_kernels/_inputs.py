@@ -178,10 +178,11 @@ def check_loss_inputs(student_logits, teacher_logits, labels, advantages, old_lo
 
 
 def prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
-            cu_seqlens, h: Hyper) -> Prepared:
-    """Validate (values included) and flatten the inputs for the eager paths (reference, fused linear)."""
+            cu_seqlens, h: Hyper, *, values: bool = True) -> Prepared:
+    """Validate (values included unless ``values=False``: the caller checked them, or the device does) and flatten
+    the inputs for the eager paths (reference, fused linear, the section 2c terms of the fused op)."""
     layout = check_loss_inputs(student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
-                               teacher_logprobs, cu_seqlens, h)
+                               teacher_logprobs, cu_seqlens, h, values=values)
     device = student_logits.device
     lead = student_logits.shape[:-1]
     n = labels.numel()
@@ -199,6 +200,33 @@ def prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, ma
         valid = valid & (mask.reshape(n) != 0)
     return Prepared(flat_labels, valid, adv, old_logprobs, teacher_logprobs, seq_ids, num_seqs, labels.shape,
                     student_logits.shape[-1])
+
+
+def check_terms(x, label_shape, has_seqs: bool, device, teacher_logits, teacher_logprobs, ref_logprobs,
+                rollout_logprobs, teacher_name: str = "teacher_logits") -> None:
+    """The section 2c checks that need the tensors (ValueError naming the argument); ``x`` is a validated
+    ``loss.Terms``, ``has_seqs`` whether the batch has sequence structure ([B, T] labels or cu_seqlens)."""
+    lead = tuple(label_shape)
+    for name, t in (("ref_logprobs", ref_logprobs), ("rollout_logprobs", rollout_logprobs)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point torch.Tensor or None")
+        if tuple(t.shape) != lead:
+            raise ValueError(f"{name} must have shape {lead} (the shape of labels), got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but student_logits is on {device}")
+    if x.kl_coef > 0 and ref_logprobs is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs (per-token reference log-probs, shape of labels)")
+    if x.rollout_is is not None and rollout_logprobs is None:
+        raise ValueError(f"rollout_is={x.rollout_is!r} needs rollout_logprobs (the sampler's per-token log-probs)")
+    if x.gspo and not has_seqs:
+        raise ValueError("loss_type='gspo' needs labels of shape [B, T] or cu_seqlens for a packed batch")
+    if x.rollout_is == "sequence" and not has_seqs:
+        raise ValueError("rollout_is='sequence' needs labels of shape [B, T] or cu_seqlens for a packed batch")
+    if x.distill_coef > 0 and teacher_logits is None:
+        got = "only teacher_logprobs was given" if teacher_logprobs is not None else "no teacher was given"
+        raise ValueError(f"distill_coef > 0 needs {teacher_name} (the teacher's full distribution); {got}")
 
 
 # ------------------------------------------------------------------ fused linear: hidden states + LM head

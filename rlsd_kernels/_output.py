@@ -43,10 +43,11 @@ class RLSDOutput(NamedTuple):
     vocab: int = 0
     ignore_index: int = -100
     extra_metric_names: Tuple[str, ...] = ()
+    base_metric_names: Tuple[str, ...] = METRIC_NAMES  # () for opsd_loss, whose only metric is distill_mean
 
     @property
     def metric_names(self) -> Tuple[str, ...]:
-        return METRIC_NAMES + tuple(self.extra_metric_names)
+        return tuple(self.base_metric_names) + tuple(self.extra_metric_names)
 
     @property
     def metric_tensors(self) -> Dict[str, torch.Tensor]:

@@ -1,21 +1,29 @@
-"""Public API of the fused op (docs/math.md section 5): ``rlsd_loss``, ``RLSDLoss``, ``token_logprobs``."""
+"""Public API of the fused op (docs/math.md section 5): ``rlsd_loss``, ``RLSDLoss``, ``token_logprobs``,
+``opsd_loss``."""
 from __future__ import annotations
 
 
 import torch
 
+import dataclasses
+
 from . import dispatch, ops
-from ._inputs import check_logits, check_loss_inputs, check_scoring
+from ._inputs import check_logits, check_loss_inputs, check_scoring, check_terms
 from ._output import RLSDOutput
-from .hyper import Hyper
+from .hyper import LOSS_TYPES, Hyper
+from .loss import Terms, check_divergence, hyper_and_terms
+from .ops.fused_loss_terms import loss_with_terms_fused
 from . import vocab_parallel
 
 
 def rlsd_loss(student_logits, teacher_logits, labels, advantages, old_logprobs=None, mask=None, *,
               teacher_logprobs=None, lam=1.0, eps_w=0.2, clip_low=0.2, clip_high=0.28, clip_dual=3.0,
               loss_type="ppo", loss_agg_mode="token", norm=None, cu_seqlens=None, temperature=1.0,
-              ignore_index=-100, return_entropy=False, inplace_backward=False, vocab_parallel_group=None,
-              vocab_start=None) -> RLSDOutput:
+              ignore_index=-100, return_entropy=False, inplace_backward=False,
+              ref_logprobs=None, kl_coef=0.0, kl_type="k3",
+              rollout_logprobs=None, rollout_is=None, rollout_is_threshold=2.0, rollout_is_mode="truncate",
+              entropy_coef=0.0, distill_coef=0.0, distill_divergence="forward_kl", distill_beta=0.5,
+              distill_clip=None, vocab_parallel_group=None, vocab_start=None) -> RLSDOutput:
     """Fused RLSD loss (GRPO/PPO with teacher-gap evidence weights), differentiable w.r.t. ``student_logits``.
 
     student_logits, teacher_logits: ``[..., V]`` float32/bfloat16/float16, any strides. ``teacher_logits=None`` and
@@ -27,21 +35,37 @@ def rlsd_loss(student_logits, teacher_logits, labels, advantages, old_logprobs=N
     On the Triton backend the label range is checked on the device (no host sync): out-of-range labels are left
     out of the loss and reading ``out.metrics`` (or ``out.check_inputs()``) raises the ValueError.
 
+    The docs/math.md section 2c terms (``ref_logprobs``/``kl_coef``/``kl_type``, ``rollout_logprobs``/``rollout_is``
+    and its threshold and mode, ``loss_type="gspo"``, ``entropy_coef``, ``distill_*``) are all off by default; with
+    all of them off the op is exactly section 2. With any on, the values of the inputs are checked on the host.
+
     ``vocab_parallel_group`` (a ``torch.distributed`` group): the logits are this rank's vocabulary shard
     ``[..., V_local]`` starting at global id ``vocab_start`` (default ``rank * V_local``); labels are global ids
-    (docs/math.md section 2d, ``rlsd_kernels/vocab_parallel.py``).
+    (docs/math.md section 2d, ``rlsd_kernels/vocab_parallel.py``; the section 2c terms are not sharded yet).
     """
-    h = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index)
+    h, x = hyper_and_terms(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature,
+                           ignore_index, kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode,
+                           entropy_coef, distill_coef, distill_divergence, distill_beta, distill_clip)
     return _rlsd_loss(h, student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
-                      cu_seqlens, return_entropy, inplace_backward, vocab_parallel_group, vocab_start)
+                      cu_seqlens, return_entropy, inplace_backward, x, ref_logprobs, rollout_logprobs,
+                      vocab_parallel_group, vocab_start)
 
 
 def _rlsd_loss(h: Hyper, student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
-               cu_seqlens, return_entropy, inplace_backward, group=None, vocab_start=None) -> RLSDOutput:
-    if vocab_parallel.check_vocab_parallel(group, vocab_start) is not None:  # docs/math.md section 2d
+               cu_seqlens, return_entropy, inplace_backward, x: Terms = Terms(), ref_logprobs=None,
+               rollout_logprobs=None, group=None, vocab_start=None) -> RLSDOutput:
+    if vocab_parallel.check_vocab_parallel(group, vocab_start, x) is not None:  # docs/math.md section 2d
         return vocab_parallel.rlsd_loss_sharded(h, student_logits, teacher_logits, labels, advantages, old_logprobs,
                                                 mask, teacher_logprobs, cu_seqlens, return_entropy, inplace_backward,
                                                 group, vocab_start)
+    if (ref_logprobs is not None or rollout_logprobs is not None) and isinstance(labels, torch.Tensor):
+        # given, even if unused: they must still be the right tensors
+        check_terms(x, labels.shape, True, student_logits.device, teacher_logits, teacher_logprobs, ref_logprobs,
+                    rollout_logprobs)
+    if x.on:
+        return _rlsd_loss_terms(h, x, student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
+                                teacher_logprobs, cu_seqlens, return_entropy, inplace_backward, ref_logprobs,
+                                rollout_logprobs)
     # The Triton backend checks label / cu_seqlens values on the device; the CPU backends check them here (a host
     # read is free there). Under torch.compile value checks are skipped (they would break the graph).
     check_logits("student_logits", student_logits)
@@ -62,6 +86,24 @@ def _rlsd_loss(h: Hyper, student_logits, teacher_logits, labels, advantages, old
         input_errors=errors, vocab=student_logits.shape[-1], ignore_index=h.ignore_index)
 
 
+def _rlsd_loss_terms(h: Hyper, x: Terms, student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
+                     teacher_logprobs, cu_seqlens, return_entropy, inplace_backward, ref_logprobs,
+                     rollout_logprobs) -> RLSDOutput:
+    """``rlsd_loss`` with section 2c terms on: validation (values on the host), then ``ops/fused_loss_terms.py``."""
+    check_logits("student_logits", student_logits)
+    check_loss_inputs(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
+                      cu_seqlens, h, values=not torch.compiler.is_compiling())
+    has_seqs = cu_seqlens is not None or labels.dim() >= 2
+    check_terms(x, labels.shape, has_seqs, student_logits.device, teacher_logits, teacher_logprobs, ref_logprobs,
+                rollout_logprobs)
+    if inplace_backward and x.needs_full_distribution:
+        raise ValueError("inplace_backward=True is not supported with entropy_coef > 0 or distill_coef > 0 yet "
+                         "(their gradient is formed by a separate pass over the rows)")
+    return loss_with_terms_fused(h, x, student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
+                                 teacher_logprobs, cu_seqlens, return_entropy, inplace_backward, ref_logprobs,
+                                 rollout_logprobs)
+
+
 def token_logprobs(logits, labels, temperature: float = 1.0, return_entropy: bool = False, *,
                    ignore_index: int = -100, inplace_backward: bool = False, vocab_parallel_group=None,
                    vocab_start=None):
@@ -79,38 +121,87 @@ def token_logprobs(logits, labels, temperature: float = 1.0, return_entropy: boo
     return (logp, ent.detach()) if return_entropy else logp
 
 
+def opsd_loss(student_logits, teacher_logits, labels, mask=None, *, divergence="forward_kl", beta=0.5, clip=None,
+              loss_agg_mode="token", norm=None, cu_seqlens=None, temperature=1.0, ignore_index=-100,
+              return_entropy=False) -> RLSDOutput:
+    """Fused on-policy self-distillation (docs/math.md section 2b): the aggregated per-token divergence ``D_t``
+    between the teacher's and the student's full distributions, gradient into ``student_logits`` only.
+
+    The same output object as :func:`rlsd_loss` (``weights`` are all 1); ``metrics`` holds ``distill_mean``. The
+    eager ground truth is :func:`rlsd_kernels.reference.opsd_loss`.
+    """
+    beta, clip = check_divergence(divergence, beta, clip)
+    if teacher_logits is None:
+        raise ValueError("teacher_logits is required for OPSD (the teacher's full distribution)")
+    x = Terms(distill_coef=1.0, distill_divergence=divergence, distill_beta=beta, distill_clip=clip).validate()
+    h = Hyper(lam=0.0, loss_agg_mode=loss_agg_mode, norm=norm, temperature=temperature, ignore_index=ignore_index)
+    h.validate()
+    check_logits("student_logits", student_logits)
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    zeros = torch.zeros(labels.shape, dtype=torch.float32, device=student_logits.device)  # no policy-gradient part
+    out = _rlsd_loss_terms(h, x, student_logits, teacher_logits, labels, zeros, None, mask, None, cu_seqlens,
+                           return_entropy, False, None, None)
+    return out._replace(metric_values=out.metric_values[-1:], base_metric_names=())
+
+
 class RLSDLoss(torch.nn.Module):
-    """``nn.Module`` holding a :class:`~rlsd_kernels.hyper.Hyper` for :func:`rlsd_loss`; ``lam`` (or any
-    hyper-parameter) may be changed between steps by assigning the attribute."""
+    """``nn.Module`` holding a :class:`~rlsd_kernels.hyper.Hyper` and the section 2c :class:`~rlsd_kernels.loss.Terms`
+    for :func:`rlsd_loss`; ``lam`` (or any hyper-parameter or term setting, e.g. ``kl_coef``) may be changed between
+    steps by assigning the attribute. ``ref_logprobs`` / ``rollout_logprobs`` are passed per call."""
 
     def __init__(self, lam=1.0, eps_w=0.2, clip_low=0.2, clip_high=0.28, clip_dual=3.0, loss_type="ppo",
                  loss_agg_mode="token", norm=None, temperature=1.0, ignore_index=-100, return_entropy=False,
-                 inplace_backward=False, vocab_parallel_group=None, vocab_start=None):
+                 inplace_backward=False, *, kl_coef=0.0, kl_type="k3", rollout_is=None, rollout_is_threshold=2.0,
+                 rollout_is_mode="truncate", entropy_coef=0.0, distill_coef=0.0, distill_divergence="forward_kl",
+                 distill_beta=0.5, distill_clip=None, vocab_parallel_group=None, vocab_start=None):
         super().__init__()
-        self.hyper = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature,
-                           ignore_index).validate()
+        if loss_type not in LOSS_TYPES + ("gspo",):
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES + ('gspo',)}, got {loss_type!r}")
+        self.__dict__["terms"] = Terms(kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode,
+                                       loss_type == "gspo", entropy_coef, distill_coef, distill_divergence,
+                                       distill_beta, distill_clip).validate()
+        self.__dict__["hyper"] = Hyper(lam, eps_w, clip_low, clip_high, clip_dual,
+                                       "ppo" if loss_type == "gspo" else loss_type, loss_agg_mode, norm,
+                                       temperature, ignore_index).validate()
         self.return_entropy, self.inplace_backward = return_entropy, inplace_backward
         self.vocab_parallel_group = vocab_parallel.check_vocab_parallel(vocab_parallel_group, vocab_start)
         self.vocab_start = vocab_start
 
     def __getattr__(self, name):
+        if name == "loss_type":
+            return "gspo" if self.__dict__["terms"].gspo else self.__dict__["hyper"].loss_type
         if name in Hyper.names():
             return getattr(self.__dict__["hyper"], name)
+        if name in _TERM_FIELDS:
+            return getattr(self.__dict__["terms"], name)
         return super().__getattr__(name)
 
     def __setattr__(self, name, value):
-        if name in Hyper.names():
+        if name == "loss_type":
+            if value not in LOSS_TYPES + ("gspo",):
+                raise ValueError(f"loss_type must be one of {LOSS_TYPES + ('gspo',)}, got {value!r}")
+            self.__dict__["terms"] = dataclasses.replace(self.terms, gspo=value == "gspo")
+            self.__dict__["hyper"] = self.hyper.replace(loss_type="ppo" if value == "gspo" else value)
+        elif name in Hyper.names():
             self.__dict__["hyper"] = self.hyper.replace(**{name: value})
+        elif name in _TERM_FIELDS:
+            self.__dict__["terms"] = dataclasses.replace(self.terms, **{name: value}).validate()
         else:
             super().__setattr__(name, value)
 
     def forward(self, student_logits, teacher_logits, labels, advantages, old_logprobs=None, mask=None, *,
-                teacher_logprobs=None, cu_seqlens=None) -> RLSDOutput:
+                teacher_logprobs=None, cu_seqlens=None, ref_logprobs=None, rollout_logprobs=None) -> RLSDOutput:
         return _rlsd_loss(self.hyper, student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
-                          teacher_logprobs, cu_seqlens, self.return_entropy, self.inplace_backward,
-                          self.vocab_parallel_group, self.vocab_start)
+                          teacher_logprobs, cu_seqlens, self.return_entropy, self.inplace_backward, self.terms,
+                          ref_logprobs, rollout_logprobs, self.vocab_parallel_group, self.vocab_start)
 
     def extra_repr(self) -> str:
-        h = self.hyper
+        h, x = self.hyper, self.terms
+        on = {f: getattr(x, f) for f in _TERM_FIELDS if getattr(x, f) != getattr(Terms(), f)}
         return (f"lam={h.lam}, eps_w={h.eps_w}, clip=({h.clip_low}, {h.clip_high}, dual={h.clip_dual}),"
-                f" loss_type={h.loss_type!r}, loss_agg_mode={h.loss_agg_mode!r}")
+                f" loss_type={self.loss_type!r}, loss_agg_mode={h.loss_agg_mode!r}"
+                + "".join(f", {k}={v!r}" for k, v in on.items()))
+
+
+_TERM_FIELDS = tuple(f.name for f in dataclasses.fields(Terms) if f.name != "gspo")

@@ -1,10 +1,8 @@
 """The one place that decides which backend serves an op (docs/math.md, "Backends").
 
-:func:`select_backend` maps (device, forced backend) to a backend name for both ops:
-
-- the logits op (``rlsd_loss``, ``token_logprobs``): ``"triton" | "cpp" | "reference"``;
-- the fused linear op (``rlsd_linear_loss``): ``"triton" | "chunked"`` (the chunked path then asks again for the
-  logits backend of its chunks, with ``interpreter_ok=False``).
+:func:`select_backend` maps (device, forced backend) to a backend name, ``"triton" | "cpp" | "reference"``, for
+the logits ops (``rlsd_loss``, ``token_logprobs``). The fused linear op (``rlsd_linear_loss``) runs its GEMMs with
+torch and its row chunks on :func:`chunk_backend` (the same choice, never the Triton interpreter).
 
 A backend is *forced* by the ``forced`` argument (the trainer's ``--backend``), else by :func:`force_backend`
 (tests, benchmarks), else by ``RLSD_BACKEND``. A forced backend that cannot serve the device is a ``ValueError``
@@ -12,8 +10,8 @@ naming where it was forced, before any work. Automatic choice: CUDA -> Triton; C
 ``TRITON_INTERPRET=1`` (how CI runs the kernels without a GPU) when ``interpreter_ok``, else C++, else (no
 compiler) the eager reference over row blocks.
 
-:func:`get_backend`, :func:`get_loss_backend` and :func:`get_linear_backend` turn that choice into the module that
-implements it (``backends/logits/``, ``backends/linear/``); no other module maps a backend name to a module.
+:func:`get_backend` and :func:`get_loss_backend` turn that choice into the module that implements it
+(``backends/logits/``); no other module maps a backend name to a module.
 """
 from __future__ import annotations
 
@@ -25,7 +23,6 @@ from typing import Optional
 import torch
 
 BACKENDS = ("triton", "cpp", "reference")
-LINEAR_BACKENDS = ("triton", "chunked")
 _forced: Optional[str] = None
 # (op, backend name) -> the module that implements it: the only place a backend name becomes a module
 _MODULES = {
@@ -33,8 +30,6 @@ _MODULES = {
     ("logits", "cpp"): ".backends.logits.cpp",
     ("logits", "reference"): ".backends.logits.eager",
     ("loss", "triton"): ".backends.logits.triton_loss",
-    ("linear", "triton"): ".backends.linear.triton",
-    ("linear", "chunked"): ".backends.linear.chunked",
 }
 
 
@@ -99,9 +94,9 @@ def _serves(name: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def select_backend(device, *, op: str = "logits", dtype=None, forced: Optional[str] = None,
-                   source: str = "backend", interpreter_ok: bool = True) -> str:
-    """The backend for ``op`` (``"logits"`` or ``"linear"``) on tensors of ``device`` (and ``dtype``)."""
+def select_backend(device, *, forced: Optional[str] = None, source: str = "backend",
+                   interpreter_ok: bool = True) -> str:
+    """The logits backend for tensors on ``device``."""
     device = torch.device(device)
     name, where = _forced_backend(forced, source)
     if name is not None:
@@ -116,17 +111,7 @@ def select_backend(device, *, op: str = "logits", dtype=None, forced: Optional[s
         name = "cpp"
     else:
         name = "reference"
-    if op == "logits":
-        return name
-    if op != "linear":
-        raise ValueError(f"op must be 'logits' or 'linear', got {op!r}")
-    # The fused linear Triton tiles serve CUDA; on CPU only when Triton was explicitly forced (interpreting GEMM
-    # tiles is far too slow to be a default). float64 always takes the chunked path.
-    if name != "triton" or dtype == torch.float64:
-        return "chunked"
-    if device.type == "cuda" or where is not None:
-        return "triton"
-    return "chunked"
+    return name
 
 
 def get_backend(device):
@@ -142,14 +127,9 @@ def get_loss_backend(device):
     return importlib.import_module(_MODULES["loss", "triton"], __package__)
 
 
-def get_linear_backend(device, dtype=None):
-    """The fused-linear backend module for tensors of ``device``/``dtype`` (see backends/linear/__init__.py)."""
-    return importlib.import_module(_MODULES["linear", select_backend(device, op="linear", dtype=dtype)], __package__)
-
-
 def chunk_backend(device) -> str:
-    """The logits backend that the chunked fused-linear path runs on its row chunks: never the Triton
-    interpreter (the linear op only takes the chunked path on CPU when Triton was not forced, or for float64)."""
+    """The logits backend that the fused linear op runs its row chunks on: never the Triton interpreter (it would
+    interpret the vocabulary passes of every chunk; the CPU chunks take C++, else the reference)."""
     name = select_backend(device, interpreter_ok=False)
     if name == "triton" and torch.device(device).type == "cpu":
         return "cpp" if _cpp_available() else "reference"

@@ -1,28 +1,30 @@
 """Fused *linear* RLSD loss: final hidden states + LM-head weight in, loss out, logits never materialised.
 
-``rlsd_linear_loss`` is :func:`rlsd_kernels.rlsd_loss` with ``student_logits = student_hidden @ W^T (+ b)``:
-the vocabulary projection, log-softmax and target gather run in one fused op (``ops/fused_linear.py``), so neither
-the ``N x V`` logits nor their gradient ever exist in memory (the largest tensors of an RL step at 128k-256k
-vocabularies). Everything after the per-token log-probs is the shared O(N) algebra ``loss.loss_from_logprobs``.
-The thin twin of ``api.py``: validate (``_inputs``), run the op, compose the loss.
+``rlsd_linear_loss`` is :func:`rlsd_kernels.rlsd_loss` with ``student_logits = student_hidden @ W^T (+ b)``, as
+one op (``ops/fused_linear.py``) that walks the rows in chunks (``backends/linear/chunked.py``): neither the
+``N x V`` logits nor their gradient ever exist whole (the largest tensors of an RL step at 128k-256k vocabularies),
+and the gradients of hidden states, weight and bias are complete when the forward ends. The thin twin of
+``api.py``: validate (``_inputs``), compute the batch's aggregation weights, run the op.
 """
 from __future__ import annotations
 
 import torch
 
 from . import dispatch
-from ._inputs import check_hyper, check_labels, check_linear, logits_stand_in, prepare
+from ._inputs import check_hyper, check_labels, check_linear, check_terms, logits_stand_in, prepare
 from ._output import RLSDOutput
 from .hyper import Hyper
-from .loss import loss_from_logprobs
-from .ops.fused_linear import fused_linear_logprobs
+from .loss import agg_weights, hyper_and_terms
+from .ops.fused_linear import fused_linear_logprobs, fused_linear_logprobs_terms, fused_linear_rlsd_loss
+from .ops.fused_loss_terms import div_mode, terms_output
 
 __all__ = ["rlsd_linear_loss", "token_logprobs_linear", "linear_backend"]
 
 
-def linear_backend(device, dtype=torch.float32) -> str:
-    """``"triton"`` or ``"chunked"``: which implementation serves the fused linear op (``dispatch.select_backend``)."""
-    return dispatch.select_backend(device, op="linear", dtype=dtype)
+def linear_backend(device) -> str:
+    """The logits backend that the fused linear op runs its row chunks on (``dispatch.chunk_backend``): its GEMMs
+    are torch's (cuBLAS / CPU BLAS) on every device."""
+    return dispatch.chunk_backend(device)
 
 
 def _rows(x, H):
@@ -33,30 +35,56 @@ def _rows(x, H):
 def rlsd_linear_loss(student_hidden, lm_head_weight, labels, advantages, old_logprobs=None, mask=None, *,
                      teacher_hidden=None, teacher_logprobs=None, lm_head_bias=None, lam=1.0, eps_w=0.2,
                      clip_low=0.2, clip_high=0.28, clip_dual=3.0, loss_type="ppo", loss_agg_mode="token", norm=None,
-                     cu_seqlens=None, temperature=1.0, ignore_index=-100, return_entropy=False) -> RLSDOutput:
+                     cu_seqlens=None, temperature=1.0, ignore_index=-100, return_entropy=False,
+                     ref_logprobs=None, kl_coef=0.0, kl_type="k3", rollout_logprobs=None, rollout_is=None,
+                     rollout_is_threshold=2.0, rollout_is_mode="truncate", entropy_coef=0.0, distill_coef=0.0,
+                     distill_divergence="forward_kl", distill_beta=0.5, distill_clip=None) -> RLSDOutput:
     """:func:`rlsd_kernels.rlsd_loss` on ``logits = student_hidden @ lm_head_weight.T + lm_head_bias``, fused.
 
     student_hidden: ``[..., H]`` final hidden states (after the final norm), differentiable; lm_head_weight:
     ``[V, H]`` (the tied input embedding works), differentiable; lm_head_bias: ``[V]`` or None. The teacher is
-    given as ``teacher_hidden`` (``[..., H]``, projected with the SAME weight and bias in the same tile pass, never
+    given as ``teacher_hidden`` (``[..., H]``, projected with the SAME weight and bias in the same GEMM, never
     differentiated) or as per-token ``teacher_logprobs`` (e.g. from :func:`token_logprobs_linear` with the
-    teacher's own LM head); neither is plain GRPO. All other arguments as in ``rlsd_loss`` (docs/math.md section 5).
+    teacher's own LM head); neither is plain GRPO. All other arguments as in ``rlsd_loss`` (docs/math.md section 5),
+    the section 2c terms included (the distillation term needs ``teacher_hidden``). With a term on, the rows are
+    walked twice (statistics, then the gradient in the backward: five or six GEMMs instead of four).
     """
-    h = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index)
+    h, x = hyper_and_terms(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature,
+                           ignore_index, kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode,
+                           entropy_coef, distill_coef, distill_divergence, distill_beta, distill_clip)
     check_hyper(h)
     H, V = check_linear(student_hidden, lm_head_weight, lm_head_bias, teacher_hidden)
     if teacher_hidden is not None and teacher_logprobs is not None:
         raise ValueError("pass teacher_hidden or teacher_logprobs, not both")
     prep = prepare(logits_stand_in(student_hidden, V), None, labels, advantages, old_logprobs, mask,
                    teacher_logprobs, cu_seqlens, h)
-    th = _rows(teacher_hidden.detach(), H) if teacher_hidden is not None else None
-    logp_s, logp_t, _, ent = fused_linear_logprobs(_rows(student_hidden, H), lm_head_weight, lm_head_bias, th,
-                                                   prep.labels, float(temperature), int(ignore_index),
-                                                   bool(return_entropy))
+    if x.on or ref_logprobs is not None or rollout_logprobs is not None:
+        check_terms(x, prep.label_shape, prep.seq_ids is not None, student_hidden.device,
+                    teacher_hidden, teacher_logprobs, ref_logprobs, rollout_logprobs, "teacher_hidden")
+    if x.on:
+        th = None if teacher_hidden is None else _rows(teacher_hidden.detach(), H)
+        logp_s, logp_t, _, ent, _, div, _ = fused_linear_logprobs_terms(
+            _rows(student_hidden, H), lm_head_weight, lm_head_bias, th, prep.labels, float(h.temperature),
+            int(h.ignore_index), div_mode(x), float(x.distill_beta))
+        return terms_output(h, x, prep, logp_s, logp_t if th is not None else None, ent, div, teacher_logprobs,
+                            ref_logprobs, rollout_logprobs, return_entropy, V)
     acc = prep.advantages.dtype
-    logp_s = logp_s.to(acc)
-    logp_t = logp_t.to(acc) if th is not None else prep.teacher_logprobs
-    return loss_from_logprobs(logp_s, logp_t, prep, h, ent if return_entropy else None)
+    agg = agg_weights(prep.valid, h, prep.seq_ids, prep.num_seqs, dtype=acc)
+    grad_on = torch.is_grad_enabled()
+    need = [grad_on and x is not None and x.requires_grad for x in (student_hidden, lm_head_weight, lm_head_bias)]
+    # teacher and weight enter the op detached where no gradient flows to them (the op returns none for them)
+    loss, logp_s, logp_t, g, ent, metrics, _, _, _ = fused_linear_rlsd_loss(
+        _rows(student_hidden, H), lm_head_weight, lm_head_bias,
+        None if teacher_hidden is None else _rows(teacher_hidden.detach(), H), prep.teacher_logprobs, prep.labels,
+        prep.valid, prep.advantages, prep.old_logprobs, agg, float(h.lam), float(h.eps_w), float(h.clip_low),
+        float(h.clip_high), float(h.clip_dual), h.loss_type, float(h.temperature), int(h.ignore_index),
+        bool(return_entropy), *need)
+    shape = prep.label_shape
+    return RLSDOutput(loss=loss, logprobs=logp_s.view(shape),
+                      teacher_logprobs=(logp_t.view(shape) if teacher_hidden is not None
+                                        else None if teacher_logprobs is None else teacher_logprobs.detach()),
+                      weights=g.view(shape), entropy=ent.view(shape) if return_entropy else None,
+                      metric_values=metrics)
 
 
 def token_logprobs_linear(hidden, weight, labels, bias=None, temperature: float = 1.0, return_entropy: bool = False,

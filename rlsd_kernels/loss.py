@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._output import RLSDOutput
-from .hyper import Hyper, check_real
+from .hyper import LOSS_TYPES, Hyper, check_real
 
 
 class TokenTerms(NamedTuple):
@@ -171,6 +171,14 @@ def _output(loss, logp_s, logp_t, terms, entropy, prep, values, extra_names=()) 
     )
 
 
+def token_coef(logp_s, logp_t, advantages, old, valid, agg, h: Hyper):
+    """Only the gradient factor of :func:`loss_and_coef`, ``a_t * d loss_t / d logp_s`` (zero outside the mask):
+    what a row chunk of the fused linear op needs before its gradient sweep."""
+    with torch.no_grad():
+        ls, lt, old = masked_inputs(logp_s, logp_t, old, valid)
+        return torch.where(valid, token_terms(ls, lt, advantages, old, h).coef * agg, 0.0)
+
+
 def loss_and_coef(logp_s, logp_t, advantages, old, valid, agg, h: Hyper):
     """No-autograd form for the fused op's CPU path: ``(loss, coef, g, metrics)`` with ``coef = a_t * d loss_t /
     d logp_s`` (zero outside the mask), the per-row factor of the gradient sweep."""
@@ -252,6 +260,21 @@ class Terms:
     def needs_full_distribution(self) -> bool:
         """Terms that need the full vocabulary rows, not just the per-token log-probs."""
         return self.entropy_coef > 0 or self.distill_coef > 0
+
+
+def hyper_and_terms(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature,
+                    ignore_index, kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode, entropy_coef,
+                    distill_coef, distill_divergence, distill_beta, distill_clip):
+    """``(Hyper, Terms)`` of one call of the loss functions' flat keyword arguments, the terms validated (the hyper-
+    parameters are validated by the caller's input checks). ``loss_type="gspo"`` is section 2's PPO algebra with
+    the GSPO sequence ratio: ``Hyper.loss_type`` "ppo" and ``Terms.gspo``."""
+    if loss_type not in LOSS_TYPES + ("gspo",):
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES + ('gspo',)}, got {loss_type!r}")
+    x = Terms(kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode, loss_type == "gspo", entropy_coef,
+              distill_coef, distill_divergence, distill_beta, distill_clip).validate()
+    h = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, "ppo" if x.gspo else loss_type, loss_agg_mode, norm,
+              temperature, ignore_index)
+    return h, x
 
 
 def kl_penalty(logp_s, ref, kl_type: str):
@@ -378,4 +401,4 @@ def loss_with_terms(logp_s, logp_t, prep, h: Hyper, x: Terms, *, ref=None, rollo
 __all__ = ["TokenTerms", "token_weights", "token_terms", "agg_weights", "aggregate", "metric_values",
            "masked_inputs", "loss_from_logprobs", "loss_and_coef", "KL_TYPES", "ROLLOUT_IS_LEVELS",
            "ROLLOUT_IS_MODES", "DIVERGENCES", "EXTRA_METRIC_NAMES", "check_divergence", "Terms", "kl_penalty",
-           "seq_sum", "RolloutIS", "rollout_is_weights", "gspo_terms", "loss_with_terms"]
+           "seq_sum", "RolloutIS", "rollout_is_weights", "gspo_terms", "loss_with_terms", "hyper_and_terms"]

@@ -13,10 +13,11 @@ from typing import Optional
 
 import torch
 
-from ._inputs import check_scoring, prepare
+from ._inputs import check_scoring, check_terms, prepare
 from ._output import RLSDOutput
-from .hyper import LOSS_TYPES, Hyper
-from .loss import DIVERGENCES, Terms, aggregate, check_divergence, loss_from_logprobs, loss_with_terms
+from .hyper import Hyper
+from .loss import (DIVERGENCES, Terms, aggregate, check_divergence, hyper_and_terms, loss_from_logprobs,
+                   loss_with_terms)
 
 __all__ = ["rlsd_loss_eager", "token_logprobs_eager", "opsd_loss"]
 
@@ -75,15 +76,13 @@ def rlsd_loss_eager(student_logits, teacher_logits, labels, advantages, old_logp
     The section 2c terms (KL to ``ref_logprobs``, rollout importance sampling, ``loss_type="gspo"``, the entropy
     bonus, the distillation term) are all off by default; with all of them off this is exactly section 2.
     """
-    if loss_type not in LOSS_TYPES + ("gspo",):
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES + ('gspo',)}, got {loss_type!r}")
-    x = Terms(kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode, loss_type == "gspo", entropy_coef,
-              distill_coef, distill_divergence, distill_beta, distill_clip).validate()
-    h = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, "ppo" if x.gspo else loss_type, loss_agg_mode, norm,
-              temperature, ignore_index)
+    h, x = hyper_and_terms(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature,
+                           ignore_index, kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode,
+                           entropy_coef, distill_coef, distill_divergence, distill_beta, distill_clip)
     prep = prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
                    cu_seqlens, h)
-    _check_terms(x, prep, student_logits, teacher_logits, teacher_logprobs, ref_logprobs, rollout_logprobs)
+    check_terms(x, prep.label_shape, prep.seq_ids is not None, student_logits.device, teacher_logits, teacher_logprobs,
+                ref_logprobs, rollout_logprobs)
     cd = _compute_dtype(student_logits, compute_dtype)
     logp_s, ent = _eager_logprobs(student_logits, prep.labels, temperature, ignore_index, cd, return_entropy)
     logp_t = prep.teacher_logprobs
@@ -103,33 +102,7 @@ def rlsd_loss_eager(student_logits, teacher_logits, labels, advantages, old_logp
                            entropy_t=entropy_t, distill_t=distill_t, entropy=ent)
 
 
-def _check_terms(x: Terms, prep, student_logits, teacher_logits, teacher_logprobs, ref_logprobs, rollout_logprobs):
-    """The section 2c checks that need the tensors (ValueError naming the argument)."""
-    lead = tuple(prep.label_shape)
-    for name, t in (("ref_logprobs", ref_logprobs), ("rollout_logprobs", rollout_logprobs)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating-point torch.Tensor or None")
-        if tuple(t.shape) != lead:
-            raise ValueError(f"{name} must have shape {lead} (the shape of labels), got {tuple(t.shape)}")
-        if t.device != student_logits.device:
-            raise ValueError(f"{name} is on {t.device} but student_logits is on {student_logits.device}")
-    if x.kl_coef > 0 and ref_logprobs is None:
-        raise ValueError("kl_coef > 0 needs ref_logprobs (per-token reference log-probs, shape of labels)")
-    if x.rollout_is is not None and rollout_logprobs is None:
-        raise ValueError(f"rollout_is={x.rollout_is!r} needs rollout_logprobs (the sampler's per-token log-probs)")
-    has_seqs = prep.seq_ids is not None
-    if x.gspo and not has_seqs:
-        raise ValueError("loss_type='gspo' needs labels of shape [B, T] or cu_seqlens for a packed batch")
-    if x.rollout_is == "sequence" and not has_seqs:
-        raise ValueError("rollout_is='sequence' needs labels of shape [B, T] or cu_seqlens for a packed batch")
-    if x.distill_coef > 0 and teacher_logits is None:
-        got = "only teacher_logprobs was given" if teacher_logprobs is not None else "no teacher was given"
-        raise ValueError(f"distill_coef > 0 needs teacher_logits (the teacher's full distribution); {got}")
-
-
-def _entropy(logp_all):
+def row_entropy(logp_all):
     """Per-row entropy ``-sum_v p log p`` of full log-prob rows, differentiable (0 * log 0 = 0 with a finite
     gradient: ``dH/dz = -p (log p + H) / tau`` through the log_softmax)."""
     p = logp_all.exp()
@@ -142,7 +115,7 @@ def _kl(lp, lq):
     return (p * torch.where(p > 0, lp - lq, 0.0)).sum(-1)
 
 
-def _divergence(ls, lt, divergence: str, beta: float, clip):
+def row_divergence(ls, lt, divergence: str, beta: float, clip):
     """Section 2b ``D_t`` per row between the teacher's (``lt``) and the student's (``ls``) log-prob rows;
     gradient only through ``ls``; ``clip`` caps the value (zero gradient beyond it)."""
     if divergence == "forward_kl":
@@ -150,7 +123,12 @@ def _divergence(ls, lt, divergence: str, beta: float, clip):
     elif divergence == "reverse_kl":
         d = _kl(ls, lt)
     else:
-        lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log(1 - beta)]), dim=0)
+        # where both distributions are 0, M is 0: logsumexp over (-inf, -inf) would give a nan gradient (exp of
+        # -inf - -inf) even though those entries are weighted by 0; take them out of the logsumexp
+        none = (lt == float("-inf")) & (ls == float("-inf"))
+        lm = torch.logsumexp(torch.stack([torch.where(none, 0.0, lt) + math.log(beta),
+                                          torch.where(none, 0.0, ls) + math.log(1 - beta)]), dim=0)
+        lm = torch.where(none, float("-inf"), lm)
         d = beta * _kl(lt, lm) + (1 - beta) * _kl(ls, lm)
     if clip is not None:
         d = torch.clamp(d, max=clip)  # beyond clip: value clip, zero gradient
@@ -163,11 +141,11 @@ def _full_distribution_terms(x: Terms, prep, student_logits, teacher_logits, tem
     V = student_logits.shape[-1]
     rows = prep.valid[:, None]
     ls = torch.log_softmax(torch.where(rows, student_logits.reshape(-1, V).to(cd), 0.0) / temperature, -1)
-    entropy_t = _entropy(ls).to(acc) if x.entropy_coef > 0 else None
+    entropy_t = row_entropy(ls).to(acc) if x.entropy_coef > 0 else None
     distill_t = None
     if x.distill_coef > 0:
         lt = torch.log_softmax(torch.where(rows, teacher_logits.detach().reshape(-1, V).to(cd), 0.0) / temperature, -1)
-        distill_t = _divergence(ls, lt, x.distill_divergence, float(x.distill_beta), x.distill_clip).to(acc)
+        distill_t = row_divergence(ls, lt, x.distill_divergence, float(x.distill_beta), x.distill_clip).to(acc)
     return entropy_t, distill_t
 
 
@@ -190,6 +168,6 @@ def opsd_loss(student_logits, teacher_logits, labels, mask=None, *, divergence="
     cd = _compute_dtype(student_logits, None)
     ls = torch.log_softmax(student_logits.to(cd) / temperature, -1).reshape(-1, V)
     lt = torch.log_softmax(teacher_logits.detach().to(cd) / temperature, -1).reshape(-1, V)
-    d = _divergence(ls, lt, divergence, beta, clip)
+    d = row_divergence(ls, lt, divergence, beta, clip)
     loss = aggregate(d, prep.valid, h, prep.seq_ids, prep.num_seqs)
     return loss, d.detach().reshape(labels.shape)

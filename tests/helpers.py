@@ -34,8 +34,9 @@ class Backend(str):
 
     @property
     def linear(self) -> str:
-        """The fused linear op's route when this backend is forced: the Triton tiles, or chunks over this backend."""
-        return "triton" if self == "triton" else "chunked"
+        """The logits backend the fused linear op runs its chunks on when this backend is forced: itself (the
+        linear routes of :func:`linear_params` never pair Triton with the interpreter)."""
+        return str(self)
 
     def __repr__(self) -> str:
         return f"Backend({str(self)!r}, {self.device})"
@@ -62,9 +63,10 @@ def machine_backends():
 
 
 def linear_params(backends):
-    """Routes of the fused linear op: chunks over the C++ (else reference) backend on CPU, and the Triton tiles."""
+    """Routes of the fused linear op: its chunks over the C++ (else reference) backend on CPU, and over Triton on
+    CUDA (on CPU the chunks never run in the Triton interpreter: ``dispatch.chunk_backend``)."""
     host = next((b for b in backends if b == "cpp"), None) or next(b for b in backends if b == "reference")
-    return [host] + [b for b in backends if b == "triton"]
+    return [host] + [b for b in backends if b == "triton" and b.device.type == "cuda"]
 
 
 class DeviceTrapError(AssertionError):

@@ -40,7 +40,7 @@ def test_gpu_machine_pairs_every_backend_with_a_device_it_serves(gpu_machine):
     for b in linear_params(backends):
         with running_on(b):
             assert linear_backend(b.device) == b.linear
-    assert [b.linear for b in linear_params(backends)] == ["chunked", "triton"]
+    assert [b.linear for b in linear_params(backends)] == ["cpp", "triton"]
 
 
 @pytest.mark.parametrize("cuda,interpret", [(False, True), (False, False), (True, True), (True, False)])

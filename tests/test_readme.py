@@ -8,7 +8,7 @@ README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 def test_readme_python_examples_run():
     text = README.read_text(encoding="utf-8")
     blocks = re.findall(r"executed by tests/test_readme.py -->\n```python\n(.*?)```", text, re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
 

@@ -183,7 +183,9 @@ def spec_total(inp, *, loss_type="ppo", loss_agg_mode="token", norm=None, cu_seq
 
 # ------------------------------------------------------------------------------------------------- fixtures
 def _inputs(seed=1, ignore_frac=0.15, mask_frac=0.15):
-    inp = make_inputs(B=B, T=T, V=V, dtype=torch.float64, seed=seed, ignore_frac=ignore_frac, mask_frac=mask_frac)
+    """float64 inputs on the CPU (tests of other backends move them to their device)."""
+    inp = make_inputs(B=B, T=T, V=V, dtype=torch.float64, seed=seed, ignore_frac=ignore_frac, mask_frac=mask_frac,
+                      device="cpu")
     # spread old log-probs so every PPO / GSPO branch occurs
     inp["old_logprobs"] = inp["old_logprobs"].double() + torch.linspace(-1.5, 1.5, B * T).reshape(B, T)
     g = torch.Generator().manual_seed(seed + 100)
@@ -414,17 +416,23 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("bad,name", BAD, ids=[n + str(i) for i, (_, n) in enumerate(BAD)])
-def test_validation(bad, name):
-    inp = make_inputs(B=2, T=3, V=7, dtype=torch.float64, seed=9)
+def bad_call(bad, dtype=torch.float64):
+    """The keyword arguments of a call with one ``BAD`` entry applied ("ok" / "short": a per-token tensor of the
+    right / a wrong shape; ``flat``: 1-D labels, no sequence structure)."""
+    inp = make_inputs(B=2, T=3, V=7, dtype=dtype, seed=9, device="cpu")
     bad = dict(bad)
     if bad.pop("flat", False):
         inp = {k: (v.reshape(6, *v.shape[2:]) if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
     lead = inp["labels"].shape
     for k, v in list(bad.items()):
         if v == "ok":
-            bad[k] = torch.zeros(lead, dtype=torch.float64)
+            bad[k] = torch.zeros(lead, dtype=dtype)
         elif v == "short":
-            bad[k] = torch.zeros(lead[0], dtype=torch.float64)
+            bad[k] = torch.zeros(lead[0], dtype=dtype)
+    return dict(inp, **bad)
+
+
+@pytest.mark.parametrize("bad,name", BAD, ids=[n + str(i) for i, (_, n) in enumerate(BAD)])
+def test_validation(bad, name):
     with pytest.raises(ValueError, match=name):
-        reference.rlsd_loss_eager(**dict(inp, **bad))
+        reference.rlsd_loss_eager(**bad_call(bad))

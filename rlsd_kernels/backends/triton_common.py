@@ -56,19 +56,39 @@ def load_chunk(s_row, t_row, start, cols0, V, s_sv, t_sv, HAS_T: tl.constexpr, C
 
 
 @triton.jit
+def target_logits(s_row, t_row, label, V, s_sv, t_sv, inv_temp, HAS_T: tl.constexpr):
+    """``(x_S[y] / T, x_T[y] / T)`` (0 for the teacher without one): one masked scalar load each, so an out-of-range
+    label (possible only when validation was skipped under torch.compile) reads nothing instead of out of bounds."""
+    has_tgt = (label >= 0) & (label < V)
+    lbl = tl.where(has_tgt, label, 0)
+    tgt_s = tl.load(s_row + lbl * s_sv, mask=has_tgt, other=0.0).to(tl.float32) * inv_temp
+    tgt_t = tl.zeros((), tl.float32)
+    if HAS_T:
+        tgt_t = tl.load(t_row + lbl * t_sv, mask=has_tgt, other=0.0).to(tl.float32) * inv_temp
+    return tgt_s, tgt_t
+
+
+@triton.jit
 def row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, HAS_T: tl.constexpr, WANT_ENT: tl.constexpr,
-              CONTIG: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr, KEEP_STUDENT: tl.constexpr):
+              CONTIG: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr, KEEP_STUDENT: tl.constexpr,
+              DIV_MODE: tl.constexpr):
     """One sweep over a row: the online log-sum-exp of the student logits / T (running max ``m_s`` and sum ``d_s``),
     of the teacher's when ``HAS_T`` (``m_t``, ``d_t``), and with ``WANT_ENT`` the running ``e_s = sum exp(x - m) *
     (x - m)`` of the entropy ``H = log d - e / d`` (relative to the running max, so that |x| ~ 1e4 loses no digit).
+    ``DIV_MODE`` 1 / 2 (forward / reverse KL, docs/math.md section 2b) also keeps the cross sum ``c = sum exp(w -
+    m_w) (o - m_o)`` weighted by the teacher / student row ``w`` and relative to both running maxima (re-based as
+    they grow), and for forward KL the teacher's entropy sum ``e_t``: then ``KL(p_w || p_o) = (e_w - c) / d_w -
+    log d_w + log d_o`` with no cancellation at |logits| ~ 1e4.
     ``PREFETCH`` keeps the next chunk's loads in flight while this one is reduced (software pipelining).
-    Returns ``(m_s, d_s, e_s, m_t, d_t)``."""
+    Returns ``(m_s, d_s, e_s, m_t, d_t, c, e_t)``."""
     cols0 = tl.arange(0, BLOCK_V)
     m_s = tl.full((), float("-inf"), tl.float32)
     d_s = tl.zeros((), tl.float32)
     e_s = tl.zeros((), tl.float32)
     m_t = tl.full((), float("-inf"), tl.float32)
     d_t = tl.zeros((), tl.float32)
+    e_t = tl.zeros((), tl.float32)
+    c = tl.zeros((), tl.float32)
     if PREFETCH:
         x_next, y_next = load_chunk(s_row, t_row, 0, cols0, V, s_sv, t_sv, HAS_T, CONTIG, KEEP_STUDENT)
     for start in range(0, V, BLOCK_V):
@@ -80,7 +100,9 @@ def row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, HAS_T: tl.constexpr, WANT_E
             x, y = load_chunk(s_row, t_row, start, cols0, V, s_sv, t_sv, HAS_T, CONTIG, KEEP_STUDENT)
         x = x.to(tl.float32) * inv_temp
         m_new, shift, alpha, p = lse_chunk(m_s, d_s, x)
-        if WANT_ENT:
+        s_old = tl.where(m_s == float("-inf"), 0.0, m_s)  # the shift the sums so far are relative to
+        d_s_old = d_s
+        if WANT_ENT or DIV_MODE == 2:
             e_s = alpha * (e_s + tl.where(d_s == 0.0, 0.0, m_s - shift) * d_s) + \
                 tl.sum(p * tl.where(p > 0, x - shift, 0.0), axis=0)
         d_s = d_s * alpha + tl.sum(p, axis=0)
@@ -88,9 +110,18 @@ def row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, HAS_T: tl.constexpr, WANT_E
         if HAS_T:
             y = y.to(tl.float32) * inv_temp
             mt_new, t_shift, t_alpha, q = lse_chunk(m_t, d_t, y)
+            t_old = tl.where(m_t == float("-inf"), 0.0, m_t)
+            if DIV_MODE == 2:  # reverse KL: sum p_S (x_T - m_T), with the student's rescale
+                c = alpha * (c - tl.where(d_s_old == 0.0, 0.0, (t_shift - t_old) * d_s_old)) + \
+                    tl.sum(tl.where(p > 0, p * (y - t_shift), 0.0), axis=0)
+            if DIV_MODE == 1:  # forward KL: sum p_T (x_S - m_S) and the teacher's entropy sum
+                e_t = t_alpha * (e_t + tl.where(d_t == 0.0, 0.0, m_t - t_shift) * d_t) + \
+                    tl.sum(q * tl.where(q > 0, y - t_shift, 0.0), axis=0)
+                c = t_alpha * (c - tl.where(d_t == 0.0, 0.0, (shift - s_old) * d_t)) + \
+                    tl.sum(tl.where(q > 0, q * (x - shift), 0.0), axis=0)
             d_t = d_t * t_alpha + tl.sum(q, axis=0)
             m_t = mt_new
-    return m_s, d_s, e_s, m_t, d_t
+    return m_s, d_s, e_s, m_t, d_t, c, e_t
 
 
 @triton.jit

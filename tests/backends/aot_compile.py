@@ -8,9 +8,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from rlsd_kernels.backends.linear import triton as tlin
 from rlsd_kernels.backends.logits import triton as tk
 from rlsd_kernels.backends.logits import triton_loss as tloss
+from rlsd_kernels.backends.logits import triton_terms as tterms
 from rlsd_kernels.backends.triton_launch import LAUNCH
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -30,10 +30,6 @@ def compile_one(name, fn, signature, constexprs, num_warps):
     print(f"ok {name} {constexprs}")
 
 
-def blocks(p):
-    return {k: v for k, v in p.items() if k.startswith("BLOCK_")}, p["num_warps"]
-
-
 def main():
     for dt, teacher, ent, contig in itertools.product(("bf16", "fp32"), (True, False), (True, False), (True, False)):
         sig = {"S": PTR[dt], "TCH": PTR[dt], "LABELS": "*i64", "LOGP_S": "*fp32", "LOGP_T": "*fp32", "LSE_S": "*fp32",
@@ -49,27 +45,31 @@ def main():
         compile_one(f"fused_logprobs_bwd[{dt}]", tk.KERNELS["fused_logprobs_bwd"], sig,
                     {"CONTIG": contig, "BLOCK_V": LAUNCH["bwd_block_v"]}, LAUNCH["bwd_warps"])
     compile_fused_loss()
-    common = {"N": "i64", "V": "i64", "H": "i64", "s_hn": "i64", "s_hh": "i64", "s_wv": "i64", "s_wh": "i64"}
-    for dt, teacher, bias, ent in itertools.product(("bf16", "fp32"), (True, False), (True, False), (True, False)):
-        b, w = blocks(tlin.TILES["linear_fwd"])
-        sig = {"HS": PTR[dt], "HT": PTR[dt], "W": PTR[dt], "BIAS": PTR[dt], "LABELS": "*i64", "LOGP_S": "*fp32",
-               "LOGP_T": "*fp32", "LSE_S": "*fp32", "ENT": "*fp32", "N": "i64", "V": "i64", "H": "i64",
-               "s_hn": "i64", "s_hh": "i64", "t_hn": "i64", "t_hh": "i64", "s_wv": "i64", "s_wh": "i64",
-               "inv_temp": "fp32", "ignore_index": "i64"}
-        compile_one(f"linear_fwd[{dt}]", tlin.KERNELS["linear_fwd"], sig,
-                    {"HAS_TEACHER": teacher, "HAS_BIAS": bias, "WANT_ENT": ent, "DOT_F32": False, **b}, w)
-    for dt, bias in itertools.product(("bf16", "fp32"), (True, False)):
-        b, w = blocks(tlin.TILES["linear_bwd_dh"])
-        sig = {"HS": PTR[dt], "W": PTR[dt], "BIAS": PTR[dt], "LABELS": "*i64", "GRAD": "*fp32", "LSE": "*fp32",
-               "DH": "*fp32", **common, "inv_temp": "fp32"}
-        compile_one(f"linear_bwd_dh[{dt}]", tlin.KERNELS["linear_bwd_dh"], sig,
-                    {"HAS_BIAS": bias, "DOT_F32": False, **b}, w)
-        b, w = blocks(tlin.TILES["linear_bwd_dw"])
-        sig = {"HS": PTR[dt], "W": PTR[dt], "BIAS": PTR[dt], "LABELS": "*i64", "GRAD": "*fp32", "LSE": "*fp32",
-               "DW": "*fp32", "DB": "*fp32", **common, "inv_temp": "fp32"}
-        for want_dw, want_db in ((True, bias), (False, bias)):
-            compile_one(f"linear_bwd_dw[{dt}]", tlin.KERNELS["linear_bwd_dw"], sig,
-                        {"HAS_BIAS": bias, "WANT_DW": want_dw, "WANT_DB": want_db, "DOT_F32": False, **b}, w)
+    compile_terms()
+
+
+def compile_terms():
+    """The row-term kernels (triton_terms.py): every divergence mode with and without the entropy term, both
+    vocabulary layouts, bf16 and fp32."""
+    fwd_sig = {"LABELS": "*i64", "LOGP_S": "*fp32", "LOGP_T": "*fp32", "LSE_S": "*fp64", "ENT": "*fp32",
+               "LSE_T": "*fp64", "DIV": "*fp32", "AUX": "*fp32", "seq_len": "i64", "t_seq_len": "i64", "V": "i32",
+               "s_sb": "i64", "s_st": "i64", "s_sv": "i64", "t_sb": "i64", "t_st": "i64", "t_sv": "i64",
+               "inv_temp": "fp32", "ignore_index": "i64", "beta": "fp32"}
+    for dt, (teacher, mode), contig in itertools.product(
+            ("bf16", "fp32"), [(False, 0), (True, 0), (True, 1), (True, 2), (True, 3)], (True, False)):
+        compile_one(f"terms_fwd[{dt}]", tterms.KERNELS["terms_fwd"], {"S": PTR[dt], "TCH": PTR[dt], **fwd_sig},
+                    {"HAS_TEACHER": teacher, "DIV_MODE": mode, "CONTIG": contig, "BLOCK_V": LAUNCH["fwd_block_v"]},
+                    LAUNCH["fwd_warps"])
+    bwd_sig = {"COEF": "*fp32", "ECOEF": "*fp32", "FCOEF": "*fp32", "LABELS": "*i64", "LSE": "*fp64", "ENT": "*fp32",
+               "LSE_T": "*fp64", "DIV": "*fp32", "AUX": "*fp32", "seq_len": "i64", "t_seq_len": "i64", "V": "i32",
+               "s_sb": "i64", "s_st": "i64", "s_sv": "i64", "t_sb": "i64", "t_st": "i64", "t_sv": "i64",
+               "o_sb": "i64", "o_st": "i64", "o_sv": "i64", "inv_temp": "fp32", "beta": "fp32"}
+    variants = [(ent, mode, True) for ent in (True, False) for mode in range(4)] + [(True, 1, False)]
+    for dt, (ent, mode, contig) in itertools.product(("bf16", "fp32"), variants):
+        compile_one(f"terms_bwd[{dt}]", tterms.KERNELS["terms_bwd"],
+                    {"S": PTR[dt], "TCH": PTR[dt], "OUT": PTR[dt], **bwd_sig},
+                    {"HAS_ENT": ent, "DIV_MODE": mode, "CONTIG": contig, "BLOCK_V": LAUNCH["bwd_block_v"]},
+                    LAUNCH["bwd_warps"])
 
 
 def compile_fused_loss():

@@ -1,33 +1,55 @@
-"""Token-chunked fused linear log-prob pass (CPU, float64, and any device Triton does not serve).
+"""The fused linear path: row chunks of ``hidden @ weight^T (+ bias)`` through the logits-level ops, on every device.
 
-The rows are processed ``rows_per_chunk`` at a time: one matmul ``hidden[chunk] @ weight^T (+ bias)`` gives the
-chunk's logits (in the input dtype, as eager PyTorch would compute them), which go through the existing
-logits-level op ``rlsd_kernels::fused_logprobs`` (C++ or reference backend). The backward recomputes each chunk's
-logits, turns them *in place* into ``d logits`` with ``rlsd_kernels::fused_logprobs_backward_inplace`` and
-contracts them with the weight and the hidden chunk. Peak extra memory is O(rows_per_chunk x V) (the student and,
-with a teacher, the teacher logit chunk) plus the float32 ``d weight`` accumulator for low-precision weights.
+Each chunk's logits come from one GEMM (cuBLAS on CUDA, MKL/oneDNN on CPU; student and teacher rows stacked so
+that the chunk reads the weight once for both) into a scratch buffer reused by every chunk, and go through the
+logits backend that ``dispatch.chunk_backend`` picks (Triton on CUDA, C++ or the reference on CPU). The logits
+never exist whole: the scratch is at most ``SCRATCH_FRACTION`` of one ``N x V`` logits tensor (and at most
+``CHUNK_BUDGET_BYTES``).
+
+Two entry points:
+
+- :func:`loss_forward` (``rlsd_linear_loss``): the whole loss. Per chunk, the stats pass gives the log-probs, the
+  O(rows) algebra of ``loss.py`` gives each row's gradient factor, the gradient sweep turns the chunk's student
+  logits *in place* into ``d loss / d logits``, and two GEMMs contract it into ``d hidden`` (rows of the chunk)
+  and ``d weight`` (accumulated). The gradients are complete when the forward ends: nothing is recomputed, the
+  autograd backward only scales them by ``grad_output``. Four GEMMs in all, the floor of any implementation.
+- :func:`forward` / :func:`backward` (``token_logprobs_linear``): scoring, differentiable through log-probs whose
+  downstream gradient is unknown in the forward, so the backward recomputes each chunk's logits (five GEMMs).
+
+An earlier Triton GEMM-tile kernel that fused the projection into the vocabulary pass ran at ~88 TFLOP/s on an
+H200 (1156 ms against 124 ms for cuBLAS logits + the logits op at 16384 x 4096 x 151936,
+bench/results/gpu-check-cuda-nvidia-h200.md); it was removed in favour of this design.
 """
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
 
+from ... import loss as loss_math
 from ..logits import alloc_row_outputs
 
-# 64 MiB of float32 logits per chunk: large enough for efficient GEMMs, small next to any real model.
-CHUNK_BUDGET_BYTES = 64 * 1024 * 1024
-
-
-# A chunk also holds at most 1/64 of the rows, so its float32 logits stay under ~3% of the N x V logits they replace
-# (bf16), whatever N is; 16 rows at least keep the chunk matmuls efficient (their logits are tiny anyway).
-MAX_CHUNK_FRACTION = 64
+# The chunk's logits scratch (student + teacher rows) is at most this fraction of one N x V logits tensor of the
+# input dtype (docs/math.md section 8's memory target), ...
+SCRATCH_FRACTION = 0.15
+# ... and at most this many bytes, so that very long batches do not hold GiBs of scratch (1 GiB is >= 1700 rows of
+# a 151936-vocabulary chunk in bf16 with a teacher: GEMMs that large run at full speed).
+CHUNK_BUDGET_BYTES = 1 << 30
+# Tiny batches (under ~200 rows) still get chunks of this many rows; their scratch, MIN_CHUNK_ROWS x V per stream,
+# is tiny next to any model. (A floor of 128 rows held 50% of the logits as scratch at 512 x 128 x 151936.)
 MIN_CHUNK_ROWS = 16
+# d weight of a bf16/fp16 weight is accumulated in float32, in this many vocabulary blocks: each chunk's product is
+# formed per block in the input dtype (one rounding, as eager autograd's single GEMM) and added to the block's
+# float32 sum, so the temporary is 1/WEIGHT_BLOCKS of the weight and the float32 sums are released block by block.
+WEIGHT_BLOCKS = 8
 
 
-def rows_per_chunk(N: int, V: int) -> int:
-    by_budget = max(1, CHUNK_BUDGET_BYTES // (4 * max(V, 1)))  # read at call time (tests shrink it)
-    return max(1, min(by_budget, max(MIN_CHUNK_ROWS, -(-N // MAX_CHUNK_FRACTION))))
+def rows_per_chunk(N: int, V: int, streams: int = 1, elem_bytes: int = 4) -> int:
+    """Rows per chunk: ``SCRATCH_FRACTION`` of the batch (split over ``streams`` = student and teacher logits),
+    at least ``MIN_CHUNK_ROWS``, never more than ``CHUNK_BUDGET_BYTES`` of scratch (read at call time: tests
+    shrink it)."""
+    by_fraction = max(MIN_CHUNK_ROWS, int(SCRATCH_FRACTION * N / streams))
+    by_budget = max(1, CHUNK_BUDGET_BYTES // (streams * max(V, 1) * elem_bytes))
+    return max(1, min(N, by_fraction, by_budget))
 
 
 def _logits_backend(device):
@@ -37,21 +59,134 @@ def _logits_backend(device):
     return dispatch.force_backend(dispatch.chunk_backend(device))
 
 
-def _chunks(n: int, V: int):
-    step = rows_per_chunk(n, V)
+def _chunks(n: int, step: int):
     for r0 in range(0, n, step):
         yield r0, min(n, r0 + step)
 
 
+def _project(x, weight, bias, out):
+    """``out = x @ weight^T + bias`` (``out`` a prefix of the scratch buffer)."""
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
+
+
+def _bias_acc(bias):
+    return torch.float64 if bias is not None and bias.dtype == torch.float64 else torch.float32
+
+
+class _WeightGrad:
+    """``d weight = sum over chunks of g_chunk^T @ h_chunk``. A float32/float64 weight accumulates in its own
+    dtype in place; a low-precision weight in float32 blocks (``WEIGHT_BLOCKS``): summing the chunk products in
+    bf16 measured 2.8x eager's error (4.5e-3 vs 1.65e-3 relative, 14 chunks; docs/math.md section A)."""
+
+    def __init__(self, weight, n_chunks: int):
+        self.dtype, self.shape, self.device = weight.dtype, weight.shape, weight.device
+        self.exact = weight.dtype in (torch.float32, torch.float64)
+        self.single = n_chunks == 1
+        self.dw = None
+        self.blocks = None
+
+    def add(self, g, h):
+        if self.single:  # one chunk: the product is the gradient
+            self.dw = g.t() @ h
+        elif self.exact:
+            if self.dw is None:
+                self.dw = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            self.dw.addmm_(g.t(), h)
+        else:
+            V = self.shape[0]
+            step = -(-V // WEIGHT_BLOCKS)
+            if self.blocks is None:
+                self.blocks = [torch.zeros((min(V, v0 + step) - v0, self.shape[1]), dtype=torch.float32,
+                                           device=self.device) for v0 in range(0, V, step)]
+            for b, v0 in enumerate(range(0, V, step)):
+                self.blocks[b].add_(g[:, v0:v0 + step].t() @ h)
+
+    def result(self):
+        if self.dw is not None:
+            return self.dw
+        if self.blocks is None:  # no rows at all
+            return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        parts = []
+        while self.blocks:  # release each float32 block as soon as it is cast
+            parts.append(self.blocks.pop(0).to(self.dtype))
+        return torch.cat(parts)
+
+
+# ------------------------------------------------------------------------------------------- the whole loss
+def loss_forward(hidden, weight, bias, teacher_hidden, labels, valid, advantages, old, teacher_logprobs, agg, h,
+                 want_entropy, need_hidden, need_weight, need_bias):
+    """docs/math.md sections 2-3 on ``logits = hidden @ weight^T + bias`` with the gradients formed chunk by chunk.
+
+    ``labels`` int64 ``[N]``, ``valid`` bool ``[N]``, ``advantages``/``old``/``teacher_logprobs``/``agg`` ``[N]``
+    in the accumulation dtype (``agg`` the aggregation weights of the WHOLE batch, so chunks need no global pass).
+    Returns ``(loss, logp_s, logp_t | None, g, entropy | None, metrics, d_hidden | None, d_weight | None,
+    d_bias | None)``.
+    """
+    from ... import ops
+
+    N, V = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    streams = 2 if teacher_hidden is not None else 1
+    step = rows_per_chunk(N, V, streams, hidden.element_size())
+    chunks = list(_chunks(N, step))
+    acc = advantages.dtype
+    logp_s, logp_t, lse_s, ent = alloc_row_outputs(N, dev, teacher_hidden is not None, want_entropy)
+    need_bias = need_bias and bias is not None
+    any_grad = need_hidden or need_weight or need_bias
+    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if need_hidden else None
+    dw = _WeightGrad(weight, len(chunks)) if need_weight else None
+    db = torch.zeros(V, dtype=_bias_acc(bias), device=dev) if need_bias else None
+    scratch = torch.empty((streams * min(step, N), V), dtype=hidden.dtype, device=dev)
+    T = h.temperature
+    with torch.no_grad(), _logits_backend(dev):
+        for r0, r1 in chunks:
+            r = r1 - r0
+            hs = hidden[r0:r1]
+            x = hs if teacher_hidden is None else torch.cat([hs, teacher_hidden[r0:r1]])
+            z = _project(x, weight, bias, scratch[:streams * r])
+            z_s = z[:r]
+            z_t = z[r:] if teacher_hidden is not None else None
+            lab = labels[r0:r1]
+            ls, lt, lse, e = ops.fused_logprobs(z_s, z_t, lab, T, h.ignore_index, want_entropy, False)
+            logp_s[r0:r1] = ls
+            lse_s[r0:r1] = lse
+            if z_t is not None:
+                logp_t[r0:r1] = lt
+            if want_entropy:
+                ent[r0:r1] = e
+            if not any_grad:
+                continue
+            lt_rows = lt if z_t is not None else (None if teacher_logprobs is None else teacher_logprobs[r0:r1])
+            coef = loss_math.token_coef(ls.to(acc), None if lt_rows is None else lt_rows.to(acc),
+                                        advantages[r0:r1], None if old is None else old[r0:r1], valid[r0:r1],
+                                        agg[r0:r1], h)
+            ops.fused_logprobs_backward_inplace(coef.to(torch.float32), z_s, lab, lse, T)  # z_s is now d logits
+            if need_hidden:
+                torch.mm(z_s, weight, out=dh[r0:r1])
+            if need_weight:
+                dw.add(z_s, hs)
+            if need_bias:
+                db += z_s.sum(0, dtype=db.dtype)
+        del scratch
+    lt_all = logp_t if teacher_hidden is not None else teacher_logprobs
+    loss, _, g, metrics = loss_math.loss_and_coef(logp_s.to(acc), None if lt_all is None else lt_all.to(acc),
+                                                  advantages, old, valid, agg, h)
+    return (loss, logp_s, logp_t, g, ent, metrics, dh, None if dw is None else dw.result(),
+            None if db is None else db.to(bias.dtype))
+
+
+# ------------------------------------------------------------------------------- scoring (token_logprobs_linear)
 def forward(hidden, weight, bias, teacher, labels, temperature, ignore_index, want_entropy):
     from ... import ops
 
-    N = hidden.shape[0]
-    V = weight.shape[0]
+    N, V = hidden.shape[0], weight.shape[0]
     dev = hidden.device
+    step = rows_per_chunk(N, V, 1, hidden.element_size())
     logp_s, logp_t, lse_s, ent = alloc_row_outputs(N, dev, teacher is not None, want_entropy)
     with torch.no_grad(), _logits_backend(dev):
-        for r0, r1 in _chunks(N, V):
+        for r0, r1 in _chunks(N, step):
             z_s = F.linear(hidden[r0:r1], weight, bias)
             z_t = F.linear(teacher[r0:r1], weight, bias) if teacher is not None else None
             ls, lt, lse, e = ops.fused_logprobs(z_s, z_t, labels[r0:r1], temperature, ignore_index, want_entropy,
@@ -69,17 +204,12 @@ def forward(hidden, weight, bias, teacher, labels, temperature, ignore_index, wa
 def backward(grad_logp, hidden, weight, bias, labels, lse, temperature, need_hidden, need_weight, need_bias):
     from ... import ops
 
-    N = hidden.shape[0]
-    V = weight.shape[0]
-    chunks = list(_chunks(N, V))
+    N, V = hidden.shape[0], weight.shape[0]
+    chunks = list(_chunks(N, rows_per_chunk(N, V, 1, hidden.element_size())))
     need_bias = need_bias and bias is not None
-    acc_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
     dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
-    dw = None
-    if need_weight:
-        # one chunk: the product is the gradient; several: accumulate (in float32 for low-precision weights)
-        dw = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if len(chunks) > 1 else None
-    db = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_bias else None
+    dw = _WeightGrad(weight, len(chunks)) if need_weight else None
+    db = torch.zeros(V, dtype=_bias_acc(bias), device=weight.device) if need_bias else None
     grad = grad_logp.reshape(-1).to(torch.float32)
     lse = lse.reshape(-1).to(torch.float32)
     with torch.no_grad(), _logits_backend(hidden.device):
@@ -91,12 +221,66 @@ def backward(grad_logp, hidden, weight, bias, labels, lse, temperature, need_hid
             if need_hidden:
                 torch.matmul(z, weight, out=dh[r0:r1])
             if need_weight:
-                if dw is None:  # a single chunk: the product is the gradient
-                    dw = z.t() @ h
-                else:  # accumulate in place: `dw += z.t() @ h` would allocate a V x H temporary per chunk
-                    dw.addmm_(z.t().to(acc_dtype), h.to(acc_dtype))
+                dw.add(z, h)
             if need_bias:
-                db += z.sum(0, dtype=torch.float32)
-        if need_weight and dw is None:  # N == 0
-            dw = torch.zeros_like(weight)
-    return (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype))
+                db += z.sum(0, dtype=db.dtype)
+    return (dh, None if dw is None else dw.result(), None if db is None else db.to(bias.dtype))
+
+
+# ------------------------------------------------------------------------------ the section 2c terms (two passes)
+# With the terms on, a token's gradient factor depends on its whole sequence (GSPO, sequence-level IS) or on the
+# batch's rejection mask, so the loss algebra runs once all log-probs are known and the chunks are walked twice:
+# statistics, then (backward) the recomputed logits turned into the gradient. Five GEMMs (six with a divergence,
+# which also needs the teacher's chunk in the second walk), against four for the plain loss.
+def forward_terms(hidden, weight, bias, teacher, labels, temperature, ignore_index, div_mode, beta):
+    from ... import dispatch
+
+    N, V = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    step = rows_per_chunk(N, V, 2 if teacher is not None else 1, hidden.element_size())
+    outs = None
+    with torch.no_grad(), _logits_backend(dev):
+        backend = dispatch.get_backend(dev)
+        for r0, r1 in _chunks(N, step):
+            z_s = F.linear(hidden[r0:r1], weight, bias)
+            z_t = F.linear(teacher[r0:r1], weight, bias) if teacher is not None else None
+            got = backend.forward_terms(z_s[None], None if z_t is None else z_t[None], labels[r0:r1], temperature,
+                                        ignore_index, True, div_mode, beta)
+            if outs is None:
+                outs = [None if t is None else torch.empty(N, dtype=t.dtype, device=dev) for t in got]
+            for buf, t in zip(outs, got):
+                if buf is not None:
+                    buf[r0:r1] = t
+    if outs is None:  # no rows
+        outs = [torch.empty(0, device=dev)] * 7
+    return tuple(outs)
+
+
+def backward_terms(coef, ent_coef, div_coef, hidden, weight, bias, teacher, labels, lse, entropy, lse_t, div, aux,
+                   temperature, div_mode, beta, need_hidden, need_weight, need_bias):
+    from ... import dispatch
+
+    N, V = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    chunks = list(_chunks(N, rows_per_chunk(N, V, 2 if div_mode else 1, hidden.element_size())))
+    need_bias = need_bias and bias is not None
+    dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
+    dw = _WeightGrad(weight, len(chunks)) if need_weight else None
+    db = torch.zeros(V, dtype=_bias_acc(bias), device=dev) if need_bias else None
+    sl = lambda t, r0, r1: None if t is None else t[r0:r1].contiguous()  # noqa: E731
+    with torch.no_grad(), _logits_backend(dev):
+        backend = dispatch.get_backend(dev)
+        for r0, r1 in chunks:
+            h = hidden[r0:r1]
+            z = F.linear(h, weight, bias).contiguous()
+            z_t = F.linear(teacher[r0:r1], weight, bias)[None] if div_mode else None
+            backend.backward_terms(sl(coef, r0, r1), sl(ent_coef, r0, r1), sl(div_coef, r0, r1), z[None], z_t,
+                                   labels[r0:r1], sl(lse, r0, r1), sl(entropy, r0, r1), sl(lse_t, r0, r1),
+                                   sl(div, r0, r1), sl(aux, r0, r1), temperature, div_mode, beta, z[None])
+            if need_hidden:
+                torch.matmul(z, weight, out=dh[r0:r1])
+            if need_weight:
+                dw.add(z, h)
+            if need_bias:
+                db += z.sum(0, dtype=db.dtype)
+    return (dh, None if dw is None else dw.result(), None if db is None else db.to(bias.dtype))

@@ -12,6 +12,17 @@ module is chosen by ``dispatch.get_backend``). Each module exposes the same two 
     the dtype of ``student``; ``out`` may be ``student`` itself for the in-place backward). Rows whose label is
     ``ignore_index`` have ``grad_logp = 0`` and so get a zero gradient without the backward knowing the index.
 
+``forward_terms(student, teacher, labels, temperature, ignore_index, want_entropy, div_mode, beta)``
+    ``forward`` (with the entropy) plus, for a divergence mode (``DIV_MODES``), ``[B*T]`` vectors ``lse_t`` (the
+    teacher's lse), ``div`` (``D_t`` of section 2b, unclipped) and ``aux`` (JSD: ``KL(p_S || M)``); ``None`` for
+    mode 0. ``lse_s`` and ``lse_t`` are float64 here: at |logits| ~ 1e4 a float32 lse is rounded by ~5e-4, which
+    the gradient sweep would turn into a relative error of every probability.
+
+``backward_terms(coef, ent_coef, div_coef, student, teacher, labels, lse, entropy, lse_t, div, aux, temperature,
+div_mode, beta, out)``
+    Writes ``[coef (onehot - p) - ent_coef p (log p + H) + div_coef dD/dz] / T`` into ``out``: the gradient with
+    the entropy bonus and the distillation term (``ent_coef`` / ``div_coef`` None when off).
+
 The whole fused loss (docs/math.md sections 2-3) has a Triton implementation only, ``triton_loss`` (chosen by
 ``dispatch.get_loss_backend``): ``fused_loss(...)`` runs it in three kernels and ``scale_(grad, grad_output)``
 scales the gradient it formed. The CPU backends compose ``forward``/``backward`` with the eager ``loss.py``
@@ -19,6 +30,9 @@ scales the gradient it formed. The CPU backends compose ``forward``/``backward``
 """
 
 import torch
+
+# The distillation divergence of the row terms (docs/math.md section 2b) as the backends' integer mode.
+DIV_MODES = {None: 0, "forward_kl": 1, "reverse_kl": 2, "jsd": 3}
 
 
 def alloc_row_outputs(n: int, device, has_teacher: bool, want_entropy: bool):

@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch
 
+from . import alloc_row_outputs
+
 _SOURCE = "rlsd_cpu.cpp"
 _USE_THP = os.environ.get("RLSD_CPP_THP", "1") != "0"
 _lock = threading.Lock()
@@ -142,6 +144,28 @@ def forward(student, teacher, labels, temperature, ignore_index, want_entropy):
 
 def backward(grad_logp, student, labels, lse, temperature, out):
     load().backward(grad_logp, student, labels, lse, float(temperature), out, _USE_THP)
+
+
+def forward_terms(student, teacher, labels, temperature, ignore_index, want_entropy, div_mode, beta):
+    """``forward`` plus, with a divergence (``div_mode`` in ``backends.logits.DIV_MODES``), the teacher's lse, the
+    divergence ``D_t`` and its auxiliary sum (JSD: KL(p_S || M)), in the same pass (JSD: one more sweep per row)."""
+    ext = load()
+    n = labels.numel()
+    logp_s, logp_t, lse_s, ent = alloc_row_outputs(n, student.device, teacher is not None, want_entropy)
+    lse_t = div = aux = None
+    if div_mode:
+        lse_t = torch.zeros(n, dtype=torch.float64)  # float64: see backends/logits/__init__.py
+        div, aux = (torch.zeros(n, dtype=torch.float32) for _ in range(2))
+    ext.forward(student, teacher, labels, float(temperature), int(ignore_index), logp_s, logp_t, lse_s, ent,
+                int(div_mode), float(beta), lse_t, div, aux)
+    # the terms interface's lse is float64; this backend's backward_terms re-splits rows with |lse| > 32 exactly
+    return logp_s, logp_t, lse_s.double(), ent, lse_t, div, aux
+
+
+def backward_terms(coef, ent_coef, div_coef, student, teacher, labels, lse, entropy, lse_t, div, aux, temperature,
+                   div_mode, beta, out):
+    load().backward_terms(coef, ent_coef, div_coef, student, teacher, labels, lse, entropy, lse_t, div, aux,
+                          float(temperature), int(div_mode), float(beta), out)
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import alloc_row_outputs
-from ..triton_common import check_device, col_offsets, row_pointer, row_stats, unit_vocab_stride
+from ..triton_common import check_device, col_offsets, row_pointer, row_stats, target_logits, unit_vocab_stride
 from ..triton_launch import LAUNCH
 
 # Launch parameters live in triton_launch.LAUNCH (read at call time), with the measurements behind them.
@@ -37,17 +37,9 @@ def _fused_logprobs_fwd(
     # the teacher may split the same rows differently ([B, T] vs [1, B*T] when only one is contiguous)
     t_row = row_pointer(TCH, row, t_seq_len, t_sb, t_st)
     label = tl.load(LABELS + row)
-    # The target logit is one masked scalar load: an out-of-range label (possible only when validation was skipped
-    # under torch.compile) reads nothing instead of out of bounds.
-    has_tgt = (label >= 0) & (label < V)
-    lbl = tl.where(has_tgt, label, 0)
-    tgt_s = tl.load(s_row + lbl * s_sv, mask=has_tgt, other=0.0).to(tl.float32) * inv_temp
-
-    tgt_t = tl.zeros((), tl.float32)
-    if HAS_TEACHER:
-        tgt_t = tl.load(t_row + lbl * t_sv, mask=has_tgt, other=0.0).to(tl.float32) * inv_temp
-    m_s, d_s, e_s, m_t, d_t = row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, HAS_TEACHER, WANT_ENT, CONTIG,
-                                        BLOCK_V, False, False)
+    tgt_s, tgt_t = target_logits(s_row, t_row, label, V, s_sv, t_sv, inv_temp, HAS_TEACHER)
+    m_s, d_s, e_s, m_t, d_t, _, _ = row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, HAS_TEACHER, WANT_ENT, CONTIG,
+                                           BLOCK_V, False, False, 0)
 
     # logp = (x_y - m) - log(d) rather than x_y - (m + log d): x_y - m is exact for logits of similar size, which
     # keeps float32 log-probs accurate at |logits| ~ 1e4 where m + log(d) would round away ~1e-3.
@@ -130,3 +122,7 @@ def backward(grad_logp, student, labels, lse, temperature, out):
 
 # Every kernel of this module by name, for the ahead-of-time compile test (tests/backends/aot_compile.py).
 KERNELS = {"fused_logprobs_fwd": _fused_logprobs_fwd, "fused_logprobs_bwd": _fused_logprobs_bwd}
+
+
+# The row terms (entropy bonus, distillation divergence: docs/math.md sections 2b/2c): triton_terms.py.
+from .triton_terms import backward_terms, forward_terms  # noqa: E402,F401

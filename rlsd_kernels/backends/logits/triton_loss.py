@@ -176,8 +176,8 @@ def _loss_rows(
                 m_t, t_shift, t_alpha, q = lse_chunk(m_t, d_t, y_row.to(tl.float32) * inv_temp)
                 d_t = tl.sum(q, axis=0)
         else:
-            m_s, d_s, e_s, m_t, d_t = row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, TEACHER == 1, WANT_ENT,
-                                                CONTIG, BLOCK_V, PREFETCH, True)
+            m_s, d_s, e_s, m_t, d_t, _, _ = row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, TEACHER == 1, WANT_ENT,
+                                                   CONTIG, BLOCK_V, PREFETCH, True, 0)
 
         # ---- per-row epilogue (docs/math.md sections 2-3)
         log_d = tl.log(d_s)

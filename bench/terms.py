@@ -1,0 +1,170 @@
+"""Cost of each docs/math.md section 2c term over plain RLSD (one term on at a time), on the device's backend.
+
+Every row is ``rlsd_loss`` forward + backward on the same inputs (student and teacher logits, lam = 0.5, per-token
+advantages and old log-probs, a 10% mask); ``plain`` has every term off. Times are medians of ``--reps`` runs after
+one warm-up, all rows interleaved rep by rep (so machine noise spreads over every row alike); the ratio is each
+row's median over ``plain``'s. The issue's CPU targets: at most 1.15x for every term, 1.6x for JSD.
+
+Usage::
+
+    python -m bench.terms                       # CPU, float32, 4096 x 32000
+    python -m bench.terms --shape 2048x151936 --reps 7
+
+Also OPSD alone (``OPSD_ROWS``): the fused ``opsd_loss`` against the eager reference and, on CUDA, Liger's JSD.
+Results: ``bench/results/terms-<device>.json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROWS = {
+    "plain": {},
+    "kl_k3": dict(kl_coef=0.1),
+    "rollout_is_token": dict(rollout_is="token"),
+    "rollout_is_sequence_mask": dict(rollout_is="sequence", rollout_is_mode="mask"),
+    "gspo": dict(loss_type="gspo"),
+    "entropy": dict(entropy_coef=0.01),
+    "distill_forward_kl": dict(distill_coef=0.5),
+    "distill_reverse_kl": dict(distill_coef=0.5, distill_divergence="reverse_kl"),
+    "distill_jsd": dict(distill_coef=0.5, distill_divergence="jsd"),
+}
+TARGET = {"distill_jsd": 1.6}
+DEFAULT_TARGET = 1.15
+# OPSD alone (JSD, beta 0.5, token mean, no mask) three ways: the fused opsd_loss, the eager reference, and on CUDA
+# log_softmax + Liger-Kernel's LigerJSD where it is installed; their ratio is to the eager row.
+OPSD_ROWS = ("opsd_jsd", "opsd_jsd_eager", "opsd_jsd_liger")
+
+
+def _inputs(N, V, device, dtype, seqs=8):
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(0)  # drawn on the device: GBs of logits at GPU sizes
+    T = N // seqs
+    r = lambda *shape: torch.randn(*shape, generator=g, device=device)  # noqa: E731
+    u = lambda *shape: torch.rand(*shape, generator=g, device=device)  # noqa: E731
+    s = (r(seqs, T, V) * 2).to(dtype)
+    t = (s.float() + 0.5 * r(seqs, T, V)).to(dtype)
+    labels = torch.randint(0, V, (seqs, T), generator=g, device=device)
+    adv = r(seqs, T)
+    old = -u(seqs, T) * 5
+    mask = u(seqs, T) > 0.1
+    ref = old + 0.3 * r(seqs, T)
+    rollout = old + 0.3 * r(seqs, T)
+    return s, t, labels, adv, old, mask, ref, rollout
+
+
+def run(shape: str, device: str, dtype_name: str, reps: int) -> list:
+    import torch
+
+    import rlsd_kernels
+    from rlsd_kernels.dispatch import select_backend
+
+    N, V = (int(x) for x in shape.split("x"))
+    dtype = getattr(torch, dtype_name)
+    s, t, labels, adv, old, mask, ref, rollout = _inputs(N, V, device, dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    liger = None
+    if device.startswith("cuda"):
+        try:
+            from liger_kernel.transformers.jsd import LigerJSD
+
+            liger = LigerJSD(beta=0.5)
+        except ImportError:
+            pass
+
+    def opsd(row):
+        from rlsd_kernels import reference
+
+        x = s.detach().requires_grad_()
+        if row == "opsd_jsd":
+            loss = rlsd_kernels.opsd_loss(x, t, labels, divergence="jsd").loss
+        elif row == "opsd_jsd_eager":
+            loss = reference.opsd_loss(x, t, labels, divergence="jsd")[0]
+        else:
+            V_ = x.shape[-1]
+            loss = liger(torch.log_softmax(x.float().reshape(-1, V_), -1),
+                         torch.log_softmax(t.float().reshape(-1, V_), -1))
+        loss.backward()
+
+    def call(kw):
+        if isinstance(kw, str):
+            return opsd(kw)
+        x = s.detach().requires_grad_()
+        extra = dict(kw)
+        if "kl_coef" in kw:
+            extra["ref_logprobs"] = ref
+        if "rollout_is" in kw:
+            extra["rollout_logprobs"] = rollout
+        out = rlsd_kernels.rlsd_loss(x, t, labels, adv, old, mask, lam=0.5, **extra)
+        out.loss.backward()
+
+    rows = dict(ROWS)
+    rows.update({r: r for r in OPSD_ROWS if r != "opsd_jsd_liger" or liger is not None})
+    times = {name: [] for name in rows}
+    for name, kw in rows.items():  # warm-up (builds, JIT)
+        call(kw)
+    for _ in range(reps):
+        for name, kw in rows.items():
+            sync()
+            t0 = time.perf_counter()
+            call(kw)
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
+    backend = select_backend(torch.device(device))
+    out = [dict(row=k, shape=shape, dtype=dtype_name, device=device, backend=backend, fwd_bwd_ms=med[k],
+                vs_plain=med[k] / med["plain"], target=None if k == "plain" else TARGET.get(k, DEFAULT_TARGET))
+           for k in ROWS]
+    out += [dict(row=k, shape=shape, dtype=dtype_name, device=device, backend=backend, fwd_bwd_ms=med[k],
+                 vs_eager=med[k] / med["opsd_jsd_eager"]) for k in OPSD_ROWS if k in med]
+    return out
+
+
+def markdown(rows: list, command: str) -> str:
+    lines = [f"# Cost of the section 2c terms over plain RLSD ({rows[0]['device']}, {rows[0]['backend']} backend)", "",
+             f"`{command}`; {platform.platform()}; medians, rows interleaved rep by rep.", "",
+             "N x V | dtype | row | fwd+bwd ms | vs plain | target | met",
+             "---|---|---|---|---|---|---"]
+    for r in rows:
+        if "vs_plain" not in r:
+            continue
+        met = "-" if r["target"] is None else ("yes" if r["vs_plain"] <= r["target"] else "**no**")
+        lines.append(f"{r['shape']} | {r['dtype']} | {r['row']} | {r['fwd_bwd_ms']:.1f} | {r['vs_plain']:.2f} | "
+                     f"{'-' if r['target'] is None else r['target']} | {met}")
+    lines += ["", "OPSD alone (JSD, beta 0.5): the fused `opsd_loss`, the eager reference, and log_softmax + Liger's "
+              "`LigerJSD` (CUDA, where installed)", "", "N x V | dtype | row | fwd+bwd ms | vs eager", "---|---|---|---|---"]
+    lines += [f"{r['shape']} | {r['dtype']} | {r['row']} | {r['fwd_bwd_ms']:.1f} | {r['vs_eager']:.2f}"
+              for r in rows if "vs_eager" in r]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shape", default="4096x32000", help="NxV")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    rows = run(args.shape, args.device, args.dtype, args.reps)
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = args.device.split(":")[0]
+    command = "python -m bench.terms " + " ".join(argv if argv is not None else sys.argv[1:])
+    (out / f"terms-{slug}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / f"terms-{slug}.md").write_text(markdown(rows, command.strip()))
+    print(f"wrote {out / f'terms-{slug}.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+// The row terms of the C++ CPU backend (included by rlsd_cpu.cpp): the JSD sweep of the forward and the gradient
+// sweep with the entropy bonus and the distillation divergence (docs/math.md sections 2b / 2c).
+#pragma once
+
+#include "rlsd_rows.h"
+
+namespace rlsd_cpu {
+
+// The second sweep of JSD over one row, with both log-sum-exps known: returns (D, KL(p_S || M)) for
+// M = beta p_T + (1 - beta) p_S. Scalar logs: JSD is the one mode that needs log M per element.
+// A float64 log-sum-exp as two float32 parts: x - lse is computed as (x - hi) - lo, exact where x ~ hi.
+struct SplitLse {
+  float hi, lo;
+  explicit SplitLse(double lse) : hi(static_cast<float>(lse)), lo(static_cast<float>(lse - static_cast<float>(lse))) {}
+};
+
+inline void jsd_row(const View3& s, const View3& t, int64_t r, float inv_temp, float m_s, float log_d_s, double lse_t,
+                    float beta, float* bs, float* bt, float* d_out, float* aux_out) {
+  const char* srow = s.base + s.row_offset(r);
+  const char* trow = t.base + t.row_offset(r);
+  const SplitLse st(lse_t);
+  const vf vms = vsplat(m_s), vlds = vsplat(log_d_s), vhi = vsplat(st.hi), vlo = vsplat(st.lo), vzero{};
+  vf va{}, vb{};  // sum p_T (log p_T - log M), sum p_S (log p_S - log M)
+  for (int64_t start = 0; start < s.V; start += kChunk) {
+    const int64_t n = std::min(kChunk, s.V - start);
+    load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, n, inv_temp, bs);
+    load_chunk(trow + start * t.sv * t.esize, t.dt, t.sv, n, inv_temp, bt);
+    for (int64_t i = 0; i < n; i += kLanes) {  // padding lanes: p = 0 on both sides, they add nothing
+      const vf ls = (vload(bs + i) - vms) - vlds, lt = (vload(bt + i) - vhi) - vlo;
+      const vf ps = exp_neg(ls), pt = exp_neg(lt);
+      const vf lm = log_pos(pt * beta + ps * (1.0f - beta));
+      va += pt > 0.0f ? pt * (lt - lm) : vzero;
+      vb += ps > 0.0f ? ps * (ls - lm) : vzero;
+    }
+  }
+  const float a = hsum(va), b = hsum(vb);
+  *d_out = beta * a + (1.0f - beta) * b;
+  *aux_out = b;
+}
+
+// ------------------------------------------------------------------------------------ row-term backward
+// The gradient of the whole loss with the section 2c row terms, in one sweep per row (docs/math.md 2b/2c):
+//   out = [coef (onehot - p) - e p (log p + H) + f dD/dz] / T
+// with dD/dz = p - p_T (forward KL), p (log p - log p_T - D) (reverse KL), (1 - beta) p (log p - log M - K) (JSD,
+// K = KL(p || M)). coef, e, f are per row (d loss / d logp_S, d loss / d H, d loss / d D); the target element's
+// onehot term keeps the cancellation-free form of `backward`.
+struct RowTermsArgs {
+  const float *coef, *e, *f;
+  const double* lse;  // float64 (the terms interface); split, or recomputed exactly at |lse| > kPreciseLse
+  const float* ent;
+  const double* lse_t;
+  const float *div, *aux;
+  const int64_t* labels;
+  float inv_temp, beta;
+};
+
+template <bool kEnt, int kDiv>
+inline float term_grad(float p, float lp, float xt, const RowTermsArgs& a, int64_t r, float H, float e, float f) {
+  float g = 0.0f;
+  if (kEnt && p > 0.0f) g -= e * p * (lp + H);
+  if (kDiv == kNoDiv) return g;
+  const SplitLse st(a.lse_t[r]);
+  const float lt = (xt - st.hi) - st.lo;
+  if (kDiv == kForwardKL) g += f * (p - std::exp(lt));
+  if (kDiv == kReverseKL && p > 0.0f) g += f * p * (lp - lt - a.div[r]);
+  if (kDiv == kJSD && p > 0.0f) {
+    const float mix = a.beta * std::exp(lt) + (1.0f - a.beta) * p;
+    g += f * (1.0f - a.beta) * p * (lp - std::log(mix) - a.aux[r]);
+  }
+  return g;
+}
+
+template <bool kEnt, int kDiv>
+void backward_terms_rows(const View3& s, const View3* t, View3& o, const RowTermsArgs& a, int64_t n) {
+  const int64_t V = s.V;
+  at::parallel_for(0, n, grain_rows(V), [&](int64_t r0, int64_t r1) {
+    alignas(64) float buf[kChunk];
+    alignas(64) float bt[kChunk];
+    for (int64_t r = r0; r < r1; ++r) {
+      const char* srow = s.base + s.row_offset(r);
+      char* orow = o.mbase + o.row_offset(r);
+      const float coef = a.coef[r] * a.inv_temp;
+      const float e = kEnt ? a.e[r] * a.inv_temp : 0.0f;
+      const float f = kDiv != kNoDiv ? a.f[r] * a.inv_temp : 0.0f;
+      const float row_lse = static_cast<float>(a.lse[r]);
+      if ((coef == 0.0f && e == 0.0f && f == 0.0f) || row_lse == kNegInf) {
+        zero_row(orow, o.dt, o.sv, V);
+        continue;
+      }
+      const float H = kEnt ? a.ent[r] : 0.0f;
+      const int64_t label = a.labels[r];
+      const bool read_teacher = kDiv != kNoDiv && f != 0.0f;
+      const char* trow = read_teacher ? t->base + t->row_offset(r) : nullptr;
+      float shift = row_lse, log_d = 0.0f;
+      if (std::fabs(row_lse) > kPreciseLse) {  // as in `backward`: an exact (max, log sum) split of the lse
+        Stats st;
+        for (int64_t start = 0; start < V; start += kChunk) {
+          const int64_t cn = std::min(kChunk, V - start);
+          const float cm = load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, cn, a.inv_temp, buf);
+          accumulate<false>(st, buf, cn, cm, s.next_chunk(r, start, r1), s.esize);
+        }
+        shift = st.m;
+        log_d = std::log(st.d);
+      }
+      float others = 0.0f, p_tgt = 0.0f, extra_tgt = 0.0f;
+      for (int64_t start = 0; start < V; start += kChunk) {
+        const int64_t cn = std::min(kChunk, V - start);
+        load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, cn, a.inv_temp, buf);
+        if (read_teacher) load_chunk(trow + start * t->sv * t->esize, t->dt, t->sv, cn, a.inv_temp, bt);
+        if (label >= start && label < start + cn) {  // the target element is finished after the row
+          const float lp = (buf[label - start] - shift) - log_d;
+          p_tgt = std::exp(lp);
+          extra_tgt = term_grad<kEnt, kDiv>(p_tgt, lp, read_teacher ? bt[label - start] : 0.0f, a, r, H, e, f);
+          buf[label - start] = kNegInf;
+        }
+        float sum_p = 0.0f;
+        {  // 16 lanes; padding lanes hold -inf (p = 0) and are never stored
+          const int64_t padded = (cn + kLanes - 1) / kLanes * kLanes;
+          const vf vshift = vsplat(shift), vlog_d = vsplat(log_d), vH = vsplat(H), vzero{};
+          const SplitLse st(kDiv != kNoDiv && read_teacher ? a.lse_t[r] : 0.0);
+          const vf vhi = vsplat(st.hi), vlo = vsplat(st.lo);
+          const float dv = kDiv == kReverseKL && read_teacher ? a.div[r] : 0.0f;
+          const float kl_sm = kDiv == kJSD && read_teacher ? a.aux[r] : 0.0f;
+          vf vsum{};
+          const char* pf = s.next_chunk(r, start, r1);
+          const char* tpf = read_teacher ? t->next_chunk(r, start, r1) : nullptr;
+          for (int64_t i = 0; i < padded; i += kLanes) {
+            if (pf) __builtin_prefetch(pf + i * s.esize);
+            if (tpf) __builtin_prefetch(tpf + i * t->esize);
+            const vf lp = (vload(buf + i) - vshift) - vlog_d;
+            const vf p = exp_neg(lp);
+            vsum += p;
+            vf g = p * -coef;
+            if (kEnt) g -= p > 0.0f ? p * (lp + vH) * e : vzero;
+            vf lt{};
+            if (kDiv != kNoDiv && read_teacher) lt = (vload(bt + i) - vhi) - vlo;
+            if (kDiv == kForwardKL && read_teacher) g += (p - exp_neg(lt)) * f;
+            if (kDiv == kReverseKL && read_teacher) g += p > 0.0f ? p * ((lp - lt) - dv) * f : vzero;
+            if (kDiv == kJSD && read_teacher) {
+              const vf lm = log_pos(exp_neg(lt) * a.beta + p * (1.0f - a.beta));
+              g += p > 0.0f ? p * ((lp - lm) - kl_sm) * (f * (1.0f - a.beta)) : vzero;
+            }
+            vstore(buf + i, g);
+          }
+          sum_p = hsum(vsum);
+        }
+        others += sum_p;
+        store_chunk(orow + start * o.sv * o.esize, o.dt, o.sv, cn, buf);
+      }
+      if (label >= 0 && label < V) {
+        const float g_tgt = coef * (others / (others + p_tgt)) + extra_tgt;
+        store_chunk(orow + label * o.sv * o.esize, o.dt, 1, 1, &g_tgt);
+      }
+    }
+  });
+}
+
+}  // namespace rlsd_cpu

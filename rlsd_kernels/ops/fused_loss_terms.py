@@ -1,0 +1,161 @@
+"""``rlsd_loss`` with the section 2c terms on (KL to a reference, rollout importance sampling, GSPO, entropy bonus,
+distillation), on every backend.
+
+With every term off ``rlsd_loss`` never comes here (``fused_loss.py`` runs, bit for bit as before). With terms on:
+
+- the scoring op ``rlsd_kernels::fused_logprobs`` of the device's backend runs its vocabulary statistics pass (one
+  read of the student and teacher logits), differentiable through the student log-probs;
+- the O(N) algebra of ``loss.py`` (``loss_with_terms``) runs under autograd on the per-token vectors: loss, metrics,
+  and, in the backward, each token's ``d loss / d logp_S``;
+- the scoring op's backward turns that factor into the logits gradient in one sweep (into the logits themselves
+  with ``inplace_backward=True``). KL, rollout IS and GSPO therefore cost no extra pass over the vocabulary.
+
+The two terms that need whole rows, the entropy bonus and the distillation divergence, go through
+``rlsd_kernels::fused_logprobs_terms`` instead: its statistics pass also gives the entropy and, with a divergence,
+the teacher's log-sum-exp and ``D_t`` (the C++ backend in the same read of both rows; JSD one more sweep per row),
+and its backward writes the whole gradient, ``coef (onehot - p) - e p (log p + H) + f dD/dz``, in one sweep that
+also reads the teacher for a divergence (C++: ``csrc/rlsd_row_terms.h``; Triton: ``backends/logits/triton_terms.py``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import dispatch
+from .._inputs import prepare
+from .._layout import as_rows3d
+from ..backends.logits import DIV_MODES
+from ..dispatch import get_backend
+from ..hyper import Hyper
+from ..loss import Terms, loss_with_terms
+from .fused_logprobs import fused_logprobs
+
+_EMPTY = (0,)
+# dtypes of fused_logprobs_terms' outputs (logp_s, logp_t, lse_s, entropy, lse_t, div, aux)
+TERMS_DTYPES = (torch.float32, torch.float32, torch.float64, torch.float32, torch.float64, torch.float32, torch.float32)
+
+
+@torch.library.custom_op("rlsd_kernels::fused_logprobs_terms", mutates_args=())
+def fused_logprobs_terms(student: Tensor, teacher: Optional[Tensor], labels: Tensor, temperature: float,
+                         ignore_index: int, div_mode: int, beta: float
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (logp_s, logp_t, lse_s, entropy, lse_t, div, aux), flat ``[N]``, float32 but the float64 log-sum-exps
+    (``logp_t`` / ``lse_t`` / ``div`` / ``aux`` empty when not produced); differentiable through ``logp_s``,
+    ``entropy`` and ``div``."""
+    backend = get_backend(student.device)
+    out = backend.forward_terms(as_rows3d(student), None if teacher is None else as_rows3d(teacher),
+                                labels.reshape(-1).to(torch.int64).contiguous(), temperature, ignore_index, True,
+                                div_mode, beta)
+    return tuple(student.new_empty(_EMPTY, dtype=dt) if t is None else t.reshape(-1)
+                 for t, dt in zip(out, TERMS_DTYPES))
+
+
+@fused_logprobs_terms.register_fake
+def _(student, teacher, labels, temperature, ignore_index, div_mode, beta):
+    n = (labels.numel(),)
+    f32 = lambda shape: student.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    t = n if teacher is not None else _EMPTY
+    d = n if div_mode else _EMPTY
+    f64 = lambda shape: f32(shape).to(torch.float64)  # noqa: E731  (the log-sum-exps are float64)
+    return f32(n), f32(t), f64(n), f32(n), f64(d), f32(d), f32(d)
+
+
+@torch.library.custom_op("rlsd_kernels::fused_logprobs_terms_backward", mutates_args=())
+def fused_logprobs_terms_backward(coef: Tensor, ent_coef: Tensor, div_coef: Optional[Tensor], student: Tensor,
+                                  teacher: Optional[Tensor], labels: Tensor, lse: Tensor, entropy: Tensor,
+                                  lse_t: Optional[Tensor], div: Optional[Tensor], aux: Optional[Tensor],
+                                  temperature: float, div_mode: int, beta: float) -> Tensor:
+    backend = get_backend(student.device)
+    out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    s3 = as_rows3d(student)
+    backend.backward_terms(coef.contiguous(), ent_coef.contiguous(),
+                           None if div_coef is None else div_coef.contiguous(), s3,
+                           None if teacher is None else as_rows3d(teacher),
+                           labels.reshape(-1).to(torch.int64).contiguous(), lse, entropy, lse_t, div, aux,
+                           temperature, div_mode, beta, out.view(s3.shape))
+    return out
+
+
+@fused_logprobs_terms_backward.register_fake
+def _(coef, ent_coef, div_coef, student, teacher, labels, lse, entropy, lse_t, div, aux, temperature, div_mode,
+      beta):
+    return torch.empty_like(student)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.forced = dispatch.forced_by_context()
+    student, teacher, labels, temperature, _, div_mode, beta = inputs
+    ctx.save_for_backward(student, teacher, labels, output[2], output[3], output[4], output[5], output[6])
+    ctx.temperature, ctx.div_mode, ctx.beta = temperature, div_mode, beta
+    ctx.mark_non_differentiable(output[1], output[2], output[4], output[6])
+
+
+def _backward(ctx, g_logp, _g_logp_t, _g_lse, g_ent, _g_lse_t, g_div, _g_aux):
+    student, teacher, labels, lse, ent, lse_t, div, aux = ctx.saved_tensors
+    zeros = lambda: torch.zeros_like(lse)  # noqa: E731
+    coef = zeros() if g_logp is None else g_logp.to(torch.float32)
+    e = zeros() if g_ent is None else g_ent.to(torch.float32)
+    f = None
+    if ctx.div_mode:
+        f = zeros() if g_div is None else g_div.to(torch.float32)
+    with dispatch.force_backend(ctx.forced):
+        grad = fused_logprobs_terms_backward(coef, e, f, student, teacher if ctx.div_mode else None, labels, lse,
+                                             ent, lse_t if ctx.div_mode else None, div if ctx.div_mode else None,
+                                             aux if ctx.div_mode else None, ctx.temperature, ctx.div_mode,
+                                             ctx.beta)
+    return grad, None, None, None, None, None, None
+
+
+fused_logprobs_terms.register_autograd(_backward, setup_context=_setup_context)
+
+
+def terms_output(h: Hyper, x: Terms, prep, logp_s, logp_t, ent, div, teacher_logprobs, ref_logprobs,
+                 rollout_logprobs, return_entropy, vocab: int):
+    """The section 2c loss and output from the scoring op's per-token tensors (``logp_s``, ``ent``, ``div``
+    differentiable; ``logp_t`` None without teacher logits / hidden states): shared by the logits and the
+    fused-linear paths."""
+    shape = prep.label_shape
+    n = prep.labels.numel()
+    acc = prep.advantages.dtype
+    lt = logp_t.reshape(n).to(acc) if logp_t is not None else prep.teacher_logprobs
+    flat = lambda t: None if t is None else t.detach().reshape(n).to(acc)  # noqa: E731
+    entropy_t = ent.reshape(n).to(acc) if x.entropy_coef > 0 else None
+    distill_t = None
+    if x.distill_coef > 0:
+        distill_t = div.reshape(n).to(acc)
+        if x.distill_clip is not None:  # beyond the clip: the value is capped, the gradient zero
+            distill_t = torch.clamp(distill_t, max=float(x.distill_clip))
+    out = loss_with_terms(logp_s.reshape(n).to(acc), lt, prep, h, x, ref=flat(ref_logprobs),
+                          rollout=flat(rollout_logprobs), entropy_t=entropy_t, distill_t=distill_t,
+                          entropy=ent.detach().reshape(shape) if return_entropy else None)
+    return out._replace(loss=out.loss.to(torch.float32), logprobs=logp_s.detach().reshape(shape),
+                        teacher_logprobs=(logp_t.detach().reshape(shape) if logp_t is not None
+                                          else teacher_logprobs),
+                        weights=out.weights.to(torch.float32), vocab=vocab, ignore_index=h.ignore_index)
+
+
+def loss_with_terms_fused(h: Hyper, x: Terms, student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
+                          teacher_logprobs, cu_seqlens, return_entropy, inplace_backward, ref_logprobs,
+                          rollout_logprobs):
+    """The loss and output of ``rlsd_loss`` with ``x.on``; inputs already validated (values included)."""
+    teacher = None if teacher_logits is None else teacher_logits.detach()
+    div = None
+    if x.needs_full_distribution:  # the row terms' op: entropy and divergence differentiable
+        logp_s, logp_t, _, ent, _, div, _ = fused_logprobs_terms(student_logits, teacher, labels,
+                                                                 float(h.temperature), int(h.ignore_index),
+                                                                 div_mode(x), float(x.distill_beta))
+    else:
+        logp_s, logp_t, _, ent = fused_logprobs(student_logits, teacher, labels, float(h.temperature),
+                                                int(h.ignore_index), bool(return_entropy),
+                                                bool(inplace_backward))
+    prep = prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
+                   cu_seqlens, h, values=False)
+    return terms_output(h, x, prep, logp_s, logp_t if teacher_logits is not None else None, ent, div,
+                        teacher_logprobs, ref_logprobs, rollout_logprobs, return_entropy, student_logits.shape[-1])
+
+
+def div_mode(x: Terms) -> int:
+    """The backends' integer divergence mode of the terms (0: no distillation term)."""
+    return DIV_MODES[x.distill_divergence] if x.distill_coef > 0 else 0
