@@ -122,3 +122,25 @@ def test_group_needs_initialised_distributed():
     x = torch.randn(2, 3, 5)
     with pytest.raises(ValueError, match="vocab_parallel_group"):
         token_logprobs(x, torch.zeros(2, 3, dtype=torch.long), vocab_parallel_group=object())
+
+
+def test_readme_torchrun_example_runs():
+    """The README's tensor-parallel block runs as written (torchrun -> ``python -m torch.distributed.run``)."""
+    import os
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    text = (root / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"executed by tests/test_vocab_parallel.py -->\n```bash\n(.*?)```", text, re.S)
+    assert len(blocks) == 1
+    cmd = blocks[0].strip()
+    assert cmd.startswith("torchrun ")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone"] + cmd.split()[1:]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    losses = re.findall(r"rank \d: shard \[\d+, \d+\) loss (\S+) \(unsharded (\S+)\)", res.stdout)
+    assert len(losses) == 2 and len({loss for loss, _ in losses}) == 1
