@@ -54,6 +54,11 @@ def make_inputs(case, device="cpu"):
     x["old"] = -torch.rand(B, T, generator=g) * 3
     x["mask"] = torch.rand(B, T, generator=g) > 0.2
     x["grad_weights"] = torch.randn(B, T, generator=g)
+    H = 8
+    x["hidden"] = torch.randn(B, T, H, generator=g)
+    x["teacher_hidden"] = torch.randn(B, T, H, generator=g)
+    x["weight"] = torch.randn(V, H, generator=g)
+    x["bias"] = torch.randn(V, generator=g)
     return {k: v.to(device) for k, v in x.items()}
 
 
@@ -71,9 +76,22 @@ def loss_kwargs(case, x):
 
 def run_case(case, x, lo, hi, group=None):
     """One call of the op on the vocabulary slice ``[lo, hi)`` (the whole vocabulary without a group)."""
-    from rlsd_kernels import rlsd_loss, token_logprobs
+    from rlsd_kernels import rlsd_linear_loss, rlsd_loss, token_logprobs
 
     vp = {} if group is None else {"vocab_parallel_group": group, "vocab_start": lo}
+    if case["op"] == "linear":  # LM-head rows [lo, hi) on this rank; d hidden complete, d weight / d bias local
+        hidden = x["hidden"].clone().requires_grad_(True)
+        weight = x["weight"][lo:hi].clone().requires_grad_(True)
+        bias = x["bias"][lo:hi].clone().requires_grad_(True)
+        kw = loss_kwargs(case, x)
+        kw.pop("inplace_backward")
+        res = rlsd_linear_loss(hidden, weight, x["labels"], x["advantages"], teacher_hidden=x["teacher_hidden"],
+                               lm_head_bias=bias, **kw, **vp)
+        res.loss.backward()
+        return dict(loss=res.loss.detach(), logprobs=res.logprobs, entropy=res.entropy,
+                    teacher_logprobs=res.teacher_logprobs.detach(), hidden_grad=hidden.grad.clone(),
+                    grad=weight.grad.clone(), bias_grad=bias.grad.clone(),
+                    metrics=torch.tensor(list(res.metrics.values()), dtype=torch.float64))
     student = x["student"][..., lo:hi].clone().requires_grad_(True)
     out = {}
     if case["op"] == "loss":

@@ -33,7 +33,12 @@ CASES = [
     # scoring with entropy, out-of-place and in-place backward
     dict(op="logprobs", seed=4, B=2, T=5, temperature=1.3),
     dict(op="logprobs", seed=6, B=2, T=3, inplace=True),
+    # sharded LM head: rlsd_linear_loss with teacher hidden states, bias, seq aggregation
+    dict(op="linear", seed=7, B=2, T=4, agg="seq", mask=True, temperature=0.9),
 ]
+# collectives per forward + backward: the layout check and the gather of the partials; the linear op adds the
+# all-reduce of d hidden
+COLLECTIVES = {"loss": 2, "logprobs": 2, "linear": 3}
 
 
 def _spawn(sizes, backends, cases):
@@ -74,15 +79,23 @@ def _check(results, sizes, backends, cases):
             where = f"{backend} case {i} {case['op']}"
             # every rank returns the same bits (loss, log-probs, metrics, entropy, weights)
             for key, value in outs[0].items():
-                if key in ("grad", "collectives") or value is None:
+                if key in ("grad", "bias_grad", "collectives") or value is None:
                     continue
                 for r, o in enumerate(outs[1:], 1):
                     assert torch.equal(o[key], value), f"{where}: {key} differs between rank 0 and rank {r}"
             # structural: one layout check + one gather of the per-row partials per forward, none in the backward
-            assert all(o["collectives"] == 2 for o in outs), f"{where}: {[o['collectives'] for o in outs]}"
-            grad = torch.cat([o["grad"] for o in outs], dim=-1)
+            assert all(o["collectives"] == COLLECTIVES[case["op"]] for o in outs), \
+                f"{where}: {[o['collectives'] for o in outs]}"
             with dispatch.force_backend(backend):
                 full = jobs.run_case(case, x, 0, sum(sizes))
+            if case["op"] == "linear":  # d hidden is complete on every rank, d weight / d bias are row shards
+                torch.testing.assert_close(outs[0]["hidden_grad"], full["hidden_grad"], rtol=RTOL, atol=ATOL)
+                for key in ("grad", "bias_grad"):
+                    torch.testing.assert_close(torch.cat([o[key] for o in outs]), full[key], rtol=RTOL, atol=ATOL)
+                for key in ("loss", "logprobs", "entropy", "teacher_logprobs", "metrics"):
+                    torch.testing.assert_close(outs[0][key], full[key], rtol=RTOL, atol=ATOL, msg=f"{where}: {key}")
+                continue
+            grad = torch.cat([o["grad"] for o in outs], dim=-1)
             ref = _reference(case, x)
             for key in ("loss", "logprobs", "entropy", "weights", "teacher_logprobs", "metrics"):
                 if key in full and full[key] is not None:
