@@ -45,21 +45,22 @@ def make_inputs(case, device="cpu"):
     g = torch.Generator().manual_seed(case["seed"])
     B, T, V = case["B"], case["T"], case["V"]
     scale = case.get("scale", 3.0)
-    x = {"student": torch.randn(B, T, V, generator=g) * scale}
-    x["teacher"] = torch.randn(B, T, V, generator=g) * scale
-    labels = torch.randint(0, V, (B, T), generator=g)
+    x = {"student": torch.randn(B, T, V, generator=g, device=device) * scale}
+    x["teacher"] = torch.randn(B, T, V, generator=g, device=device) * scale
+    labels = torch.randint(0, V, (B, T), generator=g, device=device)
     labels[0, -1] = -100  # an ignored position
     x["labels"] = labels
-    x["advantages"] = torch.randn(B, generator=g) if case.get("adv_per_seq") else torch.randn(B, T, generator=g)
-    x["old"] = -torch.rand(B, T, generator=g) * 3
-    x["mask"] = torch.rand(B, T, generator=g) > 0.2
-    x["grad_weights"] = torch.randn(B, T, generator=g)
+    adv_shape = (B,) if case.get("adv_per_seq") else (B, T)
+    x["advantages"] = torch.randn(adv_shape, generator=g, device=device)
+    x["old"] = -torch.rand(B, T, generator=g, device=device) * 3
+    x["mask"] = torch.rand(B, T, generator=g, device=device) > 0.2
+    x["grad_weights"] = torch.randn(B, T, generator=g, device=device)
     H = 8
-    x["hidden"] = torch.randn(B, T, H, generator=g)
-    x["teacher_hidden"] = torch.randn(B, T, H, generator=g)
-    x["weight"] = torch.randn(V, H, generator=g)
-    x["bias"] = torch.randn(V, generator=g)
-    return {k: v.to(device) for k, v in x.items()}
+    x["hidden"] = torch.randn(B, T, H, generator=g, device=device)
+    x["teacher_hidden"] = torch.randn(B, T, H, generator=g, device=device)
+    x["weight"] = torch.randn(V, H, generator=g, device=device)
+    x["bias"] = torch.randn(V, generator=g, device=device)
+    return x
 
 
 def loss_kwargs(case, x):
@@ -91,7 +92,7 @@ def run_case(case, x, lo, hi, group=None):
         return dict(loss=res.loss.detach(), logprobs=res.logprobs, entropy=res.entropy,
                     teacher_logprobs=res.teacher_logprobs.detach(), hidden_grad=hidden.grad.clone(),
                     grad=weight.grad.clone(), bias_grad=bias.grad.clone(),
-                    metrics=torch.tensor(list(res.metrics.values()), dtype=torch.float64))
+                    metrics=torch.tensor(list(res.metrics.values()), dtype=torch.float64, device="cpu"))
     student = x["student"][..., lo:hi].clone().requires_grad_(True)
     out = {}
     if case["op"] == "loss":
@@ -102,7 +103,7 @@ def run_case(case, x, lo, hi, group=None):
         res = rlsd_loss(student, teacher, x["labels"], x["advantages"], **kw, **vp)
         res.loss.backward()
         out.update(loss=res.loss.detach(), logprobs=res.logprobs, weights=res.weights, entropy=res.entropy,
-                   metrics=torch.tensor(list(res.metrics.values()), dtype=torch.float64))
+                   metrics=torch.tensor(list(res.metrics.values()), dtype=torch.float64, device="cpu"))
         if res.teacher_logprobs is not None:
             out["teacher_logprobs"] = res.teacher_logprobs.detach()
     else:
@@ -128,14 +129,14 @@ def teacher_logprobs_for(case, x):
 
 def job(rank, world, init_file, out_dir, backends, cases, sizes):
     """Entry point of one spawned rank: every (backend, case) pair; saves ``rank{r}.pt``."""
-    from rlsd_kernels import dispatch
+    from helpers import Backend, running_on
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     results = {}
     try:
         lo, hi = shard_bounds(sizes, rank)
         for backend in backends:
-            with dispatch.force_backend(backend):
+            with running_on(Backend(backend, "cpu")):
                 for i, case in enumerate(cases):
                     x = make_inputs(case)
                     if case.get("teacher") == "logprobs":

@@ -13,9 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import parallel_jobs as jobs
-from helpers import machine_backends
+from helpers import Backend, machine_backends, running_on
 
-from rlsd_kernels import dispatch, rlsd_loss, token_logprobs
+from rlsd_kernels import rlsd_loss, token_logprobs
 from rlsd_kernels.reference import rlsd_loss_eager, token_logprobs_eager
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
@@ -86,7 +86,7 @@ def _check(results, sizes, backends, cases):
             # structural: one layout check + one gather of the per-row partials per forward, none in the backward
             assert all(o["collectives"] == COLLECTIVES[case["op"]] for o in outs), \
                 f"{where}: {[o['collectives'] for o in outs]}"
-            with dispatch.force_backend(backend):
+            with running_on(Backend(backend, "cpu")):
                 full = jobs.run_case(case, x, 0, sum(sizes))
             if case["op"] == "linear":  # d hidden is complete on every rank, d weight / d bias are row shards
                 torch.testing.assert_close(outs[0]["hidden_grad"], full["hidden_grad"], rtol=RTOL, atol=ATOL)
