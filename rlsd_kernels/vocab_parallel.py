@@ -296,10 +296,14 @@ def rlsd_loss_sharded(h: Hyper, student_logits, teacher_logits, labels, advantag
                       input_errors=None, vocab=shard.vocab, ignore_index=h.ignore_index)
 
 
-def check_vocab_parallel(group, vocab_start) -> Optional[object]:
-    """``vocab_start`` without a group is a mistake (it would be silently ignored)."""
+def check_vocab_parallel(group, vocab_start, terms=None) -> Optional[object]:
+    """``vocab_start`` without a group is a mistake (it would be silently ignored); the section 2c terms are not
+    sharded yet (``terms``: the call's ``loss.Terms``)."""
     if group is None and vocab_start is not None:
         raise ValueError("vocab_start needs vocab_parallel_group (the process group the vocabulary is sharded over)")
+    if group is not None and terms is not None and terms.on:
+        raise ValueError("vocab_parallel_group: the docs/math.md section 2c terms (kl_coef, rollout_is, "
+                         "loss_type='gspo', entropy_coef, distill_coef) are not supported on a vocabulary shard yet")
     return group
 
 

@@ -157,3 +157,11 @@ def test_readme_torchrun_example_runs():
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     losses = re.findall(r"rank \d: shard \[\d+, \d+\) loss (\S+) \(unsharded (\S+)\)", res.stdout)
     assert len(losses) == 2 and len({loss for loss, _ in losses}) == 1
+
+
+def test_section_2c_terms_not_sharded_yet():
+    x = torch.randn(2, 3, 5)
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="vocab_parallel_group.*section 2c"):
+        rlsd_loss(x, None, labels, torch.zeros(2, 3), ref_logprobs=torch.zeros(2, 3), kl_coef=0.1,
+                  vocab_parallel_group=object())
