@@ -13,6 +13,7 @@ from ._output import RLSDOutput
 from .hyper import LOSS_TYPES, Hyper
 from .loss import Terms, check_divergence, hyper_and_terms
 from .ops.fused_loss_terms import loss_with_terms_fused
+from . import vocab_parallel
 
 
 def rlsd_loss(student_logits, teacher_logits, labels, advantages, old_logprobs=None, mask=None, *,
@@ -22,7 +23,7 @@ def rlsd_loss(student_logits, teacher_logits, labels, advantages, old_logprobs=N
               ref_logprobs=None, kl_coef=0.0, kl_type="k3",
               rollout_logprobs=None, rollout_is=None, rollout_is_threshold=2.0, rollout_is_mode="truncate",
               entropy_coef=0.0, distill_coef=0.0, distill_divergence="forward_kl", distill_beta=0.5,
-              distill_clip=None) -> RLSDOutput:
+              distill_clip=None, vocab_parallel_group=None, vocab_start=None) -> RLSDOutput:
     """Fused RLSD loss (GRPO/PPO with teacher-gap evidence weights), differentiable w.r.t. ``student_logits``.
 
     student_logits, teacher_logits: ``[..., V]`` float32/bfloat16/float16, any strides. ``teacher_logits=None`` and
@@ -37,17 +38,26 @@ def rlsd_loss(student_logits, teacher_logits, labels, advantages, old_logprobs=N
     The docs/math.md section 2c terms (``ref_logprobs``/``kl_coef``/``kl_type``, ``rollout_logprobs``/``rollout_is``
     and its threshold and mode, ``loss_type="gspo"``, ``entropy_coef``, ``distill_*``) are all off by default; with
     all of them off the op is exactly section 2. With any on, the values of the inputs are checked on the host.
+
+    ``vocab_parallel_group`` (a ``torch.distributed`` group): the logits are this rank's vocabulary shard
+    ``[..., V_local]`` starting at global id ``vocab_start`` (default ``rank * V_local``); labels are global ids
+    (docs/math.md section 2d, ``rlsd_kernels/vocab_parallel.py``; the section 2c terms are not sharded yet).
     """
     h, x = hyper_and_terms(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature,
                            ignore_index, kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode,
                            entropy_coef, distill_coef, distill_divergence, distill_beta, distill_clip)
     return _rlsd_loss(h, student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
-                      cu_seqlens, return_entropy, inplace_backward, x, ref_logprobs, rollout_logprobs)
+                      cu_seqlens, return_entropy, inplace_backward, x, ref_logprobs, rollout_logprobs,
+                      vocab_parallel_group, vocab_start)
 
 
 def _rlsd_loss(h: Hyper, student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
                cu_seqlens, return_entropy, inplace_backward, x: Terms = Terms(), ref_logprobs=None,
-               rollout_logprobs=None) -> RLSDOutput:
+               rollout_logprobs=None, group=None, vocab_start=None) -> RLSDOutput:
+    if vocab_parallel.check_vocab_parallel(group, vocab_start, x) is not None:  # docs/math.md section 2d
+        return vocab_parallel.rlsd_loss_sharded(h, student_logits, teacher_logits, labels, advantages, old_logprobs,
+                                                mask, teacher_logprobs, cu_seqlens, return_entropy, inplace_backward,
+                                                group, vocab_start)
     if (ref_logprobs is not None or rollout_logprobs is not None) and isinstance(labels, torch.Tensor):
         # given, even if unused: they must still be the right tensors
         check_terms(x, labels.shape, True, student_logits.device, teacher_logits, teacher_logprobs, ref_logprobs,
@@ -95,11 +105,16 @@ def _rlsd_loss_terms(h: Hyper, x: Terms, student_logits, teacher_logits, labels,
 
 
 def token_logprobs(logits, labels, temperature: float = 1.0, return_entropy: bool = False, *,
-                   ignore_index: int = -100, inplace_backward: bool = False):
+                   ignore_index: int = -100, inplace_backward: bool = False, vocab_parallel_group=None,
+                   vocab_start=None):
     """Fused ``log_softmax(logits / T)[labels]`` (float32, shape of labels, 0 at ``ignore_index``), differentiable.
 
-    With ``return_entropy=True`` returns ``(logprobs, entropy)``; the entropy is detached.
+    With ``return_entropy=True`` returns ``(logprobs, entropy)``; the entropy is detached. ``vocab_parallel_group``
+    / ``vocab_start``: vocabulary-sharded logits, as in :func:`rlsd_loss`.
     """
+    if vocab_parallel.check_vocab_parallel(vocab_parallel_group, vocab_start) is not None:
+        return vocab_parallel.token_logprobs_sharded(logits, labels, temperature, return_entropy, ignore_index,
+                                                     inplace_backward, vocab_parallel_group, vocab_start)
     check_scoring(logits, labels, temperature, ignore_index)
     logp, _, _, ent = ops.fused_logprobs(logits, None, labels, float(temperature), int(ignore_index),
                                          bool(return_entropy), bool(inplace_backward))
@@ -139,7 +154,7 @@ class RLSDLoss(torch.nn.Module):
                  loss_agg_mode="token", norm=None, temperature=1.0, ignore_index=-100, return_entropy=False,
                  inplace_backward=False, *, kl_coef=0.0, kl_type="k3", rollout_is=None, rollout_is_threshold=2.0,
                  rollout_is_mode="truncate", entropy_coef=0.0, distill_coef=0.0, distill_divergence="forward_kl",
-                 distill_beta=0.5, distill_clip=None):
+                 distill_beta=0.5, distill_clip=None, vocab_parallel_group=None, vocab_start=None):
         super().__init__()
         if loss_type not in LOSS_TYPES + ("gspo",):
             raise ValueError(f"loss_type must be one of {LOSS_TYPES + ('gspo',)}, got {loss_type!r}")
@@ -150,6 +165,8 @@ class RLSDLoss(torch.nn.Module):
                                        "ppo" if loss_type == "gspo" else loss_type, loss_agg_mode, norm,
                                        temperature, ignore_index).validate()
         self.return_entropy, self.inplace_backward = return_entropy, inplace_backward
+        self.vocab_parallel_group = vocab_parallel.check_vocab_parallel(vocab_parallel_group, vocab_start)
+        self.vocab_start = vocab_start
 
     def __getattr__(self, name):
         if name == "loss_type":
@@ -177,7 +194,7 @@ class RLSDLoss(torch.nn.Module):
                 teacher_logprobs=None, cu_seqlens=None, ref_logprobs=None, rollout_logprobs=None) -> RLSDOutput:
         return _rlsd_loss(self.hyper, student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
                           teacher_logprobs, cu_seqlens, self.return_entropy, self.inplace_backward, self.terms,
-                          ref_logprobs, rollout_logprobs)
+                          ref_logprobs, rollout_logprobs, self.vocab_parallel_group, self.vocab_start)
 
     def extra_repr(self) -> str:
         h, x = self.hyper, self.terms

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch
+from . import dispatch, vocab_parallel
 from ._inputs import check_hyper, check_labels, check_linear, check_terms, logits_stand_in, prepare
 from ._output import RLSDOutput
 from .hyper import Hyper
 from .loss import agg_weights, hyper_and_terms
 from .ops.fused_linear import fused_linear_logprobs, fused_linear_logprobs_terms, fused_linear_rlsd_loss
 from .ops.fused_loss_terms import div_mode, terms_output
+from .vocab_parallel_linear import rlsd_linear_loss_sharded
 
 __all__ = ["rlsd_linear_loss", "token_logprobs_linear", "linear_backend"]
 
@@ -38,7 +39,8 @@ def rlsd_linear_loss(student_hidden, lm_head_weight, labels, advantages, old_log
                      cu_seqlens=None, temperature=1.0, ignore_index=-100, return_entropy=False,
                      ref_logprobs=None, kl_coef=0.0, kl_type="k3", rollout_logprobs=None, rollout_is=None,
                      rollout_is_threshold=2.0, rollout_is_mode="truncate", entropy_coef=0.0, distill_coef=0.0,
-                     distill_divergence="forward_kl", distill_beta=0.5, distill_clip=None) -> RLSDOutput:
+                     distill_divergence="forward_kl", distill_beta=0.5, distill_clip=None, vocab_parallel_group=None,
+                     vocab_start=None) -> RLSDOutput:
     """:func:`rlsd_kernels.rlsd_loss` on ``logits = student_hidden @ lm_head_weight.T + lm_head_bias``, fused.
 
     student_hidden: ``[..., H]`` final hidden states (after the final norm), differentiable; lm_head_weight:
@@ -48,11 +50,19 @@ def rlsd_linear_loss(student_hidden, lm_head_weight, labels, advantages, old_log
     teacher's own LM head); neither is plain GRPO. All other arguments as in ``rlsd_loss`` (docs/math.md section 5),
     the section 2c terms included (the distillation term needs ``teacher_hidden``). With a term on, the rows are
     walked twice (statistics, then the gradient in the backward: five or six GEMMs instead of four).
+
+    ``vocab_parallel_group`` / ``vocab_start``: ``lm_head_weight`` (and bias) hold this rank's vocabulary rows
+    (docs/math.md section 2d): ``d hidden`` is all-reduced over the group, ``d weight`` stays local
+    (``vocab_parallel_linear.py``; materialises the shard's logits, no section 2c terms yet).
     """
     h, x = hyper_and_terms(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature,
                            ignore_index, kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode,
                            entropy_coef, distill_coef, distill_divergence, distill_beta, distill_clip)
     check_hyper(h)
+    if vocab_parallel.check_vocab_parallel(vocab_parallel_group, vocab_start, x) is not None:
+        return rlsd_linear_loss_sharded(h, student_hidden, lm_head_weight, lm_head_bias, labels, advantages,
+                                        old_logprobs, mask, teacher_hidden, teacher_logprobs, cu_seqlens,
+                                        return_entropy, vocab_parallel_group, vocab_start)
     H, V = check_linear(student_hidden, lm_head_weight, lm_head_bias, teacher_hidden)
     if teacher_hidden is not None and teacher_logprobs is not None:
         raise ValueError("pass teacher_hidden or teacher_logprobs, not both")

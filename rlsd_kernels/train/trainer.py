@@ -24,6 +24,7 @@ from .checkpoint import (WARMSTART, Rotation, atomic_save, load_checkpoint, rng_
                          set_rng_state)
 from .config import (BACKEND_CHOICES, METHODS, RESUME_OVERRIDABLE, TIMING_KEYS, TrainConfig, choose_backend,
                      choose_device, lam_at, resumed_config, validate)
+from .distributed import from_launcher
 from .losses import policy_loss
 from .model import Forward, TokenizerAdapter, build_char_tokenizer, build_tiny_model, load_pretrained
 from .rollout import generate, pack
@@ -52,6 +53,11 @@ class Trainer:
         validate(cfg)
         self.cfg = cfg
         self.device = choose_device(cfg)
+        self.dp = from_launcher(self.device)  # torchrun: data parallel over the ranks (train/distributed.py)
+        if self.dp is not None:
+            self.dp.check(cfg.prompts_per_step)
+            self.device = self.dp.device
+            self.cfg = cfg = dataclasses.replace(cfg, out=self.dp.out_dir(cfg.out))
         self.backend = choose_backend(cfg, self.device)
         self.hyper = cfg.loss_hyper()  # the op's hyper-parameters; lam is replaced by its schedule every step
         self.rotation = Rotation(cfg.out, cfg.keep_checkpoints, inherited_ckpts)
@@ -218,6 +224,13 @@ class Trainer:
         r = rewards.view(-1, G)
         adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + 1e-6)).view(-1)
         labels = torch.where(valid, resp, -100)
+        n_tok = int(valid.sum())
+        valid_all = valid
+        if self.dp is not None:  # this rank scores its own prompts (whole groups); the rollouts are the global batch's
+            mine = self.dp.share(len(probs))
+            rows = slice(mine.start * G, mine.stop * G)
+            probs, prompts, resp, valid, labels, adv = (probs[mine], prompts[rows], resp[rows], valid[rows],
+                                                        labels[rows], adv[rows])
 
         use_teacher = cfg.method == "opsd" or (cfg.method == "rlsd" and lam > 0) or cfg.distill > 0
         teacher = priv = None
@@ -234,18 +247,27 @@ class Trainer:
                 loss, ent, rec = out.loss, out.entropy, dict(out.metrics)
             else:
                 loss, ent, rec = self._logits_loss(teacher, prompts, priv, resp, valid, labels, adv, lam)
-            loss.backward()
+            if self.dp is None:
+                loss.backward()
+            else:  # scaled so that the ranks' averaged gradients are the single-process loss's gradient
+                share = self.dp.loss_share(valid, self.hyper.loss_agg_mode)
+                (loss * (share * self.dp.world)).backward()
+        if self.dp is not None:
+            self.dp.average_gradients(self.model)
+            local_tok = float(valid.sum())
+            rec = self.dp.weighted_means({**rec, "entropy": float((ent * valid).sum() / valid.sum().clamp(min=1))},
+                                         local_tok)
+            loss = torch.tensor(self.dp.sum(float(loss.detach()) * float(share)))
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
         self.opt.step()
         self.step = step
         if self.teacher is not None and step % cfg.teacher_sync == 0:
             self.teacher.load_state_dict(self.model.state_dict())
         dt = time.time() - t0
-        n_tok = int(valid.sum())
         solved = (r.max(1).values > 0).float().mean()
         rec = {"step": step, "reward_mean": float(rewards.mean()), "solve_frac": float(solved), "lam": lam,
                "loss": float(loss.detach()), "entropy": float((ent * valid).sum() / valid.sum()),
-               "grad_norm": float(gnorm), "resp_len": n_tok / valid.shape[0], **rec,
+               "grad_norm": float(gnorm), "resp_len": n_tok / valid_all.shape[0], **rec,
                "tokens_per_s": n_tok / dt, "step_time_s": dt}
         return rec
 
