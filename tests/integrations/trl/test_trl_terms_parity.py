@@ -123,11 +123,13 @@ def test_vllm_importance_sampling_matches_trl(tmp_path, loss_type, mode, cap, ro
     diff = torch.nan_to_num((old - sampled) * mask, nan=0.0)  # trl grpo_trainer.py, _generate_and_score_completions
     if mode.startswith("sequence"):
         diff = diff.sum(-1, keepdim=True)
+    # a reference away from the policy, so that a KL term the IS weight must NOT multiply is on too
+    batch["ref_per_token_logps"] = old + 0.3 * torch.randn(mask.shape, generator=gen)
     batch.update(old_per_token_logps=old, sampling_per_token_logps=sampled,
                  importance_sampling_ratio=torch.clamp(torch.exp(diff), max=cap))
     assert (torch.exp(diff) > cap).any() and (torch.exp(diff) < cap).any()  # the truncation acts on some tokens
     _assert_parity(ours, theirs, batch)
-    assert ours._metrics["train"]["rlsd/rollout_is_clipfrac"][-1] > 0
+    assert ours._metrics["train"]["rlsd/rollout_is_clipfrac"][-1] > 0 and ours._metrics["train"]["kl"][-1] > 0
 
 
 @pytest.mark.parametrize("route", ["linear", "logits"])
