@@ -8,13 +8,41 @@ gradient, and the loss is :func:`rlsd_kernels.rlsd_loss` (``rlsd_route="logits"`
 :func:`rlsd_kernels.rlsd_linear_loss` (``rlsd_route="linear"``, the default, like TRL's own fused LM head).
 
 TRL's ``loss_type`` normalisations map exactly onto the op's aggregation (``_aggregation``); with ``rlsd_lam=0``
-the loss and its gradients are TRL's own (tests/integrations/trl). Options whose per-token algebra the fused op
-does not implement (vLLM importance-sampling correction, KL to a reference model, entropy bonus / masks,
-sequence-level importance sampling, CISPO / SAPO / VESPO) are refused at init with a ``ValueError``.
+the loss and its gradients are TRL's own (tests/integrations/trl). TRL's extra terms map onto the op's
+docs/math.md section 2c terms (``_loss_terms``):
+
+- ``beta > 0`` with ``use_bias_correction_kl=False``: TRL adds ``beta * (exp(ref - logp) - (ref - logp) - 1)``
+  per token, which is the op's ``kl_type="k3"`` with ``kl_coef=beta`` and TRL's ``ref_per_token_logps``. The op
+  clamps that estimator (verl's ``low_var_kl``: ``kl_t`` at most 10, zero gradient where the clamp is active); TRL
+  does not. The two are identical while ``-11.0 < ref - logp < 2.6109`` on every token, i.e. while the reference
+  gives a sampled token between 1.67e-5 and 13.6 times the policy's probability; outside that band TRL's per-token
+  KL exceeds 10 and ours stays at 10 with no gradient. Such tokens are rare but reachable once the policy has
+  moved far from the reference on a token it still samples (``rlsd/kl_clamped_frac`` counts them).
+  ``use_bias_correction_kl=True`` (TRL's default) multiplies the KL by the differentiable ratio
+  ``exp(logp - old)``, which the op does not have: refused.
+- ``use_vllm`` + ``vllm_importance_sampling_correction`` with ``vllm_importance_sampling_mode`` ``token_truncate`` /
+  ``sequence_truncate``: TRL multiplies the clipped policy loss (not the KL, not the entropy bonus) by
+  ``min(exp(d), clip_max)``, ``d`` the masked ``old - sampler`` log-prob difference per token or summed per
+  sequence; that is the op's ``rollout_is="token"|"sequence"``, ``rollout_is_mode="truncate"``,
+  ``rollout_is_threshold=clip_max``, with ``rollout_logprobs`` = TRL's ``sampling_per_token_logps`` (a NaN one
+  replaced by the old log-prob, TRL's ratio 1). The op clamps ``d`` to [-20, 20]: with ``clip_max < exp(20)`` that
+  only changes weights below 2.1e-9. The ``*_mask`` modes are refused: TRL zeroes the ratio of a rejected token,
+  which keeps it in the normalisers, the KL and the entropy bonus, while the op removes it from the mask. A
+  ``clip_min > 0`` (a lower truncation) is refused: the op truncates from above only.
+- ``entropy_coef > 0``: TRL subtracts ``entropy_coef`` times the mean token entropy of the micro-batch (divided by
+  the accumulation steps) for every loss type; the op subtracts ``entropy_coef`` times the entropy aggregated like
+  the policy loss, so the coefficient is rescaled per call for the sum-normalised types (``dapo``, ``dr_grpo``,
+  ``luspo``) and passed as is for ``bnpo``. ``grpo`` averages per sequence, which no coefficient turns into a token
+  mean: refused there, as is ``use_adaptive_entropy``.
+
+Other options whose per-token algebra the fused op does not implement (entropy masks, off-policy masks,
+sequence-level importance sampling of the policy ratio, CISPO / SAPO / VESPO) are refused at init with a
+``ValueError``.
 """
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +63,11 @@ SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 # Never reached by the op's ratio (exp of a log-ratio clamped to +-20, i.e. at most 4.9e8): no dual clip, as in TRL
 # without `delta`
 _NO_DUAL_CLIP = 1e9
+# TRL's vLLM importance-sampling modes the op reproduces exactly: its level (the op's `rollout_is`)
+TRUNCATE_IS_LEVELS = {"token_truncate": "token", "sequence_truncate": "sequence"}
+# The op's k3 value exp(r) - r - 1 reaches its clamp of 10 outside this band of r = ref - logp (roots of
+# exp(r) - r - 1 = 10); inside it the op's k3 and TRL's unclamped estimator are the same function
+K3_UNCLAMPED_BAND = (-10.999983298020256, 2.6108686381498756)
 
 
 @dataclass
@@ -93,21 +126,47 @@ def _refuse_unsupported(args) -> None:
         raise ValueError("importance_sampling_level must be 'token' with RLSDGRPOTrainer (the op's ratio is per "
                          f"token), got {args.importance_sampling_level!r}")
     if args.use_vllm and args.vllm_importance_sampling_correction:
-        raise ValueError("vllm_importance_sampling_correction=True is not supported by RLSDGRPOTrainer yet: the "
-                         "fused op has no rollout importance-sampling term (only the eager reference has). Set "
-                         "vllm_importance_sampling_correction=False")
-    if args.beta != 0.0:
-        raise ValueError(f"beta must be 0.0 with RLSDGRPOTrainer (no KL-to-reference term), got {args.beta}")
+        _refuse_unsupported_vllm_is(args)
+    if args.beta < 0.0:
+        raise ValueError(f"beta must be >= 0 with RLSDGRPOTrainer (the op's kl_coef), got {args.beta}")
+    if args.beta != 0.0 and args.use_bias_correction_kl:
+        raise ValueError("use_bias_correction_kl=True (TRL's default) multiplies the KL by the differentiable ratio "
+                         "exp(logp - old), which the fused op's KL term does not have: set use_bias_correction_kl="
+                         "False with beta > 0 (the KL is then TRL's k3 estimator, the op's kl_type='k3')")
     if args.top_entropy_quantile < 1.0:
         raise ValueError("top_entropy_quantile < 1 (high-entropy token mask) is not supported by RLSDGRPOTrainer")
     if args.off_policy_mask_threshold is not None:
         raise ValueError("off_policy_mask_threshold is not supported by RLSDGRPOTrainer")
-    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
-        raise ValueError("entropy_coef / use_adaptive_entropy (entropy bonus) is not supported by RLSDGRPOTrainer")
+    if args.use_adaptive_entropy:
+        raise ValueError("use_adaptive_entropy (Skywork-OR1's entropy controller) is not supported by "
+                         "RLSDGRPOTrainer; a constant entropy_coef is")
+    if args.entropy_coef < 0.0:
+        raise ValueError(f"entropy_coef must be >= 0 with RLSDGRPOTrainer (an entropy bonus), got {args.entropy_coef}")
+    if args.entropy_coef != 0.0 and args.loss_type == "grpo":
+        raise ValueError("entropy_coef > 0 is not supported with loss_type='grpo' by RLSDGRPOTrainer: TRL's bonus "
+                         "is a token mean, the op aggregates it like grpo's per-sequence mean; use bnpo, dapo, "
+                         "dr_grpo or luspo")
     epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
     if args.delta is not None and args.delta <= 1.0 + epsilon_high:
         raise ValueError(f"delta must be > 1 + epsilon_high = {1.0 + epsilon_high} with RLSDGRPOTrainer "
                          f"(it is then the op's dual clip), got {args.delta}")
+
+
+def _refuse_unsupported_vllm_is(args) -> None:
+    """ValueError for the vLLM importance-sampling settings the op's rollout IS term does not reproduce exactly."""
+    mode = args.vllm_importance_sampling_mode
+    if mode not in TRUNCATE_IS_LEVELS:
+        raise ValueError(f"vllm_importance_sampling_mode={mode!r} is not supported by RLSDGRPOTrainer: TRL's mask modes "
+                         "zero the ratio of a rejected token but keep it in the loss normalisers, the KL and the "
+                         "entropy bonus, while the op removes it from the mask. Use one of "
+                         f"{tuple(TRUNCATE_IS_LEVELS)} or vllm_importance_sampling_correction=False")
+    if args.vllm_importance_sampling_clip_min not in (None, 0, 0.0):
+        raise ValueError("vllm_importance_sampling_clip_min > 0 (a lower truncation of the ratio) is not supported by "
+                         f"RLSDGRPOTrainer, got {args.vllm_importance_sampling_clip_min}; leave it None")
+    cap = args.vllm_importance_sampling_clip_max
+    if cap is None or not math.isfinite(cap) or cap <= 1.0:
+        raise ValueError("vllm_importance_sampling_clip_max must be a finite float > 1 with RLSDGRPOTrainer (the "
+                         f"op's rollout_is_threshold), got {cap}")
 
 
 def _refuse_unsupported_setup(trainer, args) -> None:
@@ -216,6 +275,29 @@ class RLSDGRPOTrainer(GRPOTrainer):
             norm = norm * accum / self.args.steps_per_generation
         return "sum", float(norm), 1.0
 
+    def _loss_terms(self, inputs, mask, old, agg_mode, norm, mode):
+        """The op's section 2c keyword arguments for TRL's KL, vLLM importance sampling and entropy bonus (the
+        mapping and its limits are in the module docstring)."""
+        terms = {}
+        if self.beta != 0.0:
+            terms.update(ref_logprobs=inputs["ref_per_token_logps"], kl_coef=float(self.beta), kl_type="k3")
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            if old is None:
+                raise ValueError("old_per_token_logps is missing from the batch: TRL computes it whenever "
+                                 "vllm_importance_sampling_correction is on")
+            sampled = inputs["sampling_per_token_logps"]
+            # TRL turns a NaN difference (no sampler log-prob) into 0, i.e. ratio 1: the same as sampler = old
+            sampled = torch.where(torch.isnan(sampled), old, sampled)
+            terms.update(rollout_logprobs=sampled, rollout_is=TRUNCATE_IS_LEVELS[self.vllm_importance_sampling_mode],
+                         rollout_is_threshold=float(self.vllm_importance_sampling_clip_max), rollout_is_mode="truncate")
+        if self.entropy_coef != 0.0:
+            coef = float(self.entropy_coef)
+            if agg_mode == "sum":  # the op divides the entropy sum by `norm`; TRL by the token count and accum steps
+                accum = self.current_gradient_accumulation_steps if mode == "train" else 1
+                coef = coef * norm / (float(mask.sum().clamp(min=1.0)) * accum)
+            terms["entropy_coef"] = coef
+        return terms
+
     def current_rlsd_lam(self) -> float:
         return rlsd_lam_at(self.args, self.state.global_step)
 
@@ -236,11 +318,12 @@ class RLSDGRPOTrainer(GRPOTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         head = lm_head_of(unwrapped)
         teacher = self._score_teacher(inputs, completion_ids, completion_mask, head) if lam > 0 else {}
+        terms = self._loss_terms(inputs, mask, old, agg_mode, norm, mode)
 
         if self.args.rlsd_route == "logits":
             with self.accelerator.autocast():  # through the (possibly wrapped) model, as TRL calls it
                 logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=n + 1).logits
-            out = rlsd_loss(logits[:, :-1], None, completion_ids, advantages, old, mask, **teacher, **hyper)
+            out = rlsd_loss(logits[:, :-1], None, completion_ids, advantages, old, mask, **teacher, **terms, **hyper)
         else:
             with self.accelerator.autocast():
                 hidden = causal_lm_hidden(unwrapped, input_ids, attention_mask)[:, -n - 1:-1]
@@ -253,17 +336,37 @@ class RLSDGRPOTrainer(GRPOTrainer):
             if "teacher_hidden" in teacher:
                 teacher["teacher_hidden"] = teacher["teacher_hidden"].to(hidden.dtype)
             out = rlsd_linear_loss(hidden, weight, completion_ids, advantages, old, mask, lm_head_bias=bias,
-                                   **teacher, **hyper)
-        self._log_rlsd_metrics(out, mask, lam, mode)
-        return out.loss * scale
+                                   **teacher, **terms, **hyper)
+        loss = out.loss * scale
+        self._log_rlsd_metrics(out, mask, lam, mode, terms, loss)
+        return loss
 
-    def _log_rlsd_metrics(self, out, mask, lam, mode):
-        """Our metrics (docs/math.md section 2.7) and the entropy, through TRL's metric store (averaged per log)."""
+    def _log_rlsd_metrics(self, out, mask, lam, mode, terms, loss):
+        """Our metrics (docs/math.md sections 2.7 and 2c) and the entropy, through TRL's metric store (averaged per
+        log). The op's ``kl_mean`` is logged under TRL's own name ``kl``; with the entropy bonus on, TRL's
+        ``policy_loss`` and ``entropy_coef`` are logged as TRL logs them."""
         values = self.accelerator.gather(out.metric_values.detach()[None]).mean(0)  # mean over processes
         out.check_inputs()
-        for name, value in zip(METRIC_NAMES, values.tolist()):
-            self._metrics[mode][f"rlsd/{name}"].append(value)
+        for name, value in zip(out.metric_names, values.tolist()):
+            if name == "entropy_mean":  # logged below under TRL's name `entropy`
+                continue
+            self._metrics[mode]["kl" if name == "kl_mean" else f"rlsd/{name}"].append(value)
         self._metrics[mode]["rlsd/lam"].append(lam)
         m = mask.to(out.entropy.dtype)
         totals = self.accelerator.reduce(torch.stack([(out.entropy * m).sum(), m.sum()]), reduction="sum")
         self._metrics[mode]["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        if "kl_coef" in terms:
+            r = (terms["ref_logprobs"] - out.logprobs.detach()).to(m.dtype)
+            clamped = ((r <= K3_UNCLAMPED_BAND[0]) | (r >= K3_UNCLAMPED_BAND[1])).to(m.dtype)
+            counts = self.accelerator.reduce(torch.stack([(clamped * m).sum(), m.sum()]), reduction="sum")
+            self._metrics[mode]["rlsd/kl_clamped_frac"].append((counts[0] / counts[1].clamp(min=1.0)).item())
+        if self.entropy_coef != 0.0:
+            # TRL's policy_loss: the loss before the bonus, before the division by the accumulation steps (dapo's
+            # normaliser already holds them)
+            accum = self.current_gradient_accumulation_steps if mode == "train" else 1
+            bonus = self.entropy_coef * float((out.entropy.detach() * m).sum() / m.sum().clamp(min=1.0)) / accum
+            policy = (float(loss.detach()) + bonus) * (1 if self.loss_type == "dapo" else accum)
+            self._metrics[mode]["policy_loss"].append(
+                self.accelerator.gather(torch.tensor(policy, device=m.device)).nanmean().item())
+            if mode == "train" and self.accelerator.sync_gradients:
+                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)

@@ -50,12 +50,21 @@ def test_lam_schedule():
 @pytest.mark.parametrize("field,kwargs", [
     ("loss_type", dict(loss_type="cispo")),
     ("importance_sampling_level", dict(importance_sampling_level="sequence")),
-    ("beta", dict(beta=0.01)),
+    ("use_bias_correction_kl", dict(beta=0.01)),  # TRL's default use_bias_correction_kl=True
+    ("beta", dict(beta=-0.01, use_bias_correction_kl=False)),
     ("top_entropy_quantile", dict(top_entropy_quantile=0.5)),
     ("off_policy_mask_threshold", dict(off_policy_mask_threshold=0.5)),
-    ("entropy_coef", dict(entropy_coef=0.01)),
+    ("entropy_coef", dict(entropy_coef=0.01, loss_type="grpo")),
+    ("entropy_coef", dict(entropy_coef=-0.01, loss_type="dapo")),
+    ("use_adaptive_entropy", dict(use_adaptive_entropy=True, loss_type="dapo")),
     ("delta", dict(delta=1.1)),
-    ("vllm_importance_sampling_correction", dict(use_vllm=True, vllm_importance_sampling_correction=True)),
+    # TRL's default mode is sequence_mask
+    ("vllm_importance_sampling_mode", dict(use_vllm=True, vllm_importance_sampling_correction=True)),
+    ("vllm_importance_sampling_mode", dict(use_vllm=True, vllm_importance_sampling_mode="token_mask")),
+    ("vllm_importance_sampling_clip_min", dict(use_vllm=True, vllm_importance_sampling_mode="token_truncate",
+                                               vllm_importance_sampling_clip_min=0.5)),
+    ("vllm_importance_sampling_clip_max", dict(use_vllm=True, vllm_importance_sampling_mode="sequence_truncate",
+                                               vllm_importance_sampling_clip_max=1.0)),
 ])
 def test_trainer_refuses_what_the_fused_op_cannot_honour(tmp_path, field, kwargs):
     with pytest.raises(ValueError, match=field):
@@ -86,3 +95,30 @@ def test_frozen_teacher_resyncs_every_k_steps(tmp_path):
     trainer.state.global_step = 2
     assert torch.equal(next(trainer._teacher_model().parameters()), next(live.parameters()))  # re-synced
     assert not any(p.requires_grad for p in trainer._teacher_model().parameters())
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(beta=0.04, use_bias_correction_kl=False),
+    dict(entropy_coef=0.01, loss_type="bnpo"),
+    dict(entropy_coef=0.01, loss_type="dapo", beta=0.04, use_bias_correction_kl=False),
+])
+def test_trainer_accepts_the_terms_with_an_exact_equivalent(tmp_path, kwargs):
+    # beta > 0 builds TRL's reference model from the policy's path
+    tok = char_tokenizer()
+    tiny_qwen2(tok).save_pretrained(tmp_path / "tiny")
+    args = _config(tmp_path, **kwargs)
+    trainer = RLSDGRPOTrainer(model=str(tmp_path / "tiny"), reward_funcs=vowel_reward, args=args,
+                              train_dataset=qa_dataset(), processing_class=tok)
+    assert trainer.beta == kwargs.get("beta", 0.0)
+    assert trainer.entropy_coef == kwargs.get("entropy_coef", 0.0)
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_truncate"])
+def test_truncated_vllm_importance_sampling_passes_the_checks(tmp_path, mode):
+    # the whole trainer would start vLLM: run the option checks alone (they run before TRL's own init), on the
+    # config the user would pass
+    from rlsd_kernels.integrations.trl import _refuse_unsupported
+    args = _config(tmp_path, use_vllm=True, vllm_importance_sampling_mode=mode, loss_type="dapo",
+                   beta=0.04, use_bias_correction_kl=False, entropy_coef=0.01)
+    assert args.vllm_importance_sampling_correction and args.vllm_importance_sampling_clip_max == 3.0
+    assert _refuse_unsupported(args) is None
