@@ -184,8 +184,9 @@ def _validate_terms(cfg: TrainConfig) -> None:
     for name in ("kl_coef", "entropy_coef", "distill_coef"):
         _need(cfg.method != "opsd" or not getattr(cfg, name), name,
               "--method opsd is the plain distillation loss (opsd_loss); add terms to grpo, rlsd or grpo+opsd")
-    _need(not (cfg.fused_linear and cfg.extra_terms()), "fused_linear",
-          "the fused-linear loss does not take --kl-coef / --entropy-coef / --distill-coef / grpo+opsd yet")
+    _need(not (cfg.fused_linear and cfg.distill > 0 and cfg.teacher_sync > 0), "fused_linear",
+          "the distillation term on the fused-linear path reads the teacher's distribution through the student's "
+          "LM head: it needs the live student as teacher (--teacher-sync 0)")
 
 
 def choose_device(cfg: TrainConfig) -> torch.device:

@@ -16,10 +16,9 @@ from typing import Any, Dict, Iterable, List, Optional
 import numpy as np
 import torch
 
-from .. import rlsd_linear_loss, token_logprobs, token_logprobs_linear
+from .. import opsd_loss, rlsd_linear_loss, token_logprobs, token_logprobs_linear
 from ..dispatch import force_backend
 from ..hf import causal_lm_hidden, lm_head_of
-from ..reference import opsd_loss
 from .checkpoint import (WARMSTART, Rotation, atomic_save, load_checkpoint, rng_state, run_dir_of, same_folder,
                          set_rng_state)
 from .config import (BACKEND_CHOICES, METHODS, RESUME_OVERRIDABLE, TIMING_KEYS, TrainConfig, choose_backend,
@@ -111,7 +110,7 @@ class Trainer:
         return dataclasses.asdict(dataclasses.replace(self.hyper, lam=lam))
 
     def _logits_loss(self, teacher, prompts, priv, resp, valid, labels, adv, lam):
-        """GRPO/RLSD (rlsd_loss) or OPSD (reference.opsd_loss) on the strided logits of the response positions."""
+        """GRPO/RLSD/GRPO+OPSD (rlsd_loss) or OPSD (opsd_loss) on the strided logits of the response positions."""
         cfg = self.cfg
         t_logits = None
         if teacher is not None:
@@ -119,11 +118,9 @@ class Trainer:
                 t_logits = self._logits(teacher, priv, resp, valid)
         s_logits = self._logits(self.model, prompts, resp, valid)
         if cfg.method == "opsd":
-            loss, div = opsd_loss(s_logits, t_logits, labels, valid, divergence=cfg.opsd_divergence,
-                                  loss_agg_mode=self.hyper.loss_agg_mode)
-            with torch.no_grad():
-                _, ent = token_logprobs(s_logits.detach(), labels, return_entropy=True)
-            return loss, ent, {"opsd_div": float((div * valid).sum() / valid.sum())}
+            out = opsd_loss(s_logits, t_logits, labels, valid, divergence=cfg.opsd_divergence,
+                            loss_agg_mode=self.hyper.loss_agg_mode, return_entropy=True)
+            return out.loss, out.entropy, {"opsd_div": out.metrics["distill_mean"]}
         ref_logp = None
         if self.reference is not None:
             with torch.no_grad():
@@ -142,11 +139,17 @@ class Trainer:
                 else:  # a synced copy has its own LM head
                     tw, tb = lm_head_of(teacher)
                     t_logp = token_logprobs_linear(th, tw, labels, tb)
+        terms = self.cfg.extra_terms()
+        ref_logp = None
+        if "kl_coef" in terms:  # the frozen warm-start model, scored through its own LM head
+            with torch.no_grad():
+                rw, rb = lm_head_of(self.reference)
+                ref_logp = token_logprobs_linear(self._hidden(self.reference, prompts, resp, valid), rw, labels, rb)
         weight, bias = lm_head_of(self.model)
         hidden = self._hidden(self.model, prompts, resp, valid)
         return rlsd_linear_loss(hidden, weight, labels, adv, mask=valid, teacher_hidden=t_hidden,
                                 teacher_logprobs=t_logp, lm_head_bias=bias, return_entropy=True,
-                                **self._loss_kwargs(lam))
+                                ref_logprobs=ref_logp, **self._loss_kwargs(lam), **terms)
 
     def _make_optimizer(self):
         return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)

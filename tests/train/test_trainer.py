@@ -129,11 +129,15 @@ def test_compare_writes_chart_and_table(tmp_path):
     assert "| rlsd |" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
-@pytest.mark.parametrize("teacher_sync", [0, 3])
-def test_fused_linear_matches_logits_path(tmp_path, teacher_sync):
+@pytest.mark.parametrize("teacher_sync, terms", [
+    (0, {}), (3, {}),
+    (0, dict(method="grpo+opsd", kl_coef=0.05, entropy_coef=0.01)),  # the section 2c terms on both paths
+    (3, dict(kl_coef=0.05, kl_type="k2")),
+], ids=["live", "synced", "grpo+opsd+kl+entropy", "rlsd+kl"])
+def test_fused_linear_matches_logits_path(tmp_path, teacher_sync, terms):
     # --fused-linear computes the same loss from hidden states + LM head: the first RL steps agree to float precision
     # (later steps may diverge through sampling, which amplifies any rounding difference).
-    kw = dict(method="rlsd", steps=2, teacher_sync=teacher_sync, eval_every=100)
+    kw = dict(dict(method="rlsd", steps=2, teacher_sync=teacher_sync, eval_every=100), **terms)
     a = train(_cfg(tmp_path, "logits", **kw), log=lambda *_: None)["history"]
     b = train(_cfg(tmp_path, "fused", fused_linear=True, **kw), log=lambda *_: None)["history"]
     for key in ("loss", "weight_mean", "delta_mean", "entropy", "reward_mean"):
