@@ -190,6 +190,23 @@ def loss_and_coef(logp_s, logp_t, advantages, old, valid, agg, h: Hyper):
         return loss, coef, terms.g, metric_values(terms, valid, h)
 
 
+def loss_and_coef_of_batch(logp_s, logp_t, labels_shape, advantages, adv_per_seq: bool, old_logprobs, valid,
+                           cu_seqlens, h: Hyper):
+    """:func:`loss_and_coef` from a call's own tensors: per-sequence advantages broadcast over their tokens, the
+    aggregation weights of the batch's layout (``labels_shape`` / ``cu_seqlens``); ``logp_t`` may be None (GRPO).
+    Shared by the CPU backends' fused loss and the vocabulary-parallel op."""
+    from ._inputs import token_seq_ids
+
+    n = valid.numel()
+    acc = logp_s.dtype
+    seq_ids, num_seqs = token_seq_ids(labels_shape, cu_seqlens, n, valid.device)
+    adv = (advantages[seq_ids] if adv_per_seq else advantages.reshape(n)).to(acc)
+    old = None if old_logprobs is None else old_logprobs.reshape(n).to(acc)
+    lt = None if logp_t is None else logp_t.reshape(n).to(acc)
+    agg = agg_weights(valid, h, seq_ids, num_seqs, dtype=acc)
+    return loss_and_coef(logp_s, lt, adv, old, valid, agg, h)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # docs/math.md section 2c: the optional terms. Only their O(N) per-token algebra lives here (KL estimators, rollout
 # importance weights, GSPO's sequence ratio, the combination of all terms); the full-vocabulary pieces (entropy,

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from . import dispatch
 from . import loss as loss_math
-from ._inputs import check_logits, check_loss_inputs, check_scoring, token_seq_ids
+from ._inputs import check_logits, check_loss_inputs, check_scoring
 from ._layout import as_rows3d
 from ._output import RLSDOutput
 from .hyper import Hyper
@@ -245,15 +245,11 @@ class _ShardedLoss(torch.autograd.Function):
             valid = valid & (mask.reshape(n) != 0)
         logp_s = torch.where(flat == h.ignore_index, 0.0, stats.logp)
         logp_t = None if stats.logp_t is None else torch.where(flat == h.ignore_index, 0.0, stats.logp_t)
-        seq_ids, num_seqs = token_seq_ids(labels.shape, cu_seqlens, n, student.device)
-        adv = (advantages[seq_ids] if adv_per_seq else advantages.reshape(n)).to(acc)
-        old = None if old_logprobs is None else old_logprobs.reshape(n).to(acc)
-        lt = logp_t if teacher is not None else teacher_logprobs
-        lt = None if lt is None else lt.reshape(n).to(acc)
-        agg = loss_math.agg_weights(valid, h, seq_ids, num_seqs, dtype=acc)
         # section 2c terms slot in here: their per-row vocabulary sums join RowStats' gathered table and their
         # d loss / d logp_s (and per-row softmax factors) join ``coef`` below
-        loss, coef, g, metrics = loss_math.loss_and_coef(logp_s.to(acc), lt, adv, old, valid, agg, h)
+        loss, coef, g, metrics = loss_math.loss_and_coef_of_batch(
+            logp_s.to(acc), logp_t if teacher is not None else teacher_logprobs, labels.shape, advantages,
+            adv_per_seq, old_logprobs, valid, cu_seqlens, h)
         ctx.save_for_backward(student, stats.local, stats.lse, stats.logp, coef.to(torch.float32))
         ctx.temperature, ctx.inplace = h.temperature, inplace
         shape = labels.shape

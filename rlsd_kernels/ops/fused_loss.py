@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from .. import loss as loss_math
-from .._inputs import token_seq_ids
 from .._layout import as_rows3d
 from .. import dispatch
 from ..dispatch import get_backend, get_loss_backend
@@ -51,13 +50,9 @@ def _eager_loss(student, teacher, teacher_logprobs, labels, advantages, old_logp
     valid = (flat != h.ignore_index) & (flat >= 0) & (flat < V)
     if mask is not None:
         valid = valid & (mask.reshape(n) != 0)
-    seq_ids, num_seqs = token_seq_ids(labels.shape, cu_seqlens, n, student.device)
-    adv = (advantages[seq_ids] if adv_per_seq else advantages.reshape(n)).to(acc)
-    old = None if old_logprobs is None else old_logprobs.reshape(n).to(acc)
-    lt = logp_t if teacher is not None else teacher_logprobs
-    lt = None if lt is None else lt.reshape(n).to(acc)
-    agg = loss_math.agg_weights(valid, h, seq_ids, num_seqs, dtype=acc)
-    loss, coef, g, metrics = loss_math.loss_and_coef(logp_s.to(acc), lt, adv, old, valid, agg, h)
+    loss, coef, g, metrics = loss_math.loss_and_coef_of_batch(
+        logp_s.to(acc), logp_t if teacher is not None else teacher_logprobs, labels.shape, advantages, adv_per_seq,
+        old_logprobs, valid, cu_seqlens, h)
     grad = None
     if want_grad:
         grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
