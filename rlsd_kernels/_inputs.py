@@ -205,7 +205,7 @@ def prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, ma
 def check_terms(x, label_shape, has_seqs: bool, device, teacher_logits, teacher_logprobs, ref_logprobs,
                 rollout_logprobs, teacher_name: str = "teacher_logits") -> None:
     """The section 2c checks that need the tensors (ValueError naming the argument); ``x`` is a validated
-    ``loss.Terms``, ``has_seqs`` whether the batch has sequence structure ([B, T] labels or cu_seqlens)."""
+    ``loss_terms.Terms``, ``has_seqs`` whether the batch has sequence structure ([B, T] labels or cu_seqlens)."""
     lead = tuple(label_shape)
     for name, t in (("ref_logprobs", ref_logprobs), ("rollout_logprobs", rollout_logprobs)):
         if t is None:

@@ -11,7 +11,7 @@ from . import dispatch, ops
 from ._inputs import check_logits, check_loss_inputs, check_scoring, check_terms
 from ._output import RLSDOutput
 from .hyper import LOSS_TYPES, Hyper
-from .loss import Terms, check_divergence, hyper_and_terms
+from .loss_terms import Terms, check_divergence, hyper_and_terms
 from .ops.fused_loss_terms import loss_with_terms_fused
 from . import vocab_parallel
 
@@ -146,7 +146,7 @@ def opsd_loss(student_logits, teacher_logits, labels, mask=None, *, divergence="
 
 
 class RLSDLoss(torch.nn.Module):
-    """``nn.Module`` holding a :class:`~rlsd_kernels.hyper.Hyper` and the section 2c :class:`~rlsd_kernels.loss.Terms`
+    """``nn.Module`` holding a :class:`~rlsd_kernels.hyper.Hyper` and the section 2c :class:`~rlsd_kernels.loss_terms.Terms`
     for :func:`rlsd_loss`; ``lam`` (or any hyper-parameter or term setting, e.g. ``kl_coef``) may be changed between
     steps by assigning the attribute. ``ref_logprobs`` / ``rollout_logprobs`` are passed per call."""
 

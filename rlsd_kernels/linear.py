@@ -14,7 +14,8 @@ from . import dispatch, vocab_parallel
 from ._inputs import check_hyper, check_labels, check_linear, check_terms, logits_stand_in, prepare
 from ._output import RLSDOutput
 from .hyper import Hyper
-from .loss import agg_weights, hyper_and_terms
+from .loss import agg_weights
+from .loss_terms import hyper_and_terms
 from .ops.fused_linear import fused_linear_logprobs, fused_linear_logprobs_terms, fused_linear_rlsd_loss
 from .ops.fused_loss_terms import div_mode, terms_output
 from .vocab_parallel_linear import rlsd_linear_loss_sharded

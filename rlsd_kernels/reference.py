@@ -16,8 +16,8 @@ import torch
 from ._inputs import check_scoring, check_terms, prepare
 from ._output import RLSDOutput
 from .hyper import Hyper
-from .loss import (DIVERGENCES, Terms, aggregate, check_divergence, hyper_and_terms, loss_from_logprobs,
-                   loss_with_terms)
+from .loss import aggregate, loss_from_logprobs
+from .loss_terms import DIVERGENCES, Terms, check_divergence, hyper_and_terms, loss_with_terms
 
 __all__ = ["rlsd_loss_eager", "token_logprobs_eager", "opsd_loss"]
 

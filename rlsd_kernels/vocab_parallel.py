@@ -294,7 +294,7 @@ def rlsd_loss_sharded(h: Hyper, student_logits, teacher_logits, labels, advantag
 
 def check_vocab_parallel(group, vocab_start, terms=None) -> Optional[object]:
     """``vocab_start`` without a group is a mistake (it would be silently ignored); the section 2c terms are not
-    sharded yet (``terms``: the call's ``loss.Terms``)."""
+    sharded yet (``terms``: the call's ``loss_terms.Terms``)."""
     if group is None and vocab_start is not None:
         raise ValueError("vocab_start needs vocab_parallel_group (the process group the vocabulary is sharded over)")
     if group is not None and terms is not None and terms.on:

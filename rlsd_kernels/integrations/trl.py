@@ -51,7 +51,6 @@ from trl.data_utils import is_conversational
 from trl.trainer.utils import pad
 
 from .. import rlsd_linear_loss, rlsd_loss, token_logprobs_linear
-from .._output import METRIC_NAMES
 from ..hf import causal_lm_hidden, lm_head_of
 from ..hyper import check_real
 

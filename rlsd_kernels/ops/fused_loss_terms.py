@@ -29,7 +29,7 @@ from .._layout import as_rows3d
 from ..backends.logits import DIV_MODES
 from ..dispatch import get_backend
 from ..hyper import Hyper
-from ..loss import Terms, loss_with_terms
+from ..loss_terms import Terms, loss_with_terms
 from .fused_logprobs import fused_logprobs
 
 _EMPTY = (0,)

@@ -13,7 +13,7 @@ import typing
 from typing import List, Optional
 
 from ..hyper import LOSS_TYPES
-from ..loss import KL_TYPES
+from ..loss_terms import KL_TYPES
 from ..reference import OPSD_DIVERGENCES
 from .config import AGG_MODES, BACKEND_CHOICES, DEVICE_CHOICES, METHODS, TrainConfig, validate
 from .tasks import TASKS

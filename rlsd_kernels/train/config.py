@@ -12,7 +12,7 @@ import torch
 
 from ..dispatch import select_backend
 from ..hyper import Hyper
-from ..loss import KL_TYPES
+from ..loss_terms import KL_TYPES
 from ..reference import OPSD_DIVERGENCES
 
 # grpo+opsd: GRPO (lam = 0) plus the distillation term of SPEC 2c (distill_coef > 0).
