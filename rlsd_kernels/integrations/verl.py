@@ -204,7 +204,10 @@ class RLSDLossFn:
             # verl multiplies each token's policy loss by its (detached, >= 0) weight; both policy losses are
             # positively homogeneous in the advantage (the clip branches and the RLSD weight depend on its sign
             # only), so w * loss_t(A) == loss_t(w * A) exactly, zero weights (IcePop) included
-            advantages = advantages * padded["rollout_is_weights"].to(advantages.dtype)
+            weights = padded["rollout_is_weights"].to(advantages.dtype)
+            if bool((weights[mask] < 0).any()):
+                raise ValueError("rollout_is_weights must be >= 0 (the advantage scaling is exact for those only)")
+            advantages = advantages * weights
         loss, metrics = rlsd_loss_from_logprobs(log_prob, padded["old_log_probs"], advantages, mask, teacher, h,
                                                 scale, self.terms, padded.get("ref_log_prob"), entropy)
         # as ppo_loss: per-token metrics are means over micro-batches, and a loss normalised over the global batch

@@ -226,3 +226,13 @@ def test_missing_inputs_raise():
         run(RLSDLossFn(actor_config(use_kl_loss=True, kl_loss_coef=0.1), lam=0.0), micro_batch(batch), current, mask)
     with pytest.raises(ValueError, match="entropy"):
         run(RLSDLossFn(actor_config(entropy_coeff=0.01), lam=0.0), micro_batch(batch), current, mask)
+
+
+def test_negative_rollout_weights_raise():
+    batch, current, _ = padded_batch(seed=12)
+    mask = batch.batch["response_mask"].bool()
+    weights = token_weights(batch, 12)
+    weights[0, 0] = -0.5
+    with_extras(batch, 12, ref=False, weights=weights)
+    with pytest.raises(ValueError, match="rollout_is_weights"):
+        run(RLSDLossFn(actor_config(), lam=0.0), micro_batch(batch), current, mask)
