@@ -236,3 +236,41 @@ def test_negative_rollout_weights_raise():
     with_extras(batch, 12, ref=False, weights=weights)
     with pytest.raises(ValueError, match="rollout_is_weights"):
         run(RLSDLossFn(actor_config(), lam=0.0), micro_batch(batch), current, mask)
+
+
+@pytest.mark.parametrize("loss_mode", ["vanilla", "gspo"])
+def test_weight_on_with_rollout_weights_equals_rlsd_loss_rollout_term(loss_mode):
+    """lam > 0 with positive token-level rollout weights w: the advantage scaling equals the op's own rollout IS
+    term fed ``rollout_logprobs = old - log(w)`` (truncate mode, threshold above max(w), so w_is = w). float64
+    inputs; the op's section 2c path returns a float32 loss, hence 1e-6 on the loss."""
+    batch, _, teacher = padded_batch(seed=13, logp_noise=0.3)
+    weights = torch.exp(0.6 * torch.randn(teacher.shape, generator=torch.Generator().manual_seed(14))).clamp(max=2.0)
+    weights = weights * batch.batch["response_mask"]
+    with_extras(batch, 13, ref=False, weights=weights)
+    batch.batch[TEACHER_KEY] = teacher
+    cast(batch, teacher, None, torch.float64)
+    batch.batch[TEACHER_KEY] = teacher.double()
+    mask = batch.batch["response_mask"].bool()
+    responses = batch.batch["responses"]
+    B, T = responses.shape
+    logits = torch.randn(B, T, 50, generator=torch.Generator().manual_seed(15), dtype=torch.float64,
+                         requires_grad=True)
+    td = micro_batch(batch)
+    idx, offsets = packed_index(td), td["input_ids"].offsets()
+    logp = torch.log_softmax(logits, -1).gather(-1, responses[..., None]).squeeze(-1)
+    values = torch.zeros(td["input_ids"].values().numel(), dtype=torch.float64).index_put((idx[mask],), logp[mask])
+    cfg = actor_config(policy_loss={"loss_mode": loss_mode})
+    loss, _ = RLSDLossFn(cfg, lam=0.5)(model_output={"log_probs": torch.nested.nested_tensor_from_jagged(
+        values, offsets)}, data=td)
+    (grad,) = torch.autograd.grad(loss, logits)
+
+    old = batch.batch["old_log_probs"]
+    rollout = torch.where(mask, old - torch.log(torch.where(mask, weights.double(), 1.0)), old)
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    ref = rlsd_loss(ref_logits, None, responses, batch.batch["advantages"], old, mask, teacher_logprobs=teacher.double(),
+                    lam=0.5, eps_w=0.2, clip_low=0.2, clip_high=0.28, clip_dual=3.0,
+                    loss_type="gspo" if loss_mode == "gspo" else "ppo", rollout_logprobs=rollout, rollout_is="token",
+                    rollout_is_threshold=4.0, rollout_is_mode="truncate")
+    ref.loss.backward()
+    assert rel_err(loss.detach(), ref.loss.detach().double()) <= 1e-6
+    assert rel_err(grad, ref_logits.grad) <= 1e-6
