@@ -12,7 +12,9 @@
   with it. verl's TransferQueue trainer (``trainer.use_v1=true``, verl's default) is not supported yet.
 
 verl's options are mapped onto the loss exactly (clip ratios, dual clip, every ``loss_agg_mode`` with verl's global
-batch normalisation); options the loss cannot honour raise ``ValueError`` naming the option.
+batch normalisation, ``loss_mode`` vanilla / gspo, ``use_kl_loss`` with the kl / mse / low_var_kl estimators,
+``entropy_coeff``, rollout-correction ``rollout_is_weights``); options the loss cannot honour raise ``ValueError``
+naming the option.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_pad
 from ..api import token_logprobs
 from .._inputs import logits_stand_in, prepare
 from ..hyper import Hyper
-from ..loss import loss_from_logprobs
+from ..loss import Terms, loss_from_logprobs, loss_with_terms
 
 __all__ = ["TEACHER_KEY", "LOGPROBS_KEY", "verl_aggregation", "RLSDLossFn", "build_teacher_batch",
            "add_teacher_log_probs", "RLSDTrainerMixin", "rlsd_trainer_class", "main"]
@@ -86,30 +88,56 @@ def _clip_ratios(actor_config):
     return (clip if low is None else low), (clip if high is None else high), _get(actor_config, "clip_ratio_c", 3.0)
 
 
-def _check_actor_config(actor_config) -> None:
-    """Options of verl's ppo_loss the RLSD loss does not apply: ValueError naming the option."""
+# verl's kl_loss_type -> our kl_type. The "+" variants are verl's straight-through estimators (the value of the named
+# estimator, the gradient of k2): only "k2+" / "mse+" equal their plain estimator; "abs" and "full" have no match.
+KL_LOSS_TYPES = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "mse+": "k2", "k2+": "k2", "low_var_kl": "k3",
+                 "k3": "k3"}
+
+
+def _terms_of(actor_config) -> Terms:
+    """verl's loss options the RLSD loss applies exactly, as section 2c terms; ValueError naming any other option.
+
+    - ``policy_loss.loss_mode``: "vanilla" (section 2) or "gspo" (``loss_type="gspo"``, verl's
+      compute_policy_loss_gspo);
+    - ``use_kl_loss`` / ``kl_loss_coef`` / ``kl_loss_type``: ``kl_coef * agg(kl_t)`` on ``ref_log_prob``, verl's
+      actor aggregating the KL with the policy loss's ``loss_agg_mode``, as ours does;
+    - ``entropy_coeff``: ``- entropy_coeff * agg(H_t)`` on the engine's differentiable per-token entropy.
+    """
     policy_loss = _get(actor_config, "policy_loss") or {}
     loss_mode = _get(policy_loss, "loss_mode", "vanilla")
-    if loss_mode != "vanilla":
-        raise ValueError(f"actor.policy_loss.loss_mode={loss_mode!r}: the RLSD loss replaces verl's 'vanilla' PPO "
-                         "loss only")
-    if float(_get(actor_config, "entropy_coeff", 0.0) or 0.0) != 0.0:
-        raise ValueError("actor.entropy_coeff must be 0 with the RLSD loss_fn (the entropy bonus is not applied)")
+    if loss_mode not in ("vanilla", "gspo"):
+        raise ValueError(f"actor.policy_loss.loss_mode={loss_mode!r}: the RLSD loss replaces verl's 'vanilla' and "
+                         "'gspo' losses only")
+    entropy_coeff = float(_get(actor_config, "entropy_coeff", 0.0) or 0.0)
+    if entropy_coeff < 0:
+        raise ValueError(f"actor.entropy_coeff must be >= 0 with the RLSD loss_fn, got {entropy_coeff}")
+    kl_coef, kl_type = 0.0, "k3"
     if _get(actor_config, "use_kl_loss", False):
-        raise ValueError("actor.use_kl_loss must be False with the RLSD loss_fn (the KL loss is not applied)")
+        kl_loss_type = _get(actor_config, "kl_loss_type", "low_var_kl")
+        if kl_loss_type not in KL_LOSS_TYPES:
+            raise ValueError(f"actor.kl_loss_type={kl_loss_type!r} has no exact equivalent in the RLSD loss (the "
+                             "straight-through k1+/k3+ take k2's gradient; abs/full are not implemented); use one "
+                             f"of {sorted(KL_LOSS_TYPES)}")
+        kl_coef = float(_get(actor_config, "kl_loss_coef", 0.001))
+        if kl_coef < 0:
+            raise ValueError(f"actor.kl_loss_coef must be >= 0 with the RLSD loss_fn, got {kl_coef}")
+        kl_type = KL_LOSS_TYPES[kl_loss_type]
+    return Terms(kl_coef=kl_coef, kl_type=kl_type, gspo=loss_mode == "gspo", entropy_coef=entropy_coeff).validate()
 
 
 # ------------------------------------------------------------------------------------------------ loss_fn
 class RLSDLossFn:
-    """``loss_fn`` for ``actor_rollout_wg.set_loss_fn``: verl's vanilla PPO loss with RLSD evidence weights.
+    """``loss_fn`` for ``actor_rollout_wg.set_loss_fn``: verl's ppo_loss (vanilla or GSPO policy loss, KL loss,
+    entropy bonus, rollout-correction weights) with RLSD evidence weights.
 
     ``actor_config``: verl's actor config (``ActorConfig`` or a mapping; clip ratios, ``loss_agg_mode``,
-    ``loss_scale_factor`` are read from it). ``lam`` / ``eps_w``: the RLSD weight (``lam=0`` is verl's loss).
+    ``loss_scale_factor``, ``policy_loss.loss_mode``, ``use_kl_loss`` / ``kl_loss_coef`` / ``kl_loss_type``,
+    ``entropy_coeff`` are read from it). ``lam`` / ``eps_w``: the RLSD weight (``lam=0`` is verl's loss).
     ``lam`` may be reassigned between steps. The micro-batch must hold ``TEACHER_KEY`` when ``lam > 0``.
     """
 
     def __init__(self, actor_config, lam: float = 0.5, eps_w: float = 0.2):
-        _check_actor_config(actor_config)
+        self.terms = _terms_of(actor_config)
         low, high, dual = _clip_ratios(actor_config)
         self.loss_agg_mode = _get(actor_config, "loss_agg_mode", "token-mean")
         self.loss_scale_factor = _get(actor_config, "loss_scale_factor")
@@ -146,10 +174,19 @@ class RLSDLossFn:
         """verl's ppo_loss contract: ``(loss, metrics)`` for one micro-batch."""
         key = LOGPROBS_KEY if LOGPROBS_KEY in model_output else "log_probs"
         log_prob = no_padding_2_padding(model_output[key], data)
-        if "rollout_is_weights" in data.keys():
-            raise ValueError("rollout_is_weights is in the batch: verl's rollout correction is not applied by the "
-                             "RLSD loss_fn; turn algorithm.rollout_correction off")
+        entropy = None
+        if self.terms.entropy_coef > 0:
+            if model_output.get("entropy", None) is None:
+                raise ValueError("actor.entropy_coeff > 0 needs the per-token entropy in the model output (verl "
+                                 "computes it when entropy_coeff != 0 or actor.calculate_entropy is set)")
+            entropy = no_padding_2_padding(model_output["entropy"], data)
         fields = ["response_mask", "old_log_probs", "advantages"]
+        if "rollout_is_weights" in data.keys():
+            fields.append("rollout_is_weights")
+        if self.terms.kl_coef > 0:
+            if "ref_log_prob" not in data.keys():
+                raise ValueError("actor.use_kl_loss needs the reference log-probs in the batch ('ref_log_prob')")
+            fields.append("ref_log_prob")
         if TEACHER_KEY in data.keys():
             fields.append(TEACHER_KEY)
         elif self.hyper.lam > 0:
@@ -162,8 +199,17 @@ class RLSDLossFn:
             self.loss_scale_factor)
         h = self.hyper.replace(loss_agg_mode=mode, norm=norm)
         teacher = padded.get(TEACHER_KEY) if self.hyper.lam > 0 else None
-        loss, metrics = rlsd_loss_from_logprobs(log_prob, padded["old_log_probs"], padded["advantages"], mask,
-                                                teacher, h, scale)
+        advantages = padded["advantages"]
+        if "rollout_is_weights" in padded.keys():
+            # verl multiplies each token's policy loss by its (detached, >= 0) weight; both policy losses are
+            # positively homogeneous in the advantage (the clip branches and the RLSD weight depend on its sign
+            # only), so w * loss_t(A) == loss_t(w * A) exactly, zero weights (IcePop) included
+            weights = padded["rollout_is_weights"].to(advantages.dtype)
+            if bool((weights[mask] < 0).any()):
+                raise ValueError("rollout_is_weights must be >= 0 (the advantage scaling is exact for those only)")
+            advantages = advantages * weights
+        loss, metrics = rlsd_loss_from_logprobs(log_prob, padded["old_log_probs"], advantages, mask, teacher, h,
+                                                scale, self.terms, padded.get("ref_log_prob"), entropy)
         # as ppo_loss: per-token metrics are means over micro-batches, and a loss normalised over the global batch
         # is a partial sum per micro-batch
         metrics = Metric.from_dict(metrics, aggregation=AggregationType.MEAN)
@@ -174,21 +220,32 @@ class RLSDLossFn:
         return loss, metrics
 
 
-def rlsd_loss_from_logprobs(log_prob, old_log_prob, advantages, mask, teacher_log_prob, h: Hyper, scale=1.0):
-    """Section 2 on ``(B, T)`` per-token log-probs (``log_prob`` carries the gradient); returns ``(loss, metrics)``
+def rlsd_loss_from_logprobs(log_prob, old_log_prob, advantages, mask, teacher_log_prob, h: Hyper, scale=1.0,
+                            terms: Optional[Terms] = None, ref_log_prob=None, entropy=None):
+    """Section 2 (plus the section 2c ``terms``: KL to ``ref_log_prob``, GSPO, the bonus on the differentiable
+    ``entropy``) on ``(B, T)`` per-token log-probs (``log_prob`` carries the gradient); returns ``(loss, metrics)``
     with verl-style metric names."""
     acc = torch.float64 if log_prob.dtype == torch.float64 else torch.float32
     labels = torch.zeros(log_prob.shape, dtype=torch.int64, device=log_prob.device)
     prep = prepare(logits_stand_in(log_prob[..., None], 1), None, labels, advantages, old_log_prob, mask,
                    teacher_log_prob, None, h)
-    out = loss_from_logprobs(log_prob.reshape(-1).to(acc), prep.teacher_logprobs, prep, h)
+    flat = lambda t: None if t is None else t.reshape(-1).to(acc)  # noqa: E731
+    if terms is None or not terms.on:
+        out = loss_from_logprobs(log_prob.reshape(-1).to(acc), prep.teacher_logprobs, prep, h)
+    else:
+        out = loss_with_terms(log_prob.reshape(-1).to(acc), prep.teacher_logprobs, prep, h, terms,
+                              ref=flat(ref_log_prob), entropy_t=flat(entropy))
     loss = out.loss * scale
     m = out.metrics
-    # verl's own metric names where they mean the same thing; the RLSD weight metrics under rlsd/
+    # verl's own metric names where they mean the same thing; the RLSD weight and section 2c metrics under rlsd/
     shared = ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl")
     metrics = {"actor/pg_loss": loss.detach().item(), **{f"actor/{k}": m[k] for k in shared}}
+    extra = ("kl_mean", "entropy_mean")
+    metrics.update({f"rlsd/{k}": m[k] for k in extra if k in m})
+    if terms is not None and terms.kl_coef > 0:
+        metrics["kl_coef"] = terms.kl_coef
     if teacher_log_prob is not None:
-        metrics.update({f"rlsd/{k}": v for k, v in m.items() if k not in shared})
+        metrics.update({f"rlsd/{k}": v for k, v in m.items() if k not in shared + extra})
     return loss, metrics
 
 

@@ -128,9 +128,8 @@ def test_logits_route_equals_rlsd_loss():
 
 @pytest.mark.parametrize("option, kwargs, message", [
     ("loss_agg_mode", {"loss_agg_mode": "seq-mean-bogus"}, "loss_agg_mode"),
-    ("loss_mode", {"policy_loss": {"loss_mode": "gspo"}}, "loss_mode"),
-    ("entropy_coeff", {"entropy_coeff": 0.01}, "entropy_coeff"),
-    ("use_kl_loss", {"use_kl_loss": True}, "use_kl_loss"),
+    ("loss_mode", {"policy_loss": {"loss_mode": "geo_mean"}}, "loss_mode"),
+    ("kl_loss_type", {"use_kl_loss": True, "kl_loss_type": "k3+"}, "kl_loss_type"),
 ])
 def test_unsupported_options_raise(option, kwargs, message):
     with pytest.raises(ValueError, match=message):
