@@ -30,7 +30,8 @@ from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_pad
 from ..api import token_logprobs
 from .._inputs import logits_stand_in, prepare
 from ..hyper import Hyper
-from ..loss import Terms, loss_from_logprobs, loss_with_terms
+from ..loss import loss_from_logprobs
+from ..loss_terms import Terms, loss_with_terms
 
 __all__ = ["TEACHER_KEY", "LOGPROBS_KEY", "verl_aggregation", "RLSDLossFn", "build_teacher_batch",
            "add_teacher_log_probs", "RLSDTrainerMixin", "rlsd_trainer_class", "main"]
