@@ -114,6 +114,32 @@ class _WeightGrad:
         return torch.cat(parts)
 
 
+class _Contraction:
+    """The gradients of hidden states, weight and bias from the row chunks' logit gradients ``g``:
+    ``d hidden[rows] = g @ W``, ``d W += g^T @ h[rows]`` (``_WeightGrad``), ``d b += sum_rows g``."""
+
+    def __init__(self, hidden, weight, bias, n_chunks: int, need_hidden: bool, need_weight: bool, need_bias: bool):
+        self.weight = weight
+        self.bias_dtype = None if bias is None else bias.dtype
+        self.dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+        self.dw = _WeightGrad(weight, n_chunks) if need_weight else None
+        self.db = (torch.zeros(weight.shape[0], dtype=_bias_acc(bias), device=weight.device)
+                   if need_bias and bias is not None else None)
+
+    def add(self, g, h, r0: int, r1: int) -> None:
+        if self.dh is not None:
+            torch.mm(g, self.weight, out=self.dh[r0:r1])
+        if self.dw is not None:
+            self.dw.add(g, h)
+        if self.db is not None:
+            self.db += g.sum(0, dtype=self.db.dtype)
+
+    def result(self):
+        """``(d_hidden | None, d_weight | None, d_bias | None)`` in the dtypes of the inputs."""
+        return (self.dh, None if self.dw is None else self.dw.result(),
+                None if self.db is None else self.db.to(self.bias_dtype))
+
+
 # ------------------------------------------------------------------------------------------- the whole loss
 def loss_forward(hidden, weight, bias, teacher_hidden, labels, valid, advantages, old, teacher_logprobs, agg, h,
                  want_entropy, need_hidden, need_weight, need_bias):
@@ -135,9 +161,7 @@ def loss_forward(hidden, weight, bias, teacher_hidden, labels, valid, advantages
     logp_s, logp_t, lse_s, ent = alloc_row_outputs(N, dev, teacher_hidden is not None, want_entropy)
     need_bias = need_bias and bias is not None
     any_grad = need_hidden or need_weight or need_bias
-    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if need_hidden else None
-    dw = _WeightGrad(weight, len(chunks)) if need_weight else None
-    db = torch.zeros(V, dtype=_bias_acc(bias), device=dev) if need_bias else None
+    grads = _Contraction(hidden, weight, bias, len(chunks), need_hidden, need_weight, need_bias)
     scratch = torch.empty((streams * min(step, N), V), dtype=hidden.dtype, device=dev)
     T = h.temperature
     with torch.no_grad(), _logits_backend(dev):
@@ -163,18 +187,12 @@ def loss_forward(hidden, weight, bias, teacher_hidden, labels, valid, advantages
                                         advantages[r0:r1], None if old is None else old[r0:r1], valid[r0:r1],
                                         agg[r0:r1], h)
             ops.fused_logprobs_backward_inplace(coef.to(torch.float32), z_s, lab, lse, T)  # z_s is now d logits
-            if need_hidden:
-                torch.mm(z_s, weight, out=dh[r0:r1])
-            if need_weight:
-                dw.add(z_s, hs)
-            if need_bias:
-                db += z_s.sum(0, dtype=db.dtype)
+            grads.add(z_s, hs, r0, r1)
         del scratch
     lt_all = logp_t if teacher_hidden is not None else teacher_logprobs
     loss, _, g, metrics = loss_math.loss_and_coef(logp_s.to(acc), None if lt_all is None else lt_all.to(acc),
                                                   advantages, old, valid, agg, h)
-    return (loss, logp_s, logp_t, g, ent, metrics, dh, None if dw is None else dw.result(),
-            None if db is None else db.to(bias.dtype))
+    return (loss, logp_s, logp_t, g, ent, metrics) + grads.result()
 
 
 # ------------------------------------------------------------------------------- scoring (token_logprobs_linear)
@@ -206,10 +224,7 @@ def backward(grad_logp, hidden, weight, bias, labels, lse, temperature, need_hid
 
     N, V = hidden.shape[0], weight.shape[0]
     chunks = list(_chunks(N, rows_per_chunk(N, V, 1, hidden.element_size())))
-    need_bias = need_bias and bias is not None
-    dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
-    dw = _WeightGrad(weight, len(chunks)) if need_weight else None
-    db = torch.zeros(V, dtype=_bias_acc(bias), device=weight.device) if need_bias else None
+    grads = _Contraction(hidden, weight, bias, len(chunks), need_hidden, need_weight, need_bias)
     grad = grad_logp.reshape(-1).to(torch.float32)
     lse = lse.reshape(-1).to(torch.float32)
     with torch.no_grad(), _logits_backend(hidden.device):
@@ -218,13 +233,8 @@ def backward(grad_logp, hidden, weight, bias, labels, lse, temperature, need_hid
             z = F.linear(h, weight, bias).contiguous()
             ops.fused_logprobs_backward_inplace(grad[r0:r1].contiguous(), z, labels[r0:r1], lse[r0:r1].contiguous(),
                                                 temperature)
-            if need_hidden:
-                torch.matmul(z, weight, out=dh[r0:r1])
-            if need_weight:
-                dw.add(z, h)
-            if need_bias:
-                db += z.sum(0, dtype=db.dtype)
-    return (dh, None if dw is None else dw.result(), None if db is None else db.to(bias.dtype))
+            grads.add(z, h, r0, r1)
+    return grads.result()
 
 
 # ------------------------------------------------------------------------------ the section 2c terms (two passes)
@@ -263,10 +273,7 @@ def backward_terms(coef, ent_coef, div_coef, hidden, weight, bias, teacher, labe
     N, V = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     chunks = list(_chunks(N, rows_per_chunk(N, V, 2 if div_mode else 1, hidden.element_size())))
-    need_bias = need_bias and bias is not None
-    dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
-    dw = _WeightGrad(weight, len(chunks)) if need_weight else None
-    db = torch.zeros(V, dtype=_bias_acc(bias), device=dev) if need_bias else None
+    grads = _Contraction(hidden, weight, bias, len(chunks), need_hidden, need_weight, need_bias)
     sl = lambda t, r0, r1: None if t is None else t[r0:r1].contiguous()  # noqa: E731
     with torch.no_grad(), _logits_backend(dev):
         backend = dispatch.get_backend(dev)
@@ -277,10 +284,5 @@ def backward_terms(coef, ent_coef, div_coef, hidden, weight, bias, teacher, labe
             backend.backward_terms(sl(coef, r0, r1), sl(ent_coef, r0, r1), sl(div_coef, r0, r1), z[None], z_t,
                                    labels[r0:r1], sl(lse, r0, r1), sl(entropy, r0, r1), sl(lse_t, r0, r1),
                                    sl(div, r0, r1), sl(aux, r0, r1), temperature, div_mode, beta, z[None])
-            if need_hidden:
-                torch.matmul(z, weight, out=dh[r0:r1])
-            if need_weight:
-                dw.add(z, h)
-            if need_bias:
-                db += z.sum(0, dtype=db.dtype)
-    return (dh, None if dw is None else dw.result(), None if db is None else db.to(bias.dtype))
+            grads.add(z, h, r0, r1)
+    return grads.result()
