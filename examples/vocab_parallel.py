@@ -2,16 +2,21 @@
 
     torchrun --nproc-per-node 2 examples/vocab_parallel.py
 
-gloo on CPU (NCCL when CUDA is available). Every rank prints the same loss, equal to the unsharded op's.
+gloo on CPU; NCCL when there is one GPU per rank (NCCL refuses two ranks on one GPU). Every rank prints the same
+loss, equal to the unsharded op's.
 """
+import os
+
 import torch
 import torch.distributed as dist
 
 from rlsd_kernels import rlsd_loss
 
-dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+use_cuda = gpus >= int(os.environ.get("WORLD_SIZE", "1"))
+dist.init_process_group("nccl" if use_cuda else "gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-device = torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
+device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
 torch.manual_seed(0)  # the same full inputs on every rank; each keeps its own vocabulary shard
 B, T, V = 2, 8, 1000
 student = torch.randn(B, T, V, device=device)
