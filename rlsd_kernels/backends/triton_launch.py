@@ -19,7 +19,7 @@ bandwidth):
 | | 16384 x 32000 | 4096 cols, 8 warps | 0.53-0.54 ms | 91-92% |
 
 Fused loss (``rlsd_loss`` forward+backward with a teacher, bf16), the GPU check's sweep on one H200 (2026-11-26,
-``bench/results/gpu-check-cuda-nvidia-h200.json``; the sweep's own timing, ms, at N = 16384):
+``bench/results/gpu-check-cuda-nvidia-h200-2026-11-26.json``; the sweep's own timing, ms, at N = 16384):
 
 | SWEEP entry | V = 32000 | 151936 | 262144 |
 |---|---|---|---|

@@ -18,7 +18,7 @@ Two entry points:
 
 An earlier Triton GEMM-tile kernel that fused the projection into the vocabulary pass ran at ~88 TFLOP/s on an
 H200 (1156 ms against 124 ms for cuBLAS logits + the logits op at 16384 x 4096 x 151936,
-bench/results/gpu-check-cuda-nvidia-h200.md); it was removed in favour of this design.
+bench/results/gpu-check-cuda-nvidia-h200-2026-11-26.md); it was removed in favour of this design.
 """
 from __future__ import annotations
 
