@@ -59,6 +59,13 @@ def _logits_backend(device):
     return dispatch.force_backend(dispatch.chunk_backend(device))
 
 
+def _store(outs, r0: int, r1: int, ls, lt, lse, ent) -> None:
+    """One chunk's ``(logp_s, logp_t, lse_s, entropy)`` rows into the outputs of the whole batch (None: not asked)."""
+    for out, rows in zip(outs, (ls, lt, lse, ent)):
+        if out is not None:
+            out[r0:r1] = rows
+
+
 def _chunks(n: int, step: int):
     for r0 in range(0, n, step):
         yield r0, min(n, r0 + step)
@@ -174,12 +181,7 @@ def loss_forward(hidden, weight, bias, teacher_hidden, labels, valid, advantages
             z_t = z[r:] if teacher_hidden is not None else None
             lab = labels[r0:r1]
             ls, lt, lse, e = ops.fused_logprobs(z_s, z_t, lab, T, h.ignore_index, want_entropy, False)
-            logp_s[r0:r1] = ls
-            lse_s[r0:r1] = lse
-            if z_t is not None:
-                logp_t[r0:r1] = lt
-            if want_entropy:
-                ent[r0:r1] = e
+            _store((logp_s, logp_t, lse_s, ent), r0, r1, ls, lt, lse, e)
             if not any_grad:
                 continue
             lt_rows = lt if z_t is not None else (None if teacher_logprobs is None else teacher_logprobs[r0:r1])
@@ -210,12 +212,7 @@ def forward(hidden, weight, bias, teacher, labels, temperature, ignore_index, wa
             ls, lt, lse, e = ops.fused_logprobs(z_s, z_t, labels[r0:r1], temperature, ignore_index, want_entropy,
                                                 False)
             del z_s, z_t
-            logp_s[r0:r1] = ls
-            lse_s[r0:r1] = lse
-            if teacher is not None:
-                logp_t[r0:r1] = lt
-            if want_entropy:
-                ent[r0:r1] = e
+            _store((logp_s, logp_t, lse_s, ent), r0, r1, ls, lt, lse, e)
     return logp_s, logp_t, lse_s, ent
 
 

@@ -12,7 +12,7 @@ from transformers import Qwen2ForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from rlsd_kernels.integrations.trl import K3_UNCLAMPED_BAND, RLSDGRPOConfig, RLSDGRPOTrainer  # noqa: E402
-from test_trl_parity import TEMPLATE, _loss_and_grads, _rel, _trainer  # noqa: E402
+from test_trl_parity import TEMPLATE, _loss_and_grads, _trainer, assert_parity  # noqa: E402
 from tiny_trl import char_tokenizer, qa_dataset, tiny_qwen2  # noqa: E402
 
 
@@ -49,15 +49,6 @@ def _current_logps(trainer, batch):
     return logps
 
 
-def _assert_parity(ours, theirs, batch):
-    loss_ours, grads_ours = _loss_and_grads(ours, batch)
-    loss_trl, grads_trl = _loss_and_grads(theirs, batch)
-    assert torch.isfinite(loss_trl) and float(loss_trl) != 0.0
-    assert _rel(loss_ours, loss_trl) <= 1e-6, (float(loss_ours), float(loss_trl))
-    assert grads_ours.shape == grads_trl.shape and float(grads_trl.abs().max()) > 0
-    assert _rel(grads_ours, grads_trl) <= 1e-6
-
-
 @pytest.mark.parametrize("route", ["linear", "logits"])
 @pytest.mark.parametrize("num_iterations", [1, 2])
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "bnpo"])
@@ -75,7 +66,7 @@ def test_kl_to_reference_matches_trl(tmp_path, loss_type, num_iterations, route)
     if num_iterations == 2:
         batch["old_per_token_logps"] = batch["old_per_token_logps"] + 0.3 * torch.randn(
             batch["old_per_token_logps"].shape, generator=gen)
-    _assert_parity(ours, theirs, batch)
+    assert_parity(ours, theirs, batch)
     kl_ours, kl_trl = ours._metrics["train"]["kl"][-1], theirs._metrics["train"]["kl"][-1]
     assert kl_trl > 0 and abs(kl_ours - kl_trl) <= 1e-6 * kl_trl
     assert ours._metrics["train"]["rlsd/kl_clamped_frac"][-1] == 0.0
@@ -128,7 +119,7 @@ def test_vllm_importance_sampling_matches_trl(tmp_path, loss_type, mode, cap, ro
     batch.update(old_per_token_logps=old, sampling_per_token_logps=sampled,
                  importance_sampling_ratio=torch.clamp(torch.exp(diff), max=cap))
     assert (torch.exp(diff) > cap).any() and (torch.exp(diff) < cap).any()  # the truncation acts on some tokens
-    _assert_parity(ours, theirs, batch)
+    assert_parity(ours, theirs, batch)
     assert ours._metrics["train"]["rlsd/rollout_is_clipfrac"][-1] > 0 and ours._metrics["train"]["kl"][-1] > 0
 
 
@@ -140,7 +131,7 @@ def test_entropy_bonus_matches_trl(tmp_path, loss_type, route):
     batch = _batch(ours, gen)
     batch["old_per_token_logps"] = batch["old_per_token_logps"] + 0.3 * torch.randn(
         batch["old_per_token_logps"].shape, generator=gen)
-    _assert_parity(ours, theirs, batch)
+    assert_parity(ours, theirs, batch)
     for name in ("policy_loss", "entropy_coef", "entropy"):
         a, b = ours._metrics["train"][name][-1], theirs._metrics["train"][name][-1]
         assert abs(a - b) <= 1e-6 * abs(b), name
