@@ -140,6 +140,8 @@ def summary(res: dict) -> str:
     bad = [c for c in res.get("cases", []) if c["status"] in ("wrong", "error")]
     for c in bad[:6]:
         lines.append(f"{c['status'].upper()} {c['contender']} {c['N']}x{c['V']}: {(c.get('reason') or '')[:150]}")
+    for p in res.get("peer_errors") or []:
+        lines.append(f"peer library error (not ours, exit status unaffected): {p}")
     lines.append(f"total wall {res.get('wall_s', 0):.0f} s (budget {res['config']['budget_s']:.0f} s)"
                  f"{'; WATCHDOG stopped the run' if res.get('watchdog') else ''}; exit {res.get('exit_code')}; "
                  f"results: {res.get('files', {}).get('json', '?')} (+ .md)")

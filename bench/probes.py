@@ -11,7 +11,9 @@
   a final synchronisation (the host's share: when it exceeds the device time, the op is host-bound).
 - :func:`launch_sweep`: re-times ``rlsd_kernels.backends.triton_launch.SWEEP`` (every entry under
   ``override(**entry)``; whatever keys ``LAUNCH`` has) on ``rlsd_loss`` forward+backward with a teacher (3 passes of
-  ``N*V*itemsize``) and ``token_logprobs`` forward (1 pass) at one shape; the rows are collected across shapes and
+  ``N*V*itemsize``) and without one (GRPO, 2 passes), and ``token_logprobs`` forward (1 pass) for the settings that
+  change the scoring kernels, at one shape. Every setting's loss and sampled gradient rows must agree with the first
+  setting's, or the row is an error and the setting is never adopted. The rows are collected across shapes and
   :func:`sweep_summary` names the fastest entry per (shape, op) and overall (geometric mean of time / best).
 """
 from __future__ import annotations
@@ -121,8 +123,12 @@ def launch_sweep(w, shared, backend: str, device: torch.device, deadline, copy_b
     settings, cur = _settings(tl)
     plain = shared[0]
     rows = []
+    reference = {}  # op -> (loss, sampled gradient rows) of the first setting: every other one must agree
     for label, params in settings:
-        for op, passes in (("rlsd fwd+bwd", 3), ("token_logprobs fwd", 1)):
+        scoring = any(k.startswith(("fwd_", "bwd_")) for k in params) or not rows
+        ops = [("rlsd fwd+bwd", 3, "rlsd"), ("grpo fwd+bwd", 2, "grpo")]
+        ops += [("token_logprobs fwd", 1, None)] if scoring else []  # only the fwd_/bwd_ keys change scoring
+        for op, passes, kind in ops:
             row = {"setting": label, "params": {**cur, **params}, "N": w.N, "V": w.V, "op": op, "backend": backend}
             rows.append(row)
             if not deadline.allows(need_s):
@@ -131,8 +137,8 @@ def launch_sweep(w, shared, backend: str, device: torch.device, deadline, copy_b
             inp = own_views(plain)
             try:
                 with tl.override(**params):
-                    if op.startswith("rlsd"):
-                        runner = contenders.factory(f"rlsd[{backend}]")(inp, w)
+                    if kind:
+                        runner = contenders.factory(f"{kind}[{backend}]")(inp, w)
                         step = (lambda: worker.run_step(runner, "fwd+bwd"))
                     else:
                         def step(z=inp.student, y=inp.labels):
@@ -140,9 +146,14 @@ def launch_sweep(w, shared, backend: str, device: torch.device, deadline, copy_b
                                 return token_logprobs(z, y)
                     t0 = time.perf_counter()
                     out = step()  # first call: Triton compiles this setting
-                    del out
                     timing.sync(device)
                     row["first_call_s"] = round(time.perf_counter() - t0, 3)
+                    if kind:
+                        mismatch = _agrees(reference, op, out, w.N)
+                        if mismatch:
+                            row.update(status="error", reason=f"disagrees with {settings[0][0]}: {mismatch}")
+                            continue
+                    del out
                     row.update(timing.time_fn(step, device, budget_s=rep_budget_s, flush=flush))
                 nbytes = passes * w.N * w.V * w.itemsize
                 row.update(status="ok", bytes_model=nbytes, achieved_gbps=nbytes / (row["median_ms"] * 1e-3) / 1e9)
@@ -150,9 +161,30 @@ def launch_sweep(w, shared, backend: str, device: torch.device, deadline, copy_b
                 log(f"  sweep {w.N}x{w.V} {label} {op}: {row['median_ms']:.3f} ms")
             except Exception as e:  # noqa: BLE001 -- e.g. a key the kernels reject, or out of memory
                 row.update(status="oom" if timing.is_oom(e) else "error", reason=f"{type(e).__name__}: {str(e)[:300]}")
-            runner = inp = step = None  # noqa: F841
-            timing.free_memory(device, collect=row["status"] != "ok")
+            finally:
+                out = runner = inp = step = None  # noqa: F841
+                timing.free_memory(device, collect=row.get("status") != "ok")
     return {"status": "ok", "rows": rows}
+
+
+def _agrees(reference: dict, op: str, out, n_rows: int) -> Optional[str]:
+    """Compare a setting's (loss, gradient) with the first setting's (kept as the loss and 8 sampled gradient
+    rows); ``None`` if they agree within float32 summation-order / one-bf16-ulp differences, else what differs.
+    A fast setting that computes something else (a race, a wrong merge) must never be adopted."""
+    loss, g = out
+    picks = torch.linspace(0, n_rows - 1, 8).long().to(g.device)
+    mine = (float(loss.detach()), g.detach().reshape(n_rows, -1).index_select(0, picks).float())
+    if op not in reference:
+        reference[op] = mine
+        return None
+    ref_loss, ref_g = reference[op]
+    if not abs(mine[0] - ref_loss) <= 1e-4 * abs(ref_loss) + 1e-6:
+        return f"loss {mine[0]!r} vs {ref_loss!r}"
+    err = float((mine[1] - ref_g).abs().max())
+    scale = float(ref_g.abs().max())
+    if not err <= 1e-2 * scale + 1e-6:
+        return f"gradient max abs diff {err:.3g} (max {scale:.3g})"
+    return None
 
 
 def sweep_summary(rows: list) -> dict:
@@ -177,17 +209,19 @@ def sweep_summary(rows: list) -> dict:
             "geomean_vs_best": {k: round(v, 4) for k, v in sorted(score.items())}}
 
 
-def fastest_setting(rows: list, op: str = "rlsd fwd+bwd"):
-    """The setting with the smallest geometric mean of ``time / best time`` for ``op`` over the shapes that every
-    counted setting completed: ``{"setting", "params", "geomean_vs_best"}``, or None without a complete row."""
-    ok = [r for r in rows if r.get("status") == "ok" and r["op"] == op]
+def fastest_setting(rows: list, ops=("rlsd fwd+bwd", "grpo fwd+bwd")):
+    """The setting with the smallest geometric mean of ``time / best time`` for ``ops`` over the (shape, op) pairs
+    that every counted setting completed: ``{"setting", "params", "geomean_vs_best"}``, or None without a complete
+    row. A setting with any error row (e.g. one that disagrees with the defaults) is never chosen."""
+    broken = {r["setting"] for r in rows if r.get("status") == "error"}
+    ok = [r for r in rows if r.get("status") == "ok" and r["op"] in ops and r["setting"] not in broken]
     best = {}
     for r in ok:
-        k = (r["N"], r["V"])
+        k = (r["N"], r["V"], r["op"])
         best[k] = min(best.get(k, float("inf")), r["median_ms"])
     score = {}
     for s in {r["setting"] for r in ok}:
-        mine = {(r["N"], r["V"]): r["median_ms"] for r in ok if r["setting"] == s}
+        mine = {(r["N"], r["V"], r["op"]): r["median_ms"] for r in ok if r["setting"] == s}
         if best and set(mine) == set(best):
             score[s] = math.exp(sum(math.log(mine[k] / best[k]) for k in best) / len(best))
     if not score:

@@ -51,3 +51,56 @@ def policy_terms(logp_s, old, a_hat, log_lo, log_hi, clip_dual, CISPO: tl.conste
         clipped = l2 > l1
         dual = neg & (l_hi > l3)
     return loss_t, c, clipped, dual
+
+
+@triton.jit
+def row_epilogue(row, N, m_s, d_s, e_s, m_t, d_t, tgt_s, tgt_t, label, agg, V, ignore_index, lam, eps_w, log_lo,
+                 log_hi, clip_dual, ADV, OLD, TLP, LOGP_S, LOGP_T, WEIGHT, ENT, LSE, COEF, PARTS,
+                 TEACHER: tl.constexpr, HAS_OLD: tl.constexpr, WANT_ENT: tl.constexpr, CISPO: tl.constexpr):
+    """Everything the fused loss needs of one row once its statistics are known: log-probs, lse, entropy, evidence
+    weight, policy loss and its derivative, the row's partials of the loss and metrics (``PARTS``, ``[9, N]``).
+    ``(m_s, d_s, e_s)``: the student's running max, sum and entropy sum (``row_stats``); ``(m_t, d_t)`` the
+    teacher's; ``tgt_s, tgt_t``: the target logits / T. ``agg``: the row's aggregation weight (> 0 exactly for rows
+    in the loss). Returns ``(lse, coef)`` with ``coef = a_t * d loss_t / d logp_s`` (0 for rows out of the loss)."""
+    valid = agg > 0
+    has_tgt = (label >= 0) & (label < V)
+    log_d = tl.log(d_s)
+    lse = m_s + log_d
+    keep = (label != ignore_index) & has_tgt
+    logp_s = tl.where(keep, (tgt_s - m_s) - log_d, 0.0)
+    tl.store(LOGP_S + row, logp_s)
+    tl.store(LSE + row, lse)
+    if WANT_ENT:
+        tl.store(ENT + row, log_d - e_s / d_s)
+    adv = tl.load(ADV + row).to(tl.float32)
+    ls = tl.where(valid, logp_s, 0.0)
+    if HAS_OLD:
+        old = tl.where(valid, tl.load(OLD + row).to(tl.float32), 0.0)
+    else:
+        old = ls
+    if TEACHER == 0:
+        g = tl.full((), 1.0, tl.float32)
+        w = g
+        delta = tl.zeros((), tl.float32)
+    else:
+        if TEACHER == 1:
+            logp_t = tl.where(keep, (tgt_t - m_t) - tl.log(d_t), 0.0)
+            tl.store(LOGP_T + row, logp_t)
+        else:
+            logp_t = tl.load(TLP + row).to(tl.float32)
+        g, w, delta = evidence_weight(ls, tl.where(valid, logp_t, 0.0), adv, lam, eps_w)
+    tl.store(WEIGHT + row, g)
+    loss_t, c, clipped, dual = policy_terms(ls, old, adv * g, log_lo, log_hi, clip_dual, CISPO)
+    coef = tl.where(valid, agg * c, 0.0)
+    tl.store(COEF + row, coef)
+    vf = valid.to(tl.float32)
+    tl.store(PARTS + row, tl.where(valid, agg * loss_t, 0.0))
+    tl.store(PARTS + N + row, vf * clipped.to(tl.float32))
+    tl.store(PARTS + 2 * N + row, vf * dual.to(tl.float32))
+    tl.store(PARTS + 3 * N + row, tl.where(valid, old - ls, 0.0))
+    tl.store(PARTS + 4 * N + row, vf * (w < 1.0 - eps_w).to(tl.float32))
+    tl.store(PARTS + 5 * N + row, vf * (w > 1.0 + eps_w).to(tl.float32))
+    tl.store(PARTS + 6 * N + row, tl.where(valid, delta, 0.0))
+    tl.store(PARTS + 7 * N + row, tl.where(valid, g, 0.0))
+    tl.store(PARTS + 8 * N + row, vf)
+    return lse, coef

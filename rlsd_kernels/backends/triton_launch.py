@@ -18,24 +18,30 @@ bandwidth):
 | | | **2048 cols, 4 warps** | 2.53 ms | 92% |
 | | 16384 x 32000 | 4096 cols, 8 warps | 0.53-0.54 ms | 91-92% |
 
-Fused loss (``rlsd_loss`` forward+backward with a teacher, bf16), the GPU check's sweep on one H200 (2026-11-26,
-``bench/results/gpu-check-cuda-nvidia-h200-2026-11-26.json``; the sweep's own timing, ms, at N = 16384):
+Fused loss (``rlsd_loss`` forward+backward with a teacher, bf16), the GPU check's sweep on one H200, ms at
+N = 16384, two runs (2026-11-26 | 2026-11-27: ``bench/results/gpu-check-cuda-nvidia-h200-2026-11-26.json`` and
+``gpu-check-cuda-nvidia-h200.json``):
 
-| SWEEP entry | V = 32000 | 151936 | 262144 |
+| sweep entry | V = 32000 | 151936 | 262144 |
 |---|---|---|---|
-| [0] defaults: one program per row, 4096 cols, 4 warps | 1.50 | **5.30** | **9.06** |
-| [1] one program per row, 8192 cols, 8 warps | 1.54 | 5.39 | 9.18 |
-| [2] persistent, 1 row per SM in L2, 16384 cols, 16 warps, prefetch | 1.55 | 9.81 | 11.13 |
-| [3] persistent, 1 row per SM in L2, 8192 cols, 16 warps, prefetch | 1.76 | 11.47 | 13.21 |
-| [4] persistent, >= 2 per SM, 8192 cols, 8 warps, prefetch | 2.21 | 9.98 | 17.38 |
-| [5] persistent, >= 4 per SM, 4096 cols, 4 warps, prefetch | **1.27** | 6.00 | 10.19 |
-| [6] persistent, >= 4 per SM, 4096 cols, 4 warps | 1.30 | 6.34 | 10.79 |
-| [7] persistent, >= 8 per SM, 4096 cols, 4 warps | 1.51 | 6.13 | 10.97 |
-| [8] one program per row, 2048 cols, 4 warps | 1.61 | 5.65 | 9.68 |
+| defaults: one program per row, 4096 cols, 4 warps | 1.50 / 1.55 | **5.30 / 5.32** | **9.06 / 9.05** |
+| one program per row, 8192 cols, 8 warps | 1.54 / **1.13** | 5.39 / 5.40 | 9.18 / 9.19 |
+| persistent, 1 row per SM in L2, 16384 cols, 16 warps, prefetch | 1.55 / 1.56 | 9.81 / 9.75 | 11.13 / 10.40 |
+| persistent, 1 row per SM in L2, 8192 cols, 16 warps, prefetch | 1.76 / 1.77 | 11.47 / 11.42 | 13.21 / 13.29 |
+| persistent, >= 2 per SM, 8192 cols, 8 warps, prefetch | 2.21 / 2.23 | 9.98 / 10.01 | 17.38 / 17.55 |
+| persistent, >= 4 per SM, 4096 cols, 4 warps, prefetch | **1.27** / 1.27 | 6.00 / 5.98 | 10.19 / 10.23 |
+| persistent, >= 4 per SM, 4096 cols, 4 warps | 1.30 / 1.31 | 6.34 / 6.34 | 10.79 / 10.86 |
+| persistent, >= 8 per SM, 4096 cols, 4 warps | 1.51 / 1.35 | 6.13 / - | 10.97 / 10.53 |
+| one program per row, 2048 cols, 4 warps | 1.61 / 1.53 | 5.65 / - | 9.68 / 9.57 |
+| row in registers (V <= 32768), 16 / 32 / 8 warps | - / 2.07, 2.21, 2.27 | (not used) | (not used) |
 
-Keeping few rows in flight (so that the gradient sweep re-reads the student row from L2) leaves too few loads in
-flight per SM: it loses more bandwidth than the re-read costs at V >= 128k. One program per row wins there and
-is the default; the grid of the same run (timed with it) is in that results file.
+At 16384 x 151936 the defaults move 5.32 ms x 4201 GB/s = 22.3 GB, i.e. 4.5 passes of ``N x V`` bf16 where 3 are
+needed: the gradient sweep's re-read of the student row misses L2 (~1000 rows of 300 KB in flight). Keeping few
+rows in flight (the persistent entries) leaves too few loads in flight per SM and loses more than the re-read
+costs; registers hold a row only up to ~32k columns and spill. The split-row kernel (``logits/triton_loss_split.py``)
+keeps many programs streaming but few rows open, one segment per program; its sweep entries below are not yet
+measured. The old persistent / 2048-column / row-in-registers entries were dropped from ``SWEEP`` after losing in
+both runs (their code paths remain, tested and compiled ahead of time).
 """
 from __future__ import annotations
 
@@ -57,10 +63,18 @@ LAUNCH = {
     "loss_min_programs_per_sm": 1,
     "loss_prefetch": 0,  # 1: load the next chunk while reducing this one (more bytes in flight per program)
     # Rows of at most this many columns (power of two) are loaded once as one block and kept in registers for the
-    # gradient (exactly 3 passes, no re-read), with loss_row_warps warps per row. 0 = off. NOT YET MEASURED: the
-    # next GPU check's sweep times it ("row in registers" entries) and adopts it for the grid if it is fastest.
+    # gradient (exactly 3 passes, no re-read), with loss_row_warps warps per row. 0 = off: slower in the 2026-11-27
+    # sweep (2.07 ms against 1.13 ms at 16384 x 32000, the table above).
     "loss_row_in_regs_max": 0,
     "loss_row_warps": 16,
+    # Split rows (logits/triton_loss_split.py): > 0 cuts each row into segments of this many columns (power of
+    # two), one program per segment and phase, so that the gradient re-reads a segment from L2; loss_split_lag_mib
+    # bounds the student bytes read between a row's statistics and its gradient. 0 = off. NOT YET MEASURED: the
+    # next GPU check's sweep ("split" entries) times it and adopts it for the grid if it is fastest.
+    "loss_split_seg": 0,
+    "loss_split_block_v": 4096,
+    "loss_split_warps": 4,
+    "loss_split_lag_mib": 16,
     "loss_interpreter_programs": 3,  # CPU interpreter: exercise the persistent loop on small inputs
     # single-program O(N) kernels: wide blocks keep their serial loops short (N = 16384: 4 steps per pass)
     "prologue_block": 4096,
@@ -72,18 +86,13 @@ LAUNCH = {
 
 SWEEP = [
     {},  # the defaults above
-    {"loss_block_v": 8192, "loss_warps": 8},
-    {"loss_l2_budget_mib": 48, "loss_block_v": 16384, "loss_warps": 16, "loss_prefetch": 1},
-    {"loss_l2_budget_mib": 48, "loss_block_v": 8192, "loss_warps": 16, "loss_prefetch": 1},
-    {"loss_l2_budget_mib": 32, "loss_min_programs_per_sm": 2, "loss_block_v": 8192, "loss_warps": 8,
-     "loss_prefetch": 1},
-    {"loss_l2_budget_mib": 32, "loss_min_programs_per_sm": 4, "loss_prefetch": 1},
-    {"loss_l2_budget_mib": 32, "loss_min_programs_per_sm": 4},
-    {"loss_l2_budget_mib": 32, "loss_min_programs_per_sm": 8},
-    {"loss_block_v": 2048},
-    {"loss_row_in_regs_max": 32768, "loss_row_warps": 16},  # row in registers up to V = 32768
-    {"loss_row_in_regs_max": 32768, "loss_row_warps": 32},
-    {"loss_row_in_regs_max": 32768, "loss_row_warps": 8},
+    {"loss_block_v": 8192, "loss_warps": 8},  # fastest at V = 32000 on 2026-11-27
+    {"loss_split_seg": 16384},  # split rows: 16384-column segments, 4096 per step, 4 warps, 16 MiB between phases
+    {"loss_split_seg": 8192},
+    {"loss_split_seg": 32768, "loss_split_block_v": 8192, "loss_split_warps": 8},
+    {"loss_split_seg": 16384, "loss_split_lag_mib": 32},
+    {"loss_split_seg": 16384, "loss_split_lag_mib": 6},
+    {"loss_split_seg": 16384, "loss_split_block_v": 8192, "loss_split_warps": 8},
 ]
 
 

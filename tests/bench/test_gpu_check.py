@@ -79,7 +79,9 @@ def test_gpu_check_cpu_end_to_end(tmp_path):
     from rlsd_kernels.backends import triton_launch
 
     assert {r["setting"] for r in rows} >= {f"SWEEP[{i}]" for i in range(len(triton_launch.SWEEP))}
-    assert {r["op"] for r in rows} == {"rlsd fwd+bwd", "token_logprobs fwd"}
+    assert {r["op"] for r in rows} == {"rlsd fwd+bwd", "grpo fwd+bwd", "token_logprobs fwd"}
+    # scoring is timed for the first setting only: no SWEEP entry changes the scoring kernels' keys
+    assert len({r["setting"] for r in rows if r["op"] == "token_logprobs fwd"}) == 1
     assert all(r["status"] == "ok" for r in rows)
     assert res["sweep"]["summary"]["overall"] in {r["setting"] for r in rows}
     from bench import linear
@@ -237,6 +239,27 @@ def test_sweep_summary_picks_fastest():
     assert s["overall"] == "A"  # geomean of (1, 1.5, 1) < geomean of (2, 1, 1.1)
 
 
+def test_fastest_setting_never_adopts_a_setting_with_an_error():
+    rows = [{"setting": s, "params": {"k": s}, "N": 1, "V": 10, "op": op, "status": st, "median_ms": ms}
+            for s, op, st, ms in [("A", "rlsd fwd+bwd", "ok", 2.0), ("A", "grpo fwd+bwd", "ok", 2.0),
+                                  ("B", "rlsd fwd+bwd", "ok", 1.0), ("B", "grpo fwd+bwd", "error", None),
+                                  ("C", "rlsd fwd+bwd", "ok", 1.5), ("C", "grpo fwd+bwd", "ok", 1.5)]]
+    assert probes.fastest_setting(rows)["setting"] == "C"  # B is faster but disagreed with the defaults once
+
+
+def test_sweep_settings_must_agree_with_the_first():
+    import torch
+
+    g = torch.randn(16, 40)
+    ref = {}
+    assert probes._agrees(ref, "rlsd", (torch.tensor(1.5), g), 16) is None  # the first setting is the reference
+    assert probes._agrees(ref, "rlsd", (torch.tensor(1.5), g * (1 + 1e-3)), 16) is None
+    assert "loss" in probes._agrees(ref, "rlsd", (torch.tensor(1.6), g), 16)
+    bad = g.clone()
+    bad[15] += 1.0  # the last row is always sampled
+    assert "gradient" in probes._agrees(ref, "rlsd", (torch.tensor(1.5), bad), 16)
+
+
 def test_testrun_parse_and_command(monkeypatch):
     p = testrun.parse("....F\nFAILED tests/test_x.py::test_y - assert 0\n"
                       "3 failed, 221 passed, 5 skipped, 2 errors in 130.21s (0:02:10)\n")
@@ -308,3 +331,15 @@ def test_exit_code_and_watchdog_summary(tmp_path, capsys):
     assert "WATCHDOG" in out and "FAILED tests/x.py::y" in out and "WRONG rlsd[x]" in out
     assert json.loads(run.json_path.read_text())["watchdog"] is True
     assert run.finish() == 7  # once finished, a second exit path changes nothing
+
+
+def test_a_peer_library_error_does_not_fail_the_check_but_ours_does():
+    from bench import gpu_check
+
+    run = object.__new__(gpu_check.Run)
+    ok = {"contender": "rlsd[triton]", "role": "ours_rlsd", "N": 1, "V": 2, "status": "ok"}
+    peer = {"shape": "16x4x8", "row": "liger_grpo", "status": "error", "error": "InternalTorchDynamoError"}
+    run.res = {"tests": {"status": "passed"}, "checks": [ok], "cases": [ok], "linear": [peer], "sweep": None}
+    assert run.exit_code() == 0 and "InternalTorchDynamoError" in run.res["peer_errors"][0]
+    run.res["linear"].append({"shape": "16x4x8", "row": "fused_linear", "status": "error", "error": "boom"})
+    assert run.exit_code() == 2

@@ -25,9 +25,10 @@ import triton
 import triton.language as tl
 
 from ..triton_common import (check_device, col_offsets, load_chunk, lse_chunk, row_pointer, row_stats,
-                             unit_vocab_stride)
-from ..triton_epilogue import evidence_weight, policy_terms
+                             target_logits, unit_vocab_stride)
+from ..triton_epilogue import row_epilogue
 from ..triton_launch import LAUNCH
+from . import triton_loss_split as split_rows
 
 AGG_CODES = {"token": 0, "seq": 1, "sum": 2}
 N_ROWSTATS = 9  # loss, clipped, dual, -log_ratio, w_low, w_high, delta, g, valid (rows of the partials buffer)
@@ -46,11 +47,15 @@ def _token_flags(LABELS, MASK, r, inb, ignore_index, V, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _prologue(LABELS, MASK, CU, ADV, AGG, ADV_ROW, SEQ_CNT, ERR,
-              N, V, T, num_seqs, ignore_index, inv_norm,
+def _prologue(LABELS, MASK, CU, ADV, AGG, ADV_ROW, SEQ_CNT, ERR, SYNC,
+              N, V, T, num_seqs, ignore_index, inv_norm, n_sync,
               HAS_MASK: tl.constexpr, HAS_CU: tl.constexpr, AGG_MODE: tl.constexpr, ADV_PER_SEQ: tl.constexpr,
               BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr):
     offs = tl.arange(0, BLOCK)
+    # the split-row kernel's ticket and per-row arrival counters (n_sync = 0 without it): zeroed here, not by a
+    # separate memset launch
+    for start in range(0, n_sync, BLOCK):
+        tl.store(SYNC + start + offs, tl.zeros((BLOCK,), tl.int32), mask=start + offs < n_sync)
     count = tl.zeros((), tl.float32)
     n_bad = tl.zeros((), tl.int64)
     first_bad = tl.zeros((), tl.int64) + N
@@ -152,13 +157,7 @@ def _loss_rows(
         t_row = row_pointer(TCH, row, t_seq_len, t_sb, t_st)
         label = tl.load(LABELS + row).to(tl.int64)
         agg = tl.load(AGG + row)  # a_t > 0 exactly for tokens that take part in the loss
-        valid = agg > 0
-        has_tgt = (label >= 0) & (label < V)
-        lbl = tl.where(has_tgt, label, 0)
-        tgt_s = tl.load(s_row + lbl * s_sv, mask=has_tgt, other=0.0).to(tl.float32) * inv_temp
-        tgt_t = tl.zeros((), tl.float32)
-        if TEACHER == 1:
-            tgt_t = tl.load(t_row + lbl * t_sv, mask=has_tgt, other=0.0).to(tl.float32) * inv_temp
+        tgt_s, tgt_t = target_logits(s_row, t_row, label, V, s_sv, t_sv, inv_temp, TEACHER == 1)
 
         # ---- sweep 1: online log-sum-exp of student (and teacher), entropy; the student row is kept in L2 (or, with
         # ROW_IN_REGS, the whole row is one block that stays in registers for the gradient)
@@ -180,45 +179,9 @@ def _loss_rows(
                                                    CONTIG, BLOCK_V, PREFETCH, True, 0)
 
         # ---- per-row epilogue (docs/math.md sections 2-3)
-        log_d = tl.log(d_s)
-        lse = m_s + log_d
-        keep = (label != ignore_index) & has_tgt
-        logp_s = tl.where(keep, (tgt_s - m_s) - log_d, 0.0)
-        tl.store(LOGP_S + row, logp_s)
-        tl.store(LSE + row, lse)
-        if WANT_ENT:
-            tl.store(ENT + row, log_d - e_s / d_s)
-        adv = tl.load(ADV + row).to(tl.float32)
-        ls = tl.where(valid, logp_s, 0.0)
-        if HAS_OLD:
-            old = tl.where(valid, tl.load(OLD + row).to(tl.float32), 0.0)
-        else:
-            old = ls
-        if TEACHER == 0:
-            g = tl.full((), 1.0, tl.float32)
-            w = g
-            delta = tl.zeros((), tl.float32)
-        else:
-            if TEACHER == 1:
-                logp_t = tl.where(keep, (tgt_t - m_t) - tl.log(d_t), 0.0)
-                tl.store(LOGP_T + row, logp_t)
-            else:
-                logp_t = tl.load(TLP + row).to(tl.float32)
-            g, w, delta = evidence_weight(ls, tl.where(valid, logp_t, 0.0), adv, lam, eps_w)
-        tl.store(WEIGHT + row, g)
-        loss_t, c, clipped, dual = policy_terms(ls, old, adv * g, log_lo, log_hi, clip_dual, CISPO)
-        coef = tl.where(valid, agg * c, 0.0)
-        tl.store(COEF + row, coef)
-        vf = valid.to(tl.float32)
-        tl.store(PARTS + row, tl.where(valid, agg * loss_t, 0.0))
-        tl.store(PARTS + N + row, vf * clipped.to(tl.float32))
-        tl.store(PARTS + 2 * N + row, vf * dual.to(tl.float32))
-        tl.store(PARTS + 3 * N + row, tl.where(valid, old - ls, 0.0))
-        tl.store(PARTS + 4 * N + row, vf * (w < 1.0 - eps_w).to(tl.float32))
-        tl.store(PARTS + 5 * N + row, vf * (w > 1.0 + eps_w).to(tl.float32))
-        tl.store(PARTS + 6 * N + row, tl.where(valid, delta, 0.0))
-        tl.store(PARTS + 7 * N + row, tl.where(valid, g, 0.0))
-        tl.store(PARTS + 8 * N + row, vf)
+        lse, coef = row_epilogue(row, N, m_s, d_s, e_s, m_t, d_t, tgt_s, tgt_t, label, agg, V, ignore_index, lam,
+                                 eps_w, log_lo, log_hi, clip_dual, ADV, OLD, TLP, LOGP_S, LOGP_T, WEIGHT, ENT, LSE,
+                                 COEF, PARTS, TEACHER, HAS_OLD, WANT_ENT, CISPO)
 
         # ---- sweep 2: the gradient of the row, re-read from L2
         if WRITE_GRAD:
@@ -323,37 +286,48 @@ def fused_loss(student, teacher, teacher_logprobs, labels, advantages, adv_per_s
     if n == 0:
         return (loss.zero_(), logp_s, logp_t, weights, ent, metrics.zero_(), errors.zero_(), lse, coef)
     dummy = agg
+    # A row short enough to live in registers is loaded once: exactly 3 passes (2 for GRPO), no L2 re-read.
+    row_in_regs = 0 < triton.next_power_of_2(V) <= LAUNCH["loss_row_in_regs_max"]
+    split = LAUNCH["loss_split_seg"] > 0 and not row_in_regs
+    if split:  # ticket + per-row arrival counters, per-segment partials (triton_loss_split.py)
+        sync = torch.empty(n + 1, dtype=torch.int64, device=dev)
+        n_seg = triton.cdiv(V, min(LAUNCH["loss_split_seg"], triton.next_power_of_2(V)))
+        segs = torch.empty(n * n_seg * split_rows.N_SEGSTATS, **f32)
     _prologue[(1,)](
         labels, mask if mask is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
-        advantages, agg, adv_rows, seq_cnt, errors,
+        advantages, agg, adv_rows, seq_cnt, errors, sync if split else errors,
         n, V, seq_len, num_seqs, h.ignore_index, 1.0 / h.norm if h.loss_agg_mode == "sum" else 1.0,
+        n + 1 if split else 0,
         HAS_MASK=mask is not None, HAS_CU=cu_seqlens is not None, AGG_MODE=AGG_CODES[h.loss_agg_mode],
         ADV_PER_SEQ=adv_per_seq, BLOCK=LAUNCH["prologue_block"], BLOCK_S=16, BLOCK_T=LAUNCH["prologue_tile_t"],
         num_warps=LAUNCH["small_warps"],
     )
     tch = teacher if teacher is not None else student  # never read without a teacher (TEACHER != 1)
     out = grad if grad is not None else student  # never written without WRITE_GRAD
-    # A row short enough to live in registers is loaded once: exactly 3 passes (2 for GRPO), no L2 re-read.
-    row_in_regs = 0 < triton.next_power_of_2(V) <= LAUNCH["loss_row_in_regs_max"]
-    if row_in_regs:
-        block, warps, programs = triton.next_power_of_2(V), LAUNCH["loss_row_warps"], n
+    args = (student, tch, out, labels, agg, adv_rows,
+            old_logprobs if old_logprobs is not None else dummy,
+            teacher_logprobs if teacher_logprobs is not None else dummy,
+            logp_s, logp_t if logp_t is not None else dummy, weights, ent if ent is not None else dummy, lse, coef,
+            parts)
+    scalars = (n, T, tch.shape[1], out.shape[1], V,
+               *student.stride(), *tch.stride(), *out.stride(),
+               1.0 / h.temperature, h.ignore_index, float(h.lam), float(h.eps_w),
+               math.log(1.0 - h.clip_low), math.log(1.0 + h.clip_high), float(h.clip_dual))
+    constexprs = dict(TEACHER=1 if teacher is not None else (2 if teacher_logprobs is not None else 0),
+                      HAS_OLD=old_logprobs is not None, WANT_ENT=want_entropy, CISPO=h.loss_type == "cispo",
+                      WRITE_GRAD=grad is not None, CONTIG=unit_vocab_stride(student, tch, out))
+    if split:
+        split_rows.launch(args, scalars, n=n, V=V, elem_bytes=student.element_size(), segs=segs, sync=sync,
+                          constexprs=constexprs, write_grad=grad is not None)
     else:
-        block, warps = min(LAUNCH["loss_block_v"], triton.next_power_of_2(V)), LAUNCH["loss_warps"]
-        programs = _programs(dev, n, V * student.element_size())
-    _loss_rows[(programs,)](
-        student, tch, out, labels, agg, adv_rows,
-        old_logprobs if old_logprobs is not None else dummy,
-        teacher_logprobs if teacher_logprobs is not None else dummy,
-        logp_s, logp_t if logp_t is not None else dummy, weights, ent if ent is not None else dummy, lse, coef, parts,
-        n, T, tch.shape[1], out.shape[1], V,
-        *student.stride(), *tch.stride(), *out.stride(),
-        1.0 / h.temperature, h.ignore_index, float(h.lam), float(h.eps_w),
-        math.log(1.0 - h.clip_low), math.log(1.0 + h.clip_high), float(h.clip_dual),
-        TEACHER=1 if teacher is not None else (2 if teacher_logprobs is not None else 0),
-        HAS_OLD=old_logprobs is not None, WANT_ENT=want_entropy, CISPO=h.loss_type == "cispo",
-        WRITE_GRAD=grad is not None, CONTIG=unit_vocab_stride(student, tch, out), BLOCK_V=block,
-        PREFETCH=bool(LAUNCH["loss_prefetch"]) and V > block, ROW_IN_REGS=row_in_regs, num_warps=warps,
-    )
+        if row_in_regs:
+            block, warps, programs = triton.next_power_of_2(V), LAUNCH["loss_row_warps"], n
+        else:
+            block, warps = min(LAUNCH["loss_block_v"], triton.next_power_of_2(V)), LAUNCH["loss_warps"]
+            programs = _programs(dev, n, V * student.element_size())
+        _loss_rows[(programs,)](*args, *scalars, **constexprs, BLOCK_V=block,
+                                PREFETCH=bool(LAUNCH["loss_prefetch"]) and V > block, ROW_IN_REGS=row_in_regs,
+                                num_warps=warps)
     _finalize[(1,)](parts, loss, metrics, n, BLOCK=LAUNCH["finalize_block"], K=16, num_warps=LAUNCH["small_warps"])
     return loss, logp_s, logp_t, weights, ent, metrics, errors, lse, coef
 
