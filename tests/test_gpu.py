@@ -79,7 +79,8 @@ def test_real_size_peak_memory(inplace):
 
 
 @pytest.mark.parametrize("launch", [dict(loss_split_seg=16384, loss_split_lag_mib=1),
-                                    dict(loss_split_seg=8192, loss_split_lag_mib=32)])
+                                    dict(loss_split_seg=8192, loss_split_lag_mib=32),
+                                    dict(loss_split_seg=16384, loss_split_lag_mib=1, loss_split_programs_per_sm=8)])
 @pytest.mark.parametrize("teacher", [True, False])
 def test_split_rows_agree_with_one_program_per_row(launch, teacher):
     """The split-row kernel synchronises programs through atomics (triton_loss_split.py); at real size, with

@@ -75,6 +75,7 @@ LAUNCH = {
     "loss_split_block_v": 4096,
     "loss_split_warps": 4,
     "loss_split_lag_mib": 16,
+    "loss_split_programs_per_sm": 0,  # > 0: a persistent grid of this many programs per SM; 0: one per item
     "loss_interpreter_programs": 3,  # CPU interpreter: exercise the persistent loop on small inputs
     # single-program O(N) kernels: wide blocks keep their serial loops short (N = 16384: 4 steps per pass)
     "prologue_block": 4096,
@@ -87,12 +88,14 @@ LAUNCH = {
 SWEEP = [
     {},  # the defaults above
     {"loss_block_v": 8192, "loss_warps": 8},  # fastest at V = 32000 on 2026-11-27
-    {"loss_split_seg": 16384},  # split rows: 16384-column segments, 4096 per step, 4 warps, 16 MiB between phases
-    {"loss_split_seg": 8192},
-    {"loss_split_seg": 32768, "loss_split_block_v": 8192, "loss_split_warps": 8},
-    {"loss_split_seg": 16384, "loss_split_lag_mib": 32},
-    {"loss_split_seg": 16384, "loss_split_lag_mib": 6},
-    {"loss_split_seg": 16384, "loss_split_block_v": 8192, "loss_split_warps": 8},
+    # split rows: 16384-column segments, 4096 per step, 4 warps, 16 MiB between a row's phases; one program per
+    # item, then persistent grids of 4 / 8 / 16 programs per SM
+    {"loss_split_seg": 16384},
+    {"loss_split_seg": 16384, "loss_split_programs_per_sm": 4},
+    {"loss_split_seg": 16384, "loss_split_programs_per_sm": 8},
+    {"loss_split_seg": 16384, "loss_split_programs_per_sm": 16},
+    {"loss_split_seg": 8192, "loss_split_programs_per_sm": 8},
+    {"loss_split_seg": 16384, "loss_split_programs_per_sm": 8, "loss_split_lag_mib": 8},
 ]
 
 

@@ -116,7 +116,7 @@ def compile_fused_loss():
                "OLD": "*fp32", "TLP": "*fp32", "LOGP_S": "*fp32", "LOGP_T": "*fp32", "WEIGHT": "*fp32",
                "ENT": "*fp32", "LSE": "*fp32", "COEF": "*fp32", "PARTS": "*fp32", "SEGS": "*fp32", "SYNC": "*i64",
                "N": "i64", "seq_len": "i64", "t_seq_len": "i64", "g_seq_len": "i64", "V": "i32", "n_seg": "i32",
-               "lag": "i32", "s_sb": "i64", "s_st": "i64", "s_sv": "i64", "t_sb": "i64", "t_st": "i64",
+               "lag": "i32", "n_tickets": "i64", "s_sb": "i64", "s_st": "i64", "s_sv": "i64", "t_sb": "i64", "t_st": "i64",
                "t_sv": "i64", "g_sb": "i64", "g_st": "i64", "g_sv": "i64", "inv_temp": "fp32", "ignore_index": "i64",
                "lam": "fp32", "eps_w": "fp32", "log_lo": "fp32", "log_hi": "fp32", "clip_dual": "fp32"}
         seg = (8192, 16384, 32768)[i % 3]

@@ -22,6 +22,7 @@ Under the CPU interpreter programs run one after another in ticket order, so no 
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -69,8 +70,8 @@ def _merge(ms, ds, es):
 
 
 @triton.jit
-def _loss_split(
-    S, TCH, GRAD, LABELS, AGG, ADV, OLD, TLP,
+def _split_item(
+    ticket, S, TCH, GRAD, LABELS, AGG, ADV, OLD, TLP,
     LOGP_S, LOGP_T, WEIGHT, ENT, LSE, COEF, PARTS, SEGS, SYNC,
     N, seq_len, t_seq_len, g_seq_len, V, n_seg, lag,
     s_sb, s_st, s_sv, t_sb, t_st, t_sv, g_sb, g_st, g_sv,
@@ -79,9 +80,7 @@ def _loss_split(
     WRITE_GRAD: tl.constexpr, CONTIG: tl.constexpr, SEG: tl.constexpr, BLOCK_V: tl.constexpr,
     NSEG_P2: tl.constexpr,
 ):
-    # SYNC[0]: the ticket counter; SYNC[1 + row]: the row's arrived stats items (n_seg + 1 once published).
-    # Both zeroed by the prologue kernel.
-    ticket = tl.atomic_add(SYNC, 1).to(tl.int64)
+    """One work item (the module docstring): a segment's statistics, or its gradient."""
     is_grad, row, seg = _ticket_work(ticket, N, n_seg, lag, WRITE_GRAD)
     start = seg * SEG
     seg_len = tl.minimum(V - start, SEG)
@@ -142,7 +141,32 @@ def _loss_split(
                 tl.atomic_add(arrived, 1, sem="release")
 
 
+@triton.jit
+def _loss_split(
+    S, TCH, GRAD, LABELS, AGG, ADV, OLD, TLP,
+    LOGP_S, LOGP_T, WEIGHT, ENT, LSE, COEF, PARTS, SEGS, SYNC,
+    N, seq_len, t_seq_len, g_seq_len, V, n_seg, lag, n_tickets,
+    s_sb, s_st, s_sv, t_sb, t_st, t_sv, g_sb, g_st, g_sv,
+    inv_temp, ignore_index, lam, eps_w, log_lo, log_hi, clip_dual,
+    TEACHER: tl.constexpr, HAS_OLD: tl.constexpr, WANT_ENT: tl.constexpr, CISPO: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, CONTIG: tl.constexpr, SEG: tl.constexpr, BLOCK_V: tl.constexpr,
+    NSEG_P2: tl.constexpr,
+):
+    # SYNC[0]: the ticket counter; SYNC[1 + row]: the row's arrived stats items (n_seg + 1 once published).
+    # Both zeroed by the prologue kernel. Each program takes tickets until they run out: one per program with a
+    # grid of n_tickets programs, many with a persistent grid (no block launch per item).
+    ticket = tl.atomic_add(SYNC, 1).to(tl.int64)
+    while ticket < n_tickets:
+        _split_item(ticket, S, TCH, GRAD, LABELS, AGG, ADV, OLD, TLP, LOGP_S, LOGP_T, WEIGHT, ENT, LSE, COEF, PARTS,
+                    SEGS, SYNC, N, seq_len, t_seq_len, g_seq_len, V, n_seg, lag,
+                    s_sb, s_st, s_sv, t_sb, t_st, t_sv, g_sb, g_st, g_sv,
+                    inv_temp, ignore_index, lam, eps_w, log_lo, log_hi, clip_dual,
+                    TEACHER, HAS_OLD, WANT_ENT, CISPO, WRITE_GRAD, CONTIG, SEG, BLOCK_V, NSEG_P2)
+        ticket = tl.atomic_add(SYNC, 1).to(tl.int64)
+
+
 KERNELS = {"loss_split": _loss_split}
+_SM_COUNT = {}
 
 
 def layout(V: int, elem_bytes: int, n_rows: int, write_grad: bool):
@@ -159,8 +183,16 @@ def launch(args, scalars, *, n, V, elem_bytes, segs, sync, constexprs, write_gra
     vocabulary-size block), ``segs`` float32 ``[n * n_seg * 5]``, ``sync`` int64 ``[n + 1]`` zeroed."""
     seg, n_seg, lag, block = layout(V, elem_bytes, n, write_grad)
     tickets = n * n_seg * (2 if write_grad else 1)
-    _loss_split[(tickets,)](
-        *args, segs, sync, *scalars[:5], n_seg, lag, *scalars[5:],
+    programs = tickets
+    dev = args[0].device
+    if LAUNCH["loss_split_programs_per_sm"] > 0 and dev.type == "cuda":
+        if dev.index not in _SM_COUNT:
+            _SM_COUNT[dev.index] = torch.cuda.get_device_properties(dev).multi_processor_count
+        programs = min(tickets, _SM_COUNT[dev.index] * LAUNCH["loss_split_programs_per_sm"])
+    elif dev.type != "cuda":  # the interpreter: a few programs exercise the ticket loop
+        programs = min(tickets, LAUNCH["loss_interpreter_programs"])
+    _loss_split[(programs,)](
+        *args, segs, sync, *scalars[:5], n_seg, lag, tickets, *scalars[5:],
         **constexprs, SEG=seg, BLOCK_V=block, NSEG_P2=triton.next_power_of_2(n_seg),
         num_warps=LAUNCH["loss_split_warps"],
     )
