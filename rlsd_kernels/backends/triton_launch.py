@@ -38,10 +38,25 @@ N = 16384, two runs (2026-11-26 | 2026-11-27: ``bench/results/gpu-check-cuda-nvi
 At 16384 x 151936 the defaults move 5.32 ms x 4201 GB/s = 22.3 GB, i.e. 4.5 passes of ``N x V`` bf16 where 3 are
 needed: the gradient sweep's re-read of the student row misses L2 (~1000 rows of 300 KB in flight). Keeping few
 rows in flight (the persistent entries) leaves too few loads in flight per SM and loses more than the re-read
-costs; registers hold a row only up to ~32k columns and spill. The split-row kernel (``logits/triton_loss_split.py``)
-keeps many programs streaming but few rows open, one segment per program; its sweep entries below are not yet
-measured. The old persistent / 2048-column / row-in-registers entries were dropped from ``SWEEP`` after losing in
-both runs (their code paths remain, tested and compiled ahead of time).
+costs; registers hold a row only up to ~32k columns and spill.
+
+A split-row kernel was built and measured (2026-11-27, H200, two targeted GPU-check calls; removed since): each
+row cut into segments, one program per segment and phase, items ordered by an atomic ticket so that a gradient
+item re-reads its segment from L2 a bounded number of rows (``lag``) after its statistics item, the last
+statistics item of a row merging the segments' partials (correct: the GPU tests compared it with one program per
+row at 4096 x 151936). It was slower everywhere (ms, RLSD / GRPO forward+backward, N = 16384):
+
+| variant | V = 151936 | 262144 |
+|---|---|---|
+| one program per row (defaults) | **5.32 / 3.75** | **9.13 / 6.37** |
+| split, 16384-column segments, one program per item, lag 16 MiB | 5.63 / 3.94 | 9.35 / 6.56 |
+| same, 8192-column segments | 6.39 / 4.36 | 10.81 / 7.32 |
+| same, 32768-column segments, 8192 per step, 8 warps | 6.66 / 4.09 | 11.08 / 6.84 |
+| same, lag 32 MiB / 6 MiB | 6.11 / 4.19, 6.75 / 4.55 | 10.26 / 7.06, 11.11 / 7.36 |
+| persistent grids, 4 / 8 / 16 programs per SM (second call) | 7.86 / 4.61-5.25 | 13.15 / 7.69-8.74 |
+
+The defaults already stream at 88% (RLSD, 4 passes) and 94% (GRPO, 3 passes) of the copy bandwidth, so the only
+way left to speed them up is fewer bytes, and neither L2 scheme delivered them on this card.
 """
 from __future__ import annotations
 
@@ -67,15 +82,6 @@ LAUNCH = {
     # sweep (2.07 ms against 1.13 ms at 16384 x 32000, the table above).
     "loss_row_in_regs_max": 0,
     "loss_row_warps": 16,
-    # Split rows (logits/triton_loss_split.py): > 0 cuts each row into segments of this many columns (power of
-    # two), one program per segment and phase, so that the gradient re-reads a segment from L2; loss_split_lag_mib
-    # bounds the student bytes read between a row's statistics and its gradient. 0 = off. NOT YET MEASURED: the
-    # next GPU check's sweep ("split" entries) times it and adopts it for the grid if it is fastest.
-    "loss_split_seg": 0,
-    "loss_split_block_v": 4096,
-    "loss_split_warps": 4,
-    "loss_split_lag_mib": 16,
-    "loss_split_programs_per_sm": 0,  # > 0: a persistent grid of this many programs per SM; 0: one per item
     "loss_interpreter_programs": 3,  # CPU interpreter: exercise the persistent loop on small inputs
     # single-program O(N) kernels: wide blocks keep their serial loops short (N = 16384: 4 steps per pass)
     "prologue_block": 4096,
@@ -87,15 +93,7 @@ LAUNCH = {
 
 SWEEP = [
     {},  # the defaults above
-    {"loss_block_v": 8192, "loss_warps": 8},  # fastest at V = 32000 on 2026-11-27
-    # split rows: 16384-column segments, 4096 per step, 4 warps, 16 MiB between a row's phases; one program per
-    # item, then persistent grids of 4 / 8 / 16 programs per SM
-    {"loss_split_seg": 16384},
-    {"loss_split_seg": 16384, "loss_split_programs_per_sm": 4},
-    {"loss_split_seg": 16384, "loss_split_programs_per_sm": 8},
-    {"loss_split_seg": 16384, "loss_split_programs_per_sm": 16},
-    {"loss_split_seg": 8192, "loss_split_programs_per_sm": 8},
-    {"loss_split_seg": 16384, "loss_split_programs_per_sm": 8, "loss_split_lag_mib": 8},
+    {"loss_block_v": 8192, "loss_warps": 8},  # fastest at V = 32000 on 2026-11-27 (1.13 vs 1.55 ms)
 ]
 
 

@@ -10,7 +10,6 @@ from triton.compiler import ASTSource
 
 from rlsd_kernels.backends.logits import triton as tk
 from rlsd_kernels.backends.logits import triton_loss as tloss
-from rlsd_kernels.backends.logits import triton_loss_split as tsplit
 from rlsd_kernels.backends.logits import triton_terms as tterms
 from rlsd_kernels.backends.triton_launch import LAUNCH
 
@@ -80,8 +79,8 @@ def compile_fused_loss():
             ("*i1", True, False, 0, False), ("*fp32", True, True, 1, True), ("*i1", False, False, 1, False),
             ("*i1", False, True, 2, True), ("*i1", True, False, 0, True), ("*i1", False, True, 0, False)]:
         sig = {"LABELS": "*i64", "MASK": mask_dt, "CU": "*i32", "ADV": "*fp32", "AGG": "*fp32", "ADV_ROW": "*fp32",
-               "SEQ_CNT": "*fp32", "ERR": "*i64", "SYNC": "*i64", "N": "i64", "V": "i32", "T": "i64",
-               "num_seqs": "i64", "ignore_index": "i64", "inv_norm": "fp32", "n_sync": "i64"}
+               "SEQ_CNT": "*fp32", "ERR": "*i64", "N": "i64", "V": "i32", "T": "i64", "num_seqs": "i64",
+               "ignore_index": "i64", "inv_norm": "fp32"}
         compile_one("loss_prologue", tloss.KERNELS["prologue"], sig,
                     {"HAS_MASK": has_mask, "HAS_CU": cu, "AGG_MODE": agg, "ADV_PER_SEQ": per_seq,
                      "BLOCK": LAUNCH["prologue_block"], "BLOCK_S": 16, "BLOCK_T": LAUNCH["prologue_tile_t"]},
@@ -107,24 +106,6 @@ def compile_fused_loss():
                      "BLOCK_V": 32768 if in_regs else LAUNCH["loss_block_v"],
                      "PREFETCH": (teacher + has_old) % 2 == 1 and not in_regs, "ROW_IN_REGS": in_regs},
                     LAUNCH["loss_row_warps"] if in_regs else LAUNCH["loss_warps"])
-    # the split-row variant (triton_loss_split.py) at the segment widths the GPU check's sweep tries
-    for i, (dt, teacher, write_grad, contig) in enumerate(itertools.product(
-            ("bf16", "fp32"), (0, 1, 2), (True, False), (True, False))):
-        if dt == "fp32" and not contig:
-            continue
-        sig = {"S": PTR[dt], "TCH": PTR[dt], "GRAD": PTR[dt], "LABELS": "*i64", "AGG": "*fp32", "ADV": "*fp32",
-               "OLD": "*fp32", "TLP": "*fp32", "LOGP_S": "*fp32", "LOGP_T": "*fp32", "WEIGHT": "*fp32",
-               "ENT": "*fp32", "LSE": "*fp32", "COEF": "*fp32", "PARTS": "*fp32", "SEGS": "*fp32", "SYNC": "*i64",
-               "N": "i64", "seq_len": "i64", "t_seq_len": "i64", "g_seq_len": "i64", "V": "i32", "n_seg": "i32",
-               "lag": "i32", "n_tickets": "i64", "s_sb": "i64", "s_st": "i64", "s_sv": "i64", "t_sb": "i64", "t_st": "i64",
-               "t_sv": "i64", "g_sb": "i64", "g_st": "i64", "g_sv": "i64", "inv_temp": "fp32", "ignore_index": "i64",
-               "lam": "fp32", "eps_w": "fp32", "log_lo": "fp32", "log_hi": "fp32", "clip_dual": "fp32"}
-        seg = (8192, 16384, 32768)[i % 3]
-        compile_one(f"loss_split[{dt}]", tsplit.KERNELS["loss_split"], sig,
-                    {"TEACHER": teacher, "HAS_OLD": i % 2 == 0, "WANT_ENT": i % 3 == 1, "CISPO": i % 4 == 3,
-                     "WRITE_GRAD": write_grad, "CONTIG": contig, "SEG": seg,
-                     "BLOCK_V": LAUNCH["loss_split_block_v"], "NSEG_P2": 16},
-                    LAUNCH["loss_split_warps"])
     compile_one("loss_finalize", tloss.KERNELS["finalize"],
                 {"PARTS": "*fp32", "LOSS": "*fp32", "METRICS": "*fp32", "N": "i64"},
                 {"BLOCK": LAUNCH["finalize_block"], "K": 16}, LAUNCH["small_warps"])

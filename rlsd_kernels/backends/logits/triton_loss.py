@@ -28,7 +28,6 @@ from ..triton_common import (check_device, col_offsets, load_chunk, lse_chunk, r
                              target_logits, unit_vocab_stride)
 from ..triton_epilogue import row_epilogue
 from ..triton_launch import LAUNCH
-from . import triton_loss_split as split_rows
 
 AGG_CODES = {"token": 0, "seq": 1, "sum": 2}
 N_ROWSTATS = 9  # loss, clipped, dual, -log_ratio, w_low, w_high, delta, g, valid (rows of the partials buffer)
@@ -47,15 +46,11 @@ def _token_flags(LABELS, MASK, r, inb, ignore_index, V, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _prologue(LABELS, MASK, CU, ADV, AGG, ADV_ROW, SEQ_CNT, ERR, SYNC,
-              N, V, T, num_seqs, ignore_index, inv_norm, n_sync,
+def _prologue(LABELS, MASK, CU, ADV, AGG, ADV_ROW, SEQ_CNT, ERR,
+              N, V, T, num_seqs, ignore_index, inv_norm,
               HAS_MASK: tl.constexpr, HAS_CU: tl.constexpr, AGG_MODE: tl.constexpr, ADV_PER_SEQ: tl.constexpr,
               BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr):
     offs = tl.arange(0, BLOCK)
-    # the split-row kernel's ticket and per-row arrival counters (n_sync = 0 without it): zeroed here, not by a
-    # separate memset launch
-    for start in range(0, n_sync, BLOCK):
-        tl.store(SYNC + start + offs, tl.zeros((BLOCK,), tl.int32), mask=start + offs < n_sync)
     count = tl.zeros((), tl.float32)
     n_bad = tl.zeros((), tl.int64)
     first_bad = tl.zeros((), tl.int64) + N
@@ -288,16 +283,10 @@ def fused_loss(student, teacher, teacher_logprobs, labels, advantages, adv_per_s
     dummy = agg
     # A row short enough to live in registers is loaded once: exactly 3 passes (2 for GRPO), no L2 re-read.
     row_in_regs = 0 < triton.next_power_of_2(V) <= LAUNCH["loss_row_in_regs_max"]
-    split = LAUNCH["loss_split_seg"] > 0 and not row_in_regs
-    if split:  # ticket + per-row arrival counters, per-segment partials (triton_loss_split.py)
-        sync = torch.empty(n + 1, dtype=torch.int64, device=dev)
-        n_seg = triton.cdiv(V, min(LAUNCH["loss_split_seg"], triton.next_power_of_2(V)))
-        segs = torch.empty(n * n_seg * split_rows.N_SEGSTATS, **f32)
     _prologue[(1,)](
         labels, mask if mask is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
-        advantages, agg, adv_rows, seq_cnt, errors, sync if split else errors,
+        advantages, agg, adv_rows, seq_cnt, errors,
         n, V, seq_len, num_seqs, h.ignore_index, 1.0 / h.norm if h.loss_agg_mode == "sum" else 1.0,
-        n + 1 if split else 0,
         HAS_MASK=mask is not None, HAS_CU=cu_seqlens is not None, AGG_MODE=AGG_CODES[h.loss_agg_mode],
         ADV_PER_SEQ=adv_per_seq, BLOCK=LAUNCH["prologue_block"], BLOCK_S=16, BLOCK_T=LAUNCH["prologue_tile_t"],
         num_warps=LAUNCH["small_warps"],
@@ -316,18 +305,14 @@ def fused_loss(student, teacher, teacher_logprobs, labels, advantages, adv_per_s
     constexprs = dict(TEACHER=1 if teacher is not None else (2 if teacher_logprobs is not None else 0),
                       HAS_OLD=old_logprobs is not None, WANT_ENT=want_entropy, CISPO=h.loss_type == "cispo",
                       WRITE_GRAD=grad is not None, CONTIG=unit_vocab_stride(student, tch, out))
-    if split:
-        split_rows.launch(args, scalars, n=n, V=V, elem_bytes=student.element_size(), segs=segs, sync=sync,
-                          constexprs=constexprs, write_grad=grad is not None)
+    if row_in_regs:
+        block, warps, programs = triton.next_power_of_2(V), LAUNCH["loss_row_warps"], n
     else:
-        if row_in_regs:
-            block, warps, programs = triton.next_power_of_2(V), LAUNCH["loss_row_warps"], n
-        else:
-            block, warps = min(LAUNCH["loss_block_v"], triton.next_power_of_2(V)), LAUNCH["loss_warps"]
-            programs = _programs(dev, n, V * student.element_size())
-        _loss_rows[(programs,)](*args, *scalars, **constexprs, BLOCK_V=block,
-                                PREFETCH=bool(LAUNCH["loss_prefetch"]) and V > block, ROW_IN_REGS=row_in_regs,
-                                num_warps=warps)
+        block, warps = min(LAUNCH["loss_block_v"], triton.next_power_of_2(V)), LAUNCH["loss_warps"]
+        programs = _programs(dev, n, V * student.element_size())
+    _loss_rows[(programs,)](*args, *scalars, **constexprs, BLOCK_V=block,
+                            PREFETCH=bool(LAUNCH["loss_prefetch"]) and V > block, ROW_IN_REGS=row_in_regs,
+                            num_warps=warps)
     _finalize[(1,)](parts, loss, metrics, n, BLOCK=LAUNCH["finalize_block"], K=16, num_warps=LAUNCH["small_warps"])
     return loss, logp_s, logp_t, weights, ent, metrics, errors, lse, coef
 
