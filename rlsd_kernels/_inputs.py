@@ -131,11 +131,16 @@ class Layout:
 
 
 def check_loss_inputs(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
-                      cu_seqlens, h: Hyper, *, values: bool = True) -> Layout:
+                      cu_seqlens, h: Hyper, *, values: bool = True, hyper_checked: bool = False,
+                      student_checked: bool = False) -> Layout:
     """Every check of ``rlsd_loss``'s inputs, ValueError naming the argument. Only metadata is read, except with
-    ``values``: the label range and the contents of ``cu_seqlens`` (host syncs, skipped while compiling)."""
-    h.validate()
-    check_logits("student_logits", student_logits)
+    ``values``: the label range and the contents of ``cu_seqlens`` (host syncs, skipped while compiling).
+    ``hyper_checked`` / ``student_checked``: the caller already validated ``h`` / ``student_logits`` (the same
+    ``Hyper`` object passed these checks in an earlier call; ``check_logits`` was just called)."""
+    if not hyper_checked:
+        h.validate()
+    if not student_checked:
+        check_logits("student_logits", student_logits)
     device = student_logits.device
     V = student_logits.shape[-1]
     lead = student_logits.shape[:-1]

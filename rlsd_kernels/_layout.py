@@ -24,8 +24,19 @@ def _merge_leading(sizes, strides):
 
 def as_rows3d(x: torch.Tensor) -> torch.Tensor:
     """View ``x [..., V]`` as ``[B, T, V]`` with arbitrary strides (copying only if impossible)."""
-    V = x.shape[-1]
-    merged = _merge_leading(x.shape[:-1], x.stride()[:-1])
+    shape = x.shape
+    if len(shape) == 3:  # the usual [B, T, V] (fast path: the general case below, unrolled; same view)
+        B, T, V = shape
+        sb, st, sv = x.stride()
+        if B != 1 and T != 1:
+            if sb != T * st:
+                return x.as_strided(shape, (sb, st, sv), x.storage_offset())
+            return x.as_strided((1, B * T, V), (0, st, sv), x.storage_offset())
+        if B != 1:
+            return x.as_strided((1, B, V), (0, sb, sv), x.storage_offset())
+        return x.as_strided((1, T, V), (0, st if T != 1 else 0, sv), x.storage_offset())
+    V = shape[-1]
+    merged = _merge_leading(shape[:-1], x.stride()[:-1])
     if len(merged) > 2:
         x = x.contiguous()
         merged = _merge_leading(x.shape[:-1], x.stride()[:-1])

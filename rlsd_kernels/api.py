@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 
-import torch
-
 import dataclasses
+from typing import Optional
+
+import torch
 
 from . import dispatch, ops
 from ._inputs import check_logits, check_loss_inputs, check_scoring, check_terms
 from ._output import RLSDOutput
 from .hyper import LOSS_TYPES, Hyper
 from .loss_terms import Terms, check_divergence, hyper_and_terms
+from .ops.fused_logprobs import fused_logprobs_autograd
+from .ops.fused_loss import fused_rlsd_loss_autograd
 from .ops.fused_loss_terms import loss_with_terms_fused
 from . import vocab_parallel
 
@@ -43,17 +46,57 @@ def rlsd_loss(student_logits, teacher_logits, labels, advantages, old_logprobs=N
     ``[..., V_local]`` starting at global id ``vocab_start`` (default ``rank * V_local``); labels are global ids
     (docs/math.md section 2d, ``rlsd_kernels/vocab_parallel.py``; the section 2c terms are not sharded yet).
     """
-    h, x = hyper_and_terms(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature,
-                           ignore_index, kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode,
-                           entropy_coef, distill_coef, distill_divergence, distill_beta, distill_clip)
-    return _rlsd_loss(h, student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
-                      cu_seqlens, return_entropy, inplace_backward, x, ref_logprobs, rollout_logprobs,
-                      vocab_parallel_group, vocab_start)
+    entry = _settings(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature,
+                      ignore_index, kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode, entropy_coef,
+                      distill_coef, distill_divergence, distill_beta, distill_clip)
+    return _rlsd_loss(entry.h, student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
+                      teacher_logprobs, cu_seqlens, return_entropy, inplace_backward, entry.x, ref_logprobs,
+                      rollout_logprobs, vocab_parallel_group, vocab_start, entry)
+
+
+class _Settings:
+    """One set of hyper-parameter / term arguments of :func:`rlsd_loss`: its ``Hyper`` and ``Terms`` (the terms
+    validated), and, once the ``Hyper`` passed the input checks of one call, the op's scalar arguments."""
+
+    __slots__ = ("h", "x", "scalars")
+
+    def __init__(self, h: Hyper, x: Terms):
+        self.h, self.x, self.scalars = h, x, None
+
+
+# Calls repeat the same arguments: (values, their types) -> _Settings, so that a call only re-derives and
+# re-validates them when they change. Types are part of the key (``lam=True`` must still be rejected after
+# ``lam=1``); only plain Python scalars are cached.
+_SETTINGS: dict = {}
+_PLAIN = frozenset((int, float, str, bool, type(None)))
+
+
+def _settings(*args) -> _Settings:
+    types = tuple(map(type, args))
+    try:
+        key = args + types
+        entry = _SETTINGS.get(key)
+    except TypeError:  # an unhashable argument: rejected by the checks below
+        key, entry = None, None
+    if entry is None:
+        entry = _Settings(*hyper_and_terms(*args))  # ValueError for bad terms / loss_type, never cached
+        if key is not None and _PLAIN.issuperset(types):
+            if len(_SETTINGS) >= 256:
+                _SETTINGS.clear()
+            _SETTINGS[key] = entry
+    return entry
+
+
+def _op_scalars(h: Hyper) -> tuple:
+    """The op's scalar arguments of ``h`` (schema order, lam ... ignore_index)."""
+    return (float(h.lam), float(h.eps_w), float(h.clip_low), float(h.clip_high), float(h.clip_dual), h.loss_type,
+            h.loss_agg_mode, float(h.norm or 0.0), float(h.temperature), int(h.ignore_index))
 
 
 def _rlsd_loss(h: Hyper, student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
                cu_seqlens, return_entropy, inplace_backward, x: Terms = Terms(), ref_logprobs=None,
-               rollout_logprobs=None, group=None, vocab_start=None) -> RLSDOutput:
+               rollout_logprobs=None, group=None, vocab_start=None, entry: Optional[_Settings] = None
+               ) -> RLSDOutput:
     if vocab_parallel.check_vocab_parallel(group, vocab_start, x) is not None:  # docs/math.md section 2d
         return vocab_parallel.rlsd_loss_sharded(h, student_logits, teacher_logits, labels, advantages, old_logprobs,
                                                 mask, teacher_logprobs, cu_seqlens, return_entropy, inplace_backward,
@@ -69,16 +112,26 @@ def _rlsd_loss(h: Hyper, student_logits, teacher_logits, labels, advantages, old
     # The Triton backend checks label / cu_seqlens values on the device; the CPU backends check them here (a host
     # read is free there). Under torch.compile value checks are skipped (they would break the graph).
     check_logits("student_logits", student_logits)
-    values = not torch.compiler.is_compiling() and dispatch.select_backend(student_logits.device) != "triton"
+    compiling = torch.compiler.is_compiling()
+    values = not compiling and dispatch.select_backend(student_logits.device) != "triton"
+    scalars = entry.scalars if entry is not None else None  # set: h passed the checks before
     layout = check_loss_inputs(student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
-                               teacher_logprobs, cu_seqlens, h, values=values)
+                               teacher_logprobs, cu_seqlens, h, values=values, hyper_checked=scalars is not None,
+                               student_checked=True)
+    if scalars is None:
+        scalars = _op_scalars(h)
+        if entry is not None:
+            entry.scalars = scalars
     want_grad = torch.is_grad_enabled() and student_logits.requires_grad
     # teacher, advantages, old log-probs: the op's backward returns no gradient for them (no detach op needed)
-    loss, logp_s, logp_t, g, ent, metrics, errors, _, _, _ = ops.fused_rlsd_loss(
-        student_logits, teacher_logits, teacher_logprobs, labels, advantages, old_logprobs, mask, cu_seqlens,
-        float(h.lam), float(h.eps_w), float(h.clip_low), float(h.clip_high), float(h.clip_dual), h.loss_type,
-        h.loss_agg_mode, float(h.norm or 0.0), float(h.temperature), int(h.ignore_index), layout.adv_per_seq,
-        layout.num_seqs, layout.seq_len, bool(return_entropy), want_grad, bool(inplace_backward))
+    args = (student_logits, teacher_logits, teacher_logprobs, labels, advantages, old_logprobs, mask, cu_seqlens,
+            *scalars, layout.adv_per_seq, layout.num_seqs, layout.seq_len, bool(return_entropy), want_grad,
+            bool(inplace_backward))
+    if want_grad and not compiling:  # the op's own autograd, without torch.library's per-call argument rebuild
+        outs = fused_rlsd_loss_autograd(ops.fused_rlsd_loss, *args)
+    else:
+        outs = ops.fused_rlsd_loss(*args)
+    loss, logp_s, logp_t, g, ent, metrics, errors, _, _, _ = outs
     return RLSDOutput(
         loss=loss, logprobs=logp_s,
         teacher_logprobs=logp_t if teacher_logits is not None else teacher_logprobs,
@@ -116,8 +169,11 @@ def token_logprobs(logits, labels, temperature: float = 1.0, return_entropy: boo
         return vocab_parallel.token_logprobs_sharded(logits, labels, temperature, return_entropy, ignore_index,
                                                      inplace_backward, vocab_parallel_group, vocab_start)
     check_scoring(logits, labels, temperature, ignore_index)
-    logp, _, _, ent = ops.fused_logprobs(logits, None, labels, float(temperature), int(ignore_index),
-                                         bool(return_entropy), bool(inplace_backward))
+    args = (logits, None, labels, float(temperature), int(ignore_index), bool(return_entropy), bool(inplace_backward))
+    if torch.is_grad_enabled() and logits.requires_grad and not torch.compiler.is_compiling():
+        logp, _, _, ent = fused_logprobs_autograd(ops.fused_logprobs, *args)  # see ops/fused_loss.py
+    else:
+        logp, _, _, ent = ops.fused_logprobs(*args)
     return (logp, ent.detach()) if return_entropy else logp
 
 

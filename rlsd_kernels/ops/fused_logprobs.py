@@ -9,6 +9,7 @@ ops with autograd and fake kernels; the backward never builds an ``N x V`` tempo
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -90,17 +91,46 @@ def _backward_on_backend(ctx, grad_logp, grad_logp_t, grad_lse, grad_ent):
         return None, None, None, None, None, None, None
     # log-probs at ignore_index labels are the constant 0: no gradient, whatever the caller weighted them with
     grad_logp = torch.where(labels == ctx.ignore_index, 0.0, grad_logp)
-    if ctx.inplace:
-        fused_logprobs_backward_inplace(grad_logp, student, labels, lse, ctx.temperature)
-        grad = student
-    else:
-        grad = fused_logprobs_backward(grad_logp, student, labels, lse, ctx.temperature)
+    # Nothing to record unless create_graph=True: then skip the ops' (Python) autograd kernels.
+    below = contextlib.nullcontext() if torch.is_grad_enabled() else torch._C._AutoDispatchBelowAutograd()
+    with below:
+        if ctx.inplace:
+            fused_logprobs_backward_inplace(grad_logp, student, labels, lse, ctx.temperature)
+            grad = student
+        else:
+            grad = fused_logprobs_backward(grad_logp, student, labels, lse, ctx.temperature)
     return grad, None, None, None, None, None, None
 
 
 
 def _backward(ctx, grad_logp, grad_logp_t, grad_lse, grad_ent):
+    if ctx.forced == dispatch.forced_by_context():  # already on the forward's backend (the usual case)
+        return _backward_on_backend(ctx, grad_logp, grad_logp_t, grad_lse, grad_ent)
     with dispatch.force_backend(ctx.forced):
         return _backward_on_backend(ctx, grad_logp, grad_logp_t, grad_lse, grad_ent)
 
 fused_logprobs.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAutograd(torch.autograd.Function):
+    """The registered autograd of ``fused_logprobs`` (same ``_setup_context`` / ``_backward``) for eager calls whose
+    student needs a gradient, without torch.library's per-call rebuild of the schema's argument list
+    (``fill_defaults``); see ``ops/fused_loss.py``. torch.compile keeps the registered path."""
+
+    @staticmethod
+    def forward(ctx, op, student, rest):
+        args = (student,) + rest
+        with torch._C._AutoDispatchBelowAutograd():
+            out = op(*args)
+        _setup_context(ctx, args, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return None, _backward(ctx, *grads)[0], None
+
+
+def fused_logprobs_autograd(op, student, *rest):
+    """``op(student, *rest)`` (``op``: :func:`fused_logprobs`) with its autograd; only ``student`` is an input of the
+    autograd node (the op gives no other argument a gradient)."""
+    return _EagerAutograd.apply(op, student, rest)

@@ -15,6 +15,7 @@ next to the pass on a CPU) and their gradient sweep.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -31,9 +32,31 @@ _EMPTY = (0,)
 N_METRICS = 7
 
 
+_HYPERS: dict = {}  # the op's scalar arguments -> Hyper (a training run uses a handful of settings)
+
+
 def _hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index):
-    return Hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode,
-                 norm if loss_agg_mode == "sum" else None, temperature, ignore_index)
+    key = (lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index)
+    h = _HYPERS.get(key)
+    if h is None:
+        h = Hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode,
+                  norm if loss_agg_mode == "sum" else None, temperature, ignore_index)
+        if len(_HYPERS) >= 64:
+            _HYPERS.clear()
+        _HYPERS[key] = h
+    return h
+
+
+_TRITON_LOSS = []  # the Triton loss module, imported on first use
+
+
+def _loss_backend(device):
+    """``dispatch.get_loss_backend(device)`` without importing the module on every call."""
+    if dispatch.select_backend(device) != "triton":
+        return None
+    if not _TRITON_LOSS:
+        _TRITON_LOSS.append(get_loss_backend(device))
+    return _TRITON_LOSS[0]
 
 
 def _eager_loss(student, teacher, teacher_logprobs, labels, advantages, old_logprobs, mask, cu_seqlens, h,
@@ -75,7 +98,7 @@ def fused_rlsd_loss(student: Tensor, teacher: Optional[Tensor], teacher_logprobs
     h = _hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index)
     write_grad = want_grad and not inplace
     shape = labels.shape
-    fused = get_loss_backend(student.device)
+    fused = _loss_backend(student.device)
     if fused is not None:
         grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if write_grad else None
         loss, logp_s, logp_t, g, ent, metrics, errors, lse, coef = fused.fused_loss(
@@ -91,7 +114,8 @@ def fused_rlsd_loss(student: Tensor, teacher: Optional[Tensor], teacher_logprobs
         loss = loss.to(torch.float32)
     empty = lambda: student.new_empty(_EMPTY, dtype=torch.float32)  # noqa: E731
     return (loss, logp_s.view(shape), empty() if logp_t is None else logp_t.view(shape), g.view(shape),
-            empty() if ent is None else ent.view(shape), metrics.to(torch.float32), errors,
+            empty() if ent is None else ent.view(shape),
+            metrics if metrics.dtype == torch.float32 else metrics.to(torch.float32), errors,
             student.new_empty(_EMPTY) if grad is None else grad, lse, coef)
 
 
@@ -110,7 +134,7 @@ def _(student, teacher, teacher_logprobs, labels, advantages, old_logprobs, mask
 @torch.library.custom_op("rlsd_kernels::scale_grad_", mutates_args=("grad",))
 def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
     """``grad *= grad_output`` (a 0-d tensor) without a host sync on CUDA, free when grad_output is 1."""
-    fused = get_loss_backend(grad.device)
+    fused = _loss_backend(grad.device)
     if fused is not None:
         fused.scale_(grad, grad_output)
     elif grad_output.item() != 1.0:  # CPU: reading the scalar costs nothing
@@ -142,19 +166,53 @@ def _backward_on_backend(ctx, grad_loss, *_):
         raise RuntimeError("rlsd_loss: the gradient was formed in the forward and can be used by one backward only;"
                            " call rlsd_loss again instead of backward(retain_graph=True) twice")
     ctx.used = True
+    # Nothing to record unless create_graph=True: then skip the ops' (Python) autograd kernels.
+    below = contextlib.nullcontext() if torch.is_grad_enabled() else torch._C._AutoDispatchBelowAutograd()
     if ctx.inplace:
         student, labels, lse, coef = ctx.saved_tensors
         # coef is 0 for tokens outside the mask; grad_loss * coef keeps the device-side scalar (no sync)
-        fused_logprobs_backward_inplace(coef * grad_loss, student, labels, lse, ctx.temperature)
+        scaled = coef * grad_loss
+        with below:
+            fused_logprobs_backward_inplace(scaled, student, labels, lse, ctx.temperature)
         return (student,) + nones
     (grad,) = ctx.saved_tensors
-    scale_grad_(grad, grad_loss)
+    with below:
+        scale_grad_(grad, grad_loss)
     return (grad,) + nones
 
 
 
 def _backward(ctx, grad_loss, *_):
+    if ctx.forced == dispatch.forced_by_context():  # already on the forward's backend (the usual case)
+        return _backward_on_backend(ctx, grad_loss, *_)
     with dispatch.force_backend(ctx.forced):
         return _backward_on_backend(ctx, grad_loss, *_)
 
 fused_rlsd_loss.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAutograd(torch.autograd.Function):
+    """The autograd of ``fused_rlsd_loss`` (the same ``_setup_context`` / ``_backward`` as registered above) for eager
+    calls that need a gradient. The registered path costs ~100 us of host time per call in
+    ``torch._library.utils.fill_defaults``, which rebuilds the 24-entry argument list of the schema once per argument;
+    here the op is dispatched below autograd and the context set up from the arguments as given. torch.compile and
+    ``torch.ops.rlsd_kernels.fused_rlsd_loss`` keep the registered path."""
+
+    @staticmethod
+    def forward(ctx, op, student, rest):
+        args = (student,) + rest
+        with torch._C._AutoDispatchBelowAutograd():
+            out = op(*args)
+        _setup_context(ctx, args, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return None, _backward(ctx, *grads)[0], None
+
+
+def fused_rlsd_loss_autograd(op, student, *rest):
+    """``op(student, *rest)`` (``op``: :func:`fused_rlsd_loss`, looked up by the caller) with its autograd, for
+    eager calls whose student needs a gradient; see :class:`_EagerAutograd`. Only ``student`` is an input of the
+    autograd node (the op gives no other argument a gradient): the other 23 travel as one tuple."""
+    return _EagerAutograd.apply(op, student, rest)
