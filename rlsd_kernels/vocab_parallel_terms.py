@@ -160,8 +160,8 @@ def _target_grad(coef, e, f, s3, t3, local, st: RowTermStats, rows, temperature,
     if e is not None:
         g = g - e[rows].double() * torch.where(p > 0, p * (lp + st.entropy[rows]), 0.0)
     if div_mode:
-        T = s3.shape[1]
-        zt = t3[rows // T, rows % T, local[rows]].double() / temperature
+        Tt = t3.shape[1]  # the teacher's own [B, T] split of the rows (it may differ from the student's)
+        zt = t3[rows // Tt, rows % Tt, local[rows]].double() / temperature
         lt = zt - st.lse_t[rows]
         pt = torch.exp(lt)
         if div_mode == FORWARD_KL:

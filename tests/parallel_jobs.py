@@ -111,11 +111,16 @@ def run_case(case, x, lo, hi, group=None):
                     teacher_logprobs=res.teacher_logprobs.detach(), hidden_grad=hidden.grad.clone(),
                     grad=weight.grad.clone(), bias_grad=bias.grad.clone(),
                     metrics=torch.tensor(list(res.metrics.values()), dtype=torch.float64, device="cpu"))
-    student = x["student"][..., lo:hi].clone().requires_grad_(True)
+    student = leaf = x["student"][..., lo:hi].clone().requires_grad_(True)
+    if case.get("shifted"):  # the student is a [:, :-1] view (no merged row stride), the teacher contiguous
+        leaf = torch.cat([x["student"][..., lo:hi], x["student"][:, :1, lo:hi]], 1).requires_grad_(True)
+        student = leaf[:, :-1]
     out = {}
     if case["op"] == "loss":
         kw = loss_kwargs(case, x)
         teacher = x["teacher"][..., lo:hi] if case.get("teacher") == "logits" else None
+        if case.get("shifted"):
+            teacher = teacher.contiguous()
         if case.get("teacher") == "logprobs":
             kw["teacher_logprobs"] = case["teacher_logprobs"]
         res = rlsd_loss(student, teacher, x["labels"], x["advantages"], **kw, **vp)
@@ -136,7 +141,7 @@ def run_case(case, x, lo, hi, group=None):
                                    inplace_backward=case.get("inplace", False), **vp)
         (logp * x["grad_weights"]).sum().backward()
         out.update(logprobs=logp.detach(), entropy=ent)
-    out["grad"] = student.grad.detach().clone() if student.grad is not None else None
+    out["grad"] = None if leaf.grad is None else leaf.grad[:, :student.shape[1]].detach().clone()
     return out
 
 

@@ -52,9 +52,9 @@ CASES = [
          terms=dict(distill_coef=0.3, distill_divergence="reverse_kl")),
     dict(op="loss", seed=14, B=2, T=4, teacher="logits", old=True, scale=30.0,
          terms=dict(distill_coef=0.4, distill_divergence="jsd", distill_beta=0.3)),
-    # every term at once, seq aggregation
+    # every term at once, seq aggregation, the student a shifted [:, :-1] view
     dict(op="loss", seed=15, B=3, T=4, teacher="logits", mask=True, old=True, agg="seq", temperature=0.9,
-         terms=dict(kl_coef=0.1, rollout_is="token", loss_type="gspo", entropy_coef=0.02, distill_coef=0.3,
+         shifted=True, terms=dict(kl_coef=0.1, rollout_is="token", loss_type="gspo", entropy_coef=0.02, distill_coef=0.3,
                     distill_divergence="jsd")),
     # opsd_loss with each divergence
     dict(op="opsd", seed=16, B=2, T=4, mask=True, divergence="forward_kl"),
