@@ -21,8 +21,8 @@ autograd functions produce them, identical on every rank:
 
     JSD cannot be split so: ``M = beta p_T + (1 - beta) p_S`` needs the global normalisations inside its log. Its
     two per-row sums ``KL(p_T || M)``, ``KL(p_S || M)`` are taken on the shard with the global log-sum-exps by an
-    eager float64 torch sweep (``_jsd_partials``; no backend pass exposes them), then summed over the ranks by a
-    second all-gather. The backward is the backend's ``backward_terms`` sweep on the shard with the GLOBAL
+    eager torch sweep (``_jsd_partials``: no backend pass exposes them), then summed over the ranks by a second
+    all-gather. The backward is the backend's ``backward_terms`` sweep on the shard with the GLOBAL
     ``lse``, ``H``, ``lse_T``, ``D`` and ``KL(p_S || M)``; the target element of the rows a rank owns is then
     rewritten from the global log-prob (a backend may form ``1 - p_y`` from its own, here partial, row sum). No
     collective in the backward.
@@ -32,6 +32,8 @@ Collectives per call (forward + backward): 2 (layout check + the gather of the p
 gathered table, so every rank gets the same bits.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -97,23 +99,32 @@ def _kl_split(weight_log, other_log, d_local):
     return torch.where(a > 0, a * (d_local + weight_log - other_log), 0.0).sum(0)
 
 
+def _split(lse):
+    """A float64 ``[N]`` log-sum-exp as two float32 parts ``(hi, lo)``: ``(x - hi) - lo`` is exact where x ~ hi (as
+    ``csrc/rlsd_row_terms.h``'s ``SplitLse``); rows of only -inf get 0."""
+    lse = torch.where(torch.isfinite(lse), lse, 0.0)
+    hi = lse.to(torch.float32)
+    return hi[:, None], (lse - hi.double()).to(torch.float32)[:, None]
+
+
 def _jsd_partials(s3, t3, lse_s, lse_t, temperature, beta):
     """On this shard, with the GLOBAL log-sum-exps: ``[2, N]`` float64 partial sums ``sum_v p_T (log p_T - log M)``
-    and ``sum_v p_S (log p_S - log M)`` (eager torch over blocks of rows, as ``backends/logits/eager.py``)."""
+    and ``sum_v p_S (log p_S - log M)``. Eager torch over blocks of rows (as ``backends/logits/eager.py``), float32
+    elements with the split log-sum-exps, float64 row sums."""
     B, T, V = s3.shape
     n = B * T
     out = torch.zeros(2, n, dtype=torch.float64, device=s3.device)
-    ls_g = torch.where(torch.isfinite(lse_s), lse_s, 0.0)
-    lt_g = torch.where(torch.isfinite(lse_t), lse_t, 0.0)
+    (s_hi, s_lo), (t_hi, t_lo) = _split(lse_s), _split(lse_t)
     step = _rows_per_block(V)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        ls = _flat_rows(s3, r0, r1).to(torch.float64) / temperature - ls_g[r0:r1, None]
-        lt = _flat_rows(t3, r0, r1).to(torch.float64) / temperature - lt_g[r0:r1, None]
+        ls = (_flat_rows(s3, r0, r1).to(torch.float32) / temperature - s_hi[r0:r1]) - s_lo[r0:r1]
+        lt = (_flat_rows(t3, r0, r1).to(torch.float32) / temperature - t_hi[r0:r1]) - t_lo[r0:r1]
         ps, pt = ls.exp(), lt.exp()
-        lm = torch.log(beta * pt + (1 - beta) * ps)
-        out[0, r0:r1] = (pt * torch.where(pt > 0, lt - lm, 0.0)).sum(-1)
-        out[1, r0:r1] = (ps * torch.where(ps > 0, ls - lm, 0.0)).sum(-1)
+        # log M as a logaddexp: beta * p_T + (1 - beta) * p_S may underflow to 0 where p_T > 0 is subnormal
+        lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+        out[0, r0:r1] = (pt * torch.where(pt > 0, lt - lm, 0.0)).sum(-1, dtype=torch.float64)
+        out[1, r0:r1] = (ps * torch.where(ps > 0, ls - lm, 0.0)).sum(-1, dtype=torch.float64)
     return out
 
 
