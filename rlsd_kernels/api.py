@@ -44,7 +44,7 @@ def rlsd_loss(student_logits, teacher_logits, labels, advantages, old_logprobs=N
 
     ``vocab_parallel_group`` (a ``torch.distributed`` group): the logits are this rank's vocabulary shard
     ``[..., V_local]`` starting at global id ``vocab_start`` (default ``rank * V_local``); labels are global ids
-    (docs/math.md section 2d, ``rlsd_kernels/vocab_parallel.py``; the section 2c terms are not sharded yet).
+    (docs/math.md section 2d, ``rlsd_kernels/vocab_parallel.py``; the section 2c terms too).
     """
     entry = _settings(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature,
                       ignore_index, kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode, entropy_coef,
@@ -100,7 +100,7 @@ def _rlsd_loss(h: Hyper, student_logits, teacher_logits, labels, advantages, old
     if vocab_parallel.check_vocab_parallel(group, vocab_start, x) is not None:  # docs/math.md section 2d
         return vocab_parallel.rlsd_loss_sharded(h, student_logits, teacher_logits, labels, advantages, old_logprobs,
                                                 mask, teacher_logprobs, cu_seqlens, return_entropy, inplace_backward,
-                                                group, vocab_start)
+                                                group, vocab_start, x, ref_logprobs, rollout_logprobs)
     if (ref_logprobs is not None or rollout_logprobs is not None) and isinstance(labels, torch.Tensor):
         # given, even if unused: they must still be the right tensors
         check_terms(x, labels.shape, True, student_logits.device, teacher_logits, teacher_logprobs, ref_logprobs,
@@ -179,12 +179,13 @@ def token_logprobs(logits, labels, temperature: float = 1.0, return_entropy: boo
 
 def opsd_loss(student_logits, teacher_logits, labels, mask=None, *, divergence="forward_kl", beta=0.5, clip=None,
               loss_agg_mode="token", norm=None, cu_seqlens=None, temperature=1.0, ignore_index=-100,
-              return_entropy=False) -> RLSDOutput:
+              return_entropy=False, vocab_parallel_group=None, vocab_start=None) -> RLSDOutput:
     """Fused on-policy self-distillation (docs/math.md section 2b): the aggregated per-token divergence ``D_t``
     between the teacher's and the student's full distributions, gradient into ``student_logits`` only.
 
     The same output object as :func:`rlsd_loss` (``weights`` are all 1); ``metrics`` holds ``distill_mean``. The
-    eager ground truth is :func:`rlsd_kernels.reference.opsd_loss`.
+    eager ground truth is :func:`rlsd_kernels.reference.opsd_loss`. ``vocab_parallel_group`` / ``vocab_start``:
+    vocabulary-sharded student and teacher logits, as in :func:`rlsd_loss`.
     """
     beta, clip = check_divergence(divergence, beta, clip)
     if teacher_logits is None:
@@ -196,8 +197,12 @@ def opsd_loss(student_logits, teacher_logits, labels, mask=None, *, divergence="
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     zeros = torch.zeros(labels.shape, dtype=torch.float32, device=student_logits.device)  # no policy-gradient part
-    out = _rlsd_loss_terms(h, x, student_logits, teacher_logits, labels, zeros, None, mask, None, cu_seqlens,
-                           return_entropy, False, None, None)
+    if vocab_parallel.check_vocab_parallel(vocab_parallel_group, vocab_start) is not None:
+        out = vocab_parallel.rlsd_loss_sharded(h, student_logits, teacher_logits, labels, zeros, None, mask, None,
+                                               cu_seqlens, return_entropy, False, vocab_parallel_group, vocab_start, x)
+    else:
+        out = _rlsd_loss_terms(h, x, student_logits, teacher_logits, labels, zeros, None, mask, None, cu_seqlens,
+                               return_entropy, False, None, None)
     return out._replace(metric_values=out.metric_values[-1:], base_metric_names=())
 
 

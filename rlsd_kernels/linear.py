@@ -54,7 +54,7 @@ def rlsd_linear_loss(student_hidden, lm_head_weight, labels, advantages, old_log
 
     ``vocab_parallel_group`` / ``vocab_start``: ``lm_head_weight`` (and bias) hold this rank's vocabulary rows
     (docs/math.md section 2d): ``d hidden`` is all-reduced over the group, ``d weight`` stays local
-    (``vocab_parallel_linear.py``; materialises the shard's logits, no section 2c terms yet).
+    (``vocab_parallel_linear.py``; materialises the shard's logits; the section 2c terms too).
     """
     h, x = hyper_and_terms(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature,
                            ignore_index, kl_coef, kl_type, rollout_is, rollout_is_threshold, rollout_is_mode,
@@ -63,7 +63,8 @@ def rlsd_linear_loss(student_hidden, lm_head_weight, labels, advantages, old_log
     if vocab_parallel.check_vocab_parallel(vocab_parallel_group, vocab_start, x) is not None:
         return rlsd_linear_loss_sharded(h, student_hidden, lm_head_weight, lm_head_bias, labels, advantages,
                                         old_logprobs, mask, teacher_hidden, teacher_logprobs, cu_seqlens,
-                                        return_entropy, vocab_parallel_group, vocab_start)
+                                        return_entropy, vocab_parallel_group, vocab_start, x, ref_logprobs,
+                                        rollout_logprobs)
     H, V = check_linear(student_hidden, lm_head_weight, lm_head_bias, teacher_hidden)
     if teacher_hidden is not None and teacher_logprobs is not None:
         raise ValueError("pass teacher_hidden or teacher_logprobs, not both")

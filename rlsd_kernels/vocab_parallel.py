@@ -272,9 +272,18 @@ class _ShardedLoss(torch.autograd.Function):
 
 def rlsd_loss_sharded(h: Hyper, student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
                       teacher_logprobs, cu_seqlens, return_entropy, inplace_backward, group,
-                      vocab_start) -> RLSDOutput:
+                      vocab_start, terms=None, ref_logprobs=None, rollout_logprobs=None) -> RLSDOutput:
     """``rlsd_loss`` on a vocabulary shard (section 2d): every rank returns the unsharded op's loss, log-probs and
-    metrics; the student shard's gradient is this rank's slice of the unsharded gradient."""
+    metrics; the student shard's gradient is this rank's slice of the unsharded gradient. With section 2c terms on
+    (``terms``, a ``loss_terms.Terms``), or ``ref_logprobs`` / ``rollout_logprobs`` given, ``vocab_parallel_terms``
+    runs it."""
+    if (terms is not None and terms.on) or ref_logprobs is not None or rollout_logprobs is not None:
+        from .loss_terms import Terms
+        from .vocab_parallel_terms import loss_terms_sharded
+
+        return loss_terms_sharded(h, terms if terms is not None else Terms(), student_logits, teacher_logits, labels,
+                                  advantages, old_logprobs, mask, teacher_logprobs, cu_seqlens, return_entropy,
+                                  inplace_backward, ref_logprobs, rollout_logprobs, group, vocab_start)
     check_logits("student_logits", student_logits)
     if teacher_logits is not None:
         check_logits("teacher_logits", teacher_logits, shape=student_logits.shape, device=student_logits.device)
@@ -293,13 +302,10 @@ def rlsd_loss_sharded(h: Hyper, student_logits, teacher_logits, labels, advantag
 
 
 def check_vocab_parallel(group, vocab_start, terms=None) -> Optional[object]:
-    """``vocab_start`` without a group is a mistake (it would be silently ignored); the section 2c terms are not
-    sharded yet (``terms``: the call's ``loss_terms.Terms``)."""
+    """``vocab_start`` without a group is a mistake (it would be silently ignored). ``terms`` (the call's
+    ``loss_terms.Terms``) is accepted for the callers' sake: every section 2c term runs sharded."""
     if group is None and vocab_start is not None:
         raise ValueError("vocab_start needs vocab_parallel_group (the process group the vocabulary is sharded over)")
-    if group is not None and terms is not None and terms.on:
-        raise ValueError("vocab_parallel_group: the docs/math.md section 2c terms (kl_coef, rollout_is, "
-                         "loss_type='gspo', entropy_coef, distill_coef) are not supported on a vocabulary shard yet")
     return group
 
 

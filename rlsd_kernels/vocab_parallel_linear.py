@@ -38,10 +38,18 @@ class _AllReduceGrad(torch.autograd.Function):
 
 def rlsd_linear_loss_sharded(h: Hyper, student_hidden, lm_head_weight, lm_head_bias, labels, advantages,
                              old_logprobs, mask, teacher_hidden, teacher_logprobs, cu_seqlens, return_entropy,
-                             group, vocab_start):
+                             group, vocab_start, terms=None, ref_logprobs=None, rollout_logprobs=None):
+    """The section 2c ``terms`` run as in ``rlsd_loss`` (``vocab_parallel_terms.py``); the distillation term needs
+    ``teacher_hidden``."""
     check_linear(student_hidden, lm_head_weight, lm_head_bias, teacher_hidden)
     if teacher_hidden is not None and teacher_logprobs is not None:
         raise ValueError("pass teacher_hidden or teacher_logprobs, not both")
+    if terms is not None and terms.distill_coef > 0 and teacher_hidden is None:
+        got = "only teacher_logprobs was given" if teacher_logprobs is not None else "no teacher was given"
+        raise ValueError(f"distill_coef > 0 needs teacher_hidden (the teacher's full distribution); {got}")
+    # the logits are this op's own temporaries: the gradient may overwrite them, except where the entropy or
+    # divergence backward reads them in a separate sweep
+    inplace = terms is None or not terms.needs_full_distribution
     hidden = _AllReduceGrad.apply(student_hidden, group) if torch.is_grad_enabled() else student_hidden
     logits = torch.nn.functional.linear(hidden, lm_head_weight, lm_head_bias)
     teacher = None
@@ -49,4 +57,5 @@ def rlsd_linear_loss_sharded(h: Hyper, student_hidden, lm_head_weight, lm_head_b
         with torch.no_grad():
             teacher = torch.nn.functional.linear(teacher_hidden, lm_head_weight, lm_head_bias)
     return rlsd_loss_sharded(h, logits, teacher, labels, advantages, old_logprobs, mask, teacher_logprobs,
-                             cu_seqlens, return_entropy, True, group, vocab_start)
+                             cu_seqlens, return_entropy, inplace, group, vocab_start, terms, ref_logprobs,
+                             rollout_logprobs)

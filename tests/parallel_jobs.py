@@ -60,6 +60,9 @@ def make_inputs(case, device="cpu"):
     x["teacher_hidden"] = torch.randn(B, T, H, generator=g, device=device)
     x["weight"] = torch.randn(V, H, generator=g, device=device)
     x["bias"] = torch.randn(V, generator=g, device=device)
+    # section 2c: reference-policy and sampler log-probs (drawn last: the draws above do not move)
+    x["ref"] = x["old"] - 0.3 * torch.randn(B, T, generator=g, device=device)
+    x["rollout"] = x["old"] - 0.5 * torch.randn(B, T, generator=g, device=device)
     return x
 
 
@@ -72,12 +75,27 @@ def loss_kwargs(case, x):
         kw["old_logprobs"] = x["old"]
     if case.get("mask"):
         kw["mask"] = x["mask"]
+    terms = case.get("terms", {})
+    kw.update(terms)  # section 2c switches (kl_coef, rollout_is, loss_type="gspo", entropy_coef, distill_*)
+    if terms.get("kl_coef"):
+        kw["ref_logprobs"] = x["ref"]
+    if terms.get("rollout_is"):
+        kw["rollout_logprobs"] = x["rollout"]
+    return kw
+
+
+def opsd_kwargs(case, x):
+    """Keyword arguments of ``opsd_loss`` for a case."""
+    kw = dict(divergence=case.get("divergence", "forward_kl"), beta=case.get("beta", 0.5), clip=case.get("clip"),
+              loss_agg_mode=case.get("agg", "token"), temperature=case.get("temperature", 1.0))
+    if case.get("mask"):
+        kw["mask"] = x["mask"]
     return kw
 
 
 def run_case(case, x, lo, hi, group=None):
     """One call of the op on the vocabulary slice ``[lo, hi)`` (the whole vocabulary without a group)."""
-    from rlsd_kernels import rlsd_linear_loss, rlsd_loss, token_logprobs
+    from rlsd_kernels import opsd_loss, rlsd_linear_loss, rlsd_loss, token_logprobs
 
     vp = {} if group is None else {"vocab_parallel_group": group, "vocab_start": lo}
     if case["op"] == "linear":  # LM-head rows [lo, hi) on this rank; d hidden complete, d weight / d bias local
@@ -93,11 +111,16 @@ def run_case(case, x, lo, hi, group=None):
                     teacher_logprobs=res.teacher_logprobs.detach(), hidden_grad=hidden.grad.clone(),
                     grad=weight.grad.clone(), bias_grad=bias.grad.clone(),
                     metrics=torch.tensor(list(res.metrics.values()), dtype=torch.float64, device="cpu"))
-    student = x["student"][..., lo:hi].clone().requires_grad_(True)
+    student = leaf = x["student"][..., lo:hi].clone().requires_grad_(True)
+    if case.get("shifted"):  # the student is a [:, :-1] view (no merged row stride), the teacher contiguous
+        leaf = torch.cat([x["student"][..., lo:hi], x["student"][:, :1, lo:hi]], 1).requires_grad_(True)
+        student = leaf[:, :-1]
     out = {}
     if case["op"] == "loss":
         kw = loss_kwargs(case, x)
         teacher = x["teacher"][..., lo:hi] if case.get("teacher") == "logits" else None
+        if case.get("shifted"):
+            teacher = teacher.contiguous()
         if case.get("teacher") == "logprobs":
             kw["teacher_logprobs"] = case["teacher_logprobs"]
         res = rlsd_loss(student, teacher, x["labels"], x["advantages"], **kw, **vp)
@@ -106,12 +129,19 @@ def run_case(case, x, lo, hi, group=None):
                    metrics=torch.tensor(list(res.metrics.values()), dtype=torch.float64, device="cpu"))
         if res.teacher_logprobs is not None:
             out["teacher_logprobs"] = res.teacher_logprobs.detach()
+    elif case["op"] == "opsd":
+        res = opsd_loss(student, x["teacher"][..., lo:hi], x["labels"], **opsd_kwargs(case, x), return_entropy=True,
+                        **vp)
+        res.loss.backward()
+        out.update(loss=res.loss.detach(), logprobs=res.logprobs, entropy=res.entropy,
+                   teacher_logprobs=res.teacher_logprobs.detach(),
+                   metrics=torch.tensor(list(res.metrics.values()), dtype=torch.float64, device="cpu"))
     else:
         logp, ent = token_logprobs(student, x["labels"], case.get("temperature", 1.0), True,
                                    inplace_backward=case.get("inplace", False), **vp)
         (logp * x["grad_weights"]).sum().backward()
         out.update(logprobs=logp.detach(), entropy=ent)
-    out["grad"] = student.grad.detach().clone() if student.grad is not None else None
+    out["grad"] = None if leaf.grad is None else leaf.grad[:, :student.shape[1]].detach().clone()
     return out
 
 
@@ -177,4 +207,10 @@ def _validation_errors(rank, world, sizes):
                                        vocab_parallel_group=dist.group.WORLD, vocab_start=lo))
     attempt("start", lambda: token_logprobs(x["student"][..., lo:hi], x["labels"],
                                             vocab_parallel_group=dist.group.WORLD, vocab_start=-3))
+    # section 2c: distillation without teacher logits; the in-place backward with a whole-row term
+    attempt("distill", lambda: rlsd_loss(x["student"][..., lo:hi], None, x["labels"], x["advantages"],
+                                         distill_coef=0.5, vocab_parallel_group=dist.group.WORLD, vocab_start=lo))
+    attempt("inplace", lambda: rlsd_loss(x["student"][..., lo:hi].clone(), None, x["labels"], x["advantages"],
+                                         entropy_coef=0.1, inplace_backward=True,
+                                         vocab_parallel_group=dist.group.WORLD, vocab_start=lo))
     return msgs

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import parallel_jobs as jobs
 from helpers import Backend, machine_backends, running_on
 
-from rlsd_kernels import rlsd_loss, token_logprobs
+from rlsd_kernels import reference, rlsd_loss, token_logprobs
 from rlsd_kernels.reference import rlsd_loss_eager, token_logprobs_eager
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
@@ -35,10 +35,43 @@ CASES = [
     dict(op="logprobs", seed=6, B=2, T=3, inplace=True),
     # sharded LM head: rlsd_linear_loss with teacher hidden states, bias, seq aggregation
     dict(op="linear", seed=7, B=2, T=4, agg="seq", mask=True, temperature=0.9),
+    # section 2c terms, one at a time: KL to a reference (k2), teacher logits, off-policy, token aggregation
+    dict(op="loss", seed=8, B=3, T=4, teacher="logits", mask=True, old=True, temperature=0.7,
+         terms=dict(kl_coef=0.2, kl_type="k2")),
+    # rollout IS (sequence level, rejection), seq aggregation, teacher log-probs, in-place backward
+    dict(op="loss", seed=9, B=3, T=4, teacher="logprobs", agg="seq", adv_per_seq=True, inplace=True, old=True,
+         terms=dict(rollout_is="sequence", rollout_is_mode="mask", rollout_is_threshold=1.5)),
+    # GSPO, seq aggregation
+    dict(op="loss", seed=10, B=2, T=5, teacher="logits", old=True, agg="seq", terms=dict(loss_type="gspo")),
+    # entropy bonus, large logits (|lse| > 32: the C++ sweep falls back to the reference one on a shard)
+    dict(op="loss", seed=11, B=2, T=4, mask=True, temperature=1.3, scale=30.0, terms=dict(entropy_coef=0.05)),
+    # distillation: forward KL with a clip, reverse KL (seq aggregation), JSD (large logits)
+    dict(op="loss", seed=12, B=3, T=4, teacher="logits", mask=True, lam=0.5,
+         terms=dict(distill_coef=0.5, distill_clip=0.8)),
+    dict(op="loss", seed=13, B=2, T=4, teacher="logits", agg="seq", temperature=0.8,
+         terms=dict(distill_coef=0.3, distill_divergence="reverse_kl")),
+    dict(op="loss", seed=14, B=2, T=4, teacher="logits", old=True, scale=30.0,
+         terms=dict(distill_coef=0.4, distill_divergence="jsd", distill_beta=0.3)),
+    # every term at once, seq aggregation, the student a shifted [:, :-1] view
+    dict(op="loss", seed=15, B=3, T=4, teacher="logits", mask=True, old=True, agg="seq", temperature=0.9,
+         shifted=True, terms=dict(kl_coef=0.1, rollout_is="token", loss_type="gspo", entropy_coef=0.02, distill_coef=0.3,
+                    distill_divergence="jsd")),
+    # opsd_loss with each divergence
+    dict(op="opsd", seed=16, B=2, T=4, mask=True, divergence="forward_kl"),
+    dict(op="opsd", seed=17, B=2, T=4, agg="seq", divergence="reverse_kl", clip=1.0, temperature=0.8),
+    dict(op="opsd", seed=18, B=3, T=3, mask=True, divergence="jsd", beta=0.7),
+    # sharded LM head with terms: KL, entropy, reverse-KL distillation from teacher hidden states
+    dict(op="linear", seed=19, B=2, T=4, mask=True,
+         terms=dict(kl_coef=0.1, entropy_coef=0.03, distill_coef=0.5, distill_divergence="reverse_kl")),
 ]
-# collectives per forward + backward: the layout check and the gather of the partials; the linear op adds the
-# all-reduce of d hidden
-COLLECTIVES = {"loss": 2, "logprobs": 2, "linear": 3}
+# collectives per forward + backward: the layout check and the gather of the partials (every term and opsd_loss
+# included); JSD adds the gather of its mixture sums; the linear op adds the all-reduce of d hidden
+COLLECTIVES = {"loss": 2, "logprobs": 2, "linear": 3, "opsd": 2}
+
+
+def _collectives(case):
+    jsd = case.get("divergence") == "jsd" or case.get("terms", {}).get("distill_divergence") == "jsd"
+    return COLLECTIVES[case["op"]] + int(jsd)
 
 
 def _spawn(sizes, backends, cases):
@@ -55,6 +88,10 @@ def _reference(case, x):
     """float64 eager ground truth of a case: the outputs and the full gradient."""
     x64 = {k: (v.double() if v.is_floating_point() else v) for k, v in x.items()}
     student = x64["student"].clone().requires_grad_(True)
+    if case["op"] == "opsd":
+        loss, _ = reference.opsd_loss(student, x64["teacher"], x64["labels"], **jobs.opsd_kwargs(case, x64))
+        loss.backward()
+        return {"loss": loss, "grad": student.grad}
     if case["op"] == "loss":
         kw = jobs.loss_kwargs(case, x64)
         kw.pop("inplace_backward")
@@ -84,7 +121,7 @@ def _check(results, sizes, backends, cases):
                 for r, o in enumerate(outs[1:], 1):
                     assert torch.equal(o[key], value), f"{where}: {key} differs between rank 0 and rank {r}"
             # structural: one layout check + one gather of the per-row partials per forward, none in the backward
-            assert all(o["collectives"] == COLLECTIVES[case["op"]] for o in outs), \
+            assert all(o["collectives"] == _collectives(case) for o in outs), \
                 f"{where}: {[o['collectives'] for o in outs]}"
             with running_on(Backend(backend, "cpu")):
                 full = jobs.run_case(case, x, 0, sum(sizes))
@@ -118,6 +155,8 @@ def test_sharded_matches_unsharded(sizes):
     assert "vocab_start" in errors[0]["overlap"] and "tile" in errors[0]["overlap"]
     assert errors[0]["label"] is not None and errors[0]["label"].startswith("labels")
     assert errors[0]["start"] is not None and "vocab_start" in errors[0]["start"]
+    assert errors[0]["distill"] is not None and "distill_coef" in errors[0]["distill"]
+    assert errors[0]["inplace"] is not None and "inplace_backward" in errors[0]["inplace"]
 
 
 def test_vocab_start_without_group():
@@ -157,11 +196,3 @@ def test_readme_torchrun_example_runs():
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     losses = re.findall(r"rank \d: shard \[\d+, \d+\) loss (\S+) \(unsharded (\S+)\)", res.stdout)
     assert len(losses) == 2 and len({loss for loss, _ in losses}) == 1
-
-
-def test_section_2c_terms_not_sharded_yet():
-    x = torch.randn(2, 3, 5)
-    labels = torch.zeros(2, 3, dtype=torch.long)
-    with pytest.raises(ValueError, match="vocab_parallel_group.*section 2c"):
-        rlsd_loss(x, None, labels, torch.zeros(2, 3), ref_logprobs=torch.zeros(2, 3), kl_coef=0.1,
-                  vocab_parallel_group=object())
