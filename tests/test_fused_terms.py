@@ -166,6 +166,25 @@ def test_opsd_loss_matches_reference(backend, div, clip, agg):
     assert out.metrics["distill_mean"] == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("beta", [0.5, 0.1])
+def test_jsd_with_far_apart_models(backend, beta):
+    """Teacher and student logits of std 30-100: both probabilities of a token fall below float32's range, so the
+    mixture ``M`` must be formed in log space (it was ``log(beta p_T + (1 - beta) p_S)`` = log 0 = -inf in the
+    Triton kernels, and the loss inf)."""
+    g = torch.Generator().manual_seed(3)
+    for scale in (30.0, 100.0):
+        s = (torch.randn(2, 5, 300, generator=g, device="cpu") * scale).to(backend.device).requires_grad_()
+        t = (torch.randn(2, 5, 300, generator=g, device="cpu") * scale).to(backend.device)
+        labels = torch.randint(0, 300, (2, 5), generator=g, device="cpu").to(backend.device)
+        out = rlsd_kernels.opsd_loss(s, t, labels, divergence="jsd", beta=beta)
+        out.loss.backward()
+        s64 = s.detach().double().requires_grad_()
+        ref, _ = reference.opsd_loss(s64, t.double(), labels, divergence="jsd", beta=beta)
+        (ref_grad,) = torch.autograd.grad(ref, s64)
+        torch.testing.assert_close(out.loss.double(), ref.detach(), **TOL)
+        torch.testing.assert_close(s.grad.double(), ref_grad, **TOL)
+
+
 @pytest.mark.parametrize("bad,name", [(dict(divergence="tvd"), "divergence"), (dict(beta=1.5, divergence="jsd"), "beta"),
                                       (dict(clip=-1.0), "clip"), (dict(teacher_logits=None), "teacher_logits")])
 def test_opsd_validation(bad, name):

@@ -24,6 +24,18 @@ FORWARD_KL, REVERSE_KL, JSD = 1, 2, 3  # backends.logits.DIV_MODES
 
 
 @triton.jit
+def _log_mixture(lt, ls, beta):
+    """``log(beta p_T + (1 - beta) p_S)`` from the log-probabilities, in log space: forming the mixture from
+    ``exp(lt)`` and ``exp(ls)`` underflows to 0 where both are below ~1e-38 (|logit gaps| of ~90), and a token with
+    ``p_T > 0`` then gets ``p_T * (lt - log 0) = inf``. -inf where both are -inf (terms there are masked out)."""
+    a = lt + tl.log(beta)
+    b = ls + tl.log(1.0 - beta)
+    mx = tl.maximum(a, b)
+    shift = tl.where(mx == float("-inf"), 0.0, mx)
+    return shift + tl.log(tl.exp(a - shift) + tl.exp(b - shift))
+
+
+@triton.jit
 def _terms_fwd(
     S, TCH, LABELS, LOGP_S, LOGP_T, LSE_S, ENT, LSE_T, DIV, AUX,  # LSE_S, LSE_T: float64
     seq_len, t_seq_len, V,
@@ -65,7 +77,7 @@ def _terms_fwd(
                     lt = (y.to(tl.float32) * inv_temp - m_t) - log_dt
                     ps = tl.exp(ls)
                     pt = tl.exp(lt)
-                    lm = tl.log(beta * pt + (1.0 - beta) * ps)
+                    lm = _log_mixture(lt, ls, beta)
                     a += tl.sum(tl.where(pt > 0, pt * (lt - lm), 0.0), axis=0)
                     b += tl.sum(tl.where(ps > 0, ps * (ls - lm), 0.0), axis=0)
                 tl.store(DIV + row, beta * a + (1.0 - beta) * b)
@@ -112,7 +124,7 @@ def _terms_bwd(
         if DIV_MODE == 2:
             g += f * tl.where(p > 0, p * (lp - lt - tl.load(DIV + row)), 0.0)
         if DIV_MODE == 3:
-            lm = tl.log(beta * tl.exp(lt) + (1.0 - beta) * p)
+            lm = _log_mixture(lt, lp, beta)
             g += f * (1.0 - beta) * tl.where(p > 0, p * (lp - lm - tl.load(AUX + row)), 0.0)
         live = live | (f != 0)
     # rows with nothing to contribute (masked, ignore_index: they may hold garbage) or of only -inf logits get 0
