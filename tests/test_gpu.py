@@ -77,3 +77,33 @@ def test_real_size_peak_memory(inplace):
     if inplace:
         assert g.data_ptr() == s.data_ptr()
 
+
+
+def test_weight_gradient_sums_in_the_gemm_epilogue():
+    """On CUDA the fused linear op adds each chunk's bf16 weight-gradient product into its float32 sums inside the
+    GEMM (``torch.addmm(..., out_dtype=torch.float32)``, backends/linear/chunked.py); it must give what the
+    product-then-add fallback gives."""
+    from rlsd_kernels.backends.linear import chunked
+
+    mode = chunked._mixed_addmm(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16)
+    assert mode in ("out", "new"), "torch.addmm(out_dtype=float32) unavailable: the slower fallback runs"
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.empty(4099, 256, device="cuda", dtype=torch.bfloat16)  # only its shape, dtype and device are used
+    parts = [(torch.randn(300, 4099, generator=g, device="cuda").bfloat16() / 300,
+              torch.randn(300, 256, generator=g, device="cuda").bfloat16()) for _ in range(5)]
+
+    def total(mode):
+        saved = dict(chunked._MIXED_ADDMM)
+        chunked._MIXED_ADDMM.update({k: mode for k in chunked._MIXED_ADDMM})
+        try:
+            acc = chunked._WeightGrad(w, n_chunks=len(parts))
+            for gi, hi in parts:
+                acc.add(gi, hi)
+            return acc.result()
+        finally:
+            chunked._MIXED_ADDMM.clear()
+            chunked._MIXED_ADDMM.update(saved)
+
+    fused, fallback = total(mode), total(None)
+    assert fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), fallback.float(), rtol=1e-2, atol=1e-5)

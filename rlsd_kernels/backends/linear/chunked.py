@@ -82,6 +82,37 @@ def _bias_acc(bias):
     return torch.float64 if bias is not None and bias.dtype == torch.float64 else torch.float32
 
 
+_MIXED_ADDMM = {}  # (device, dtype) -> "out" | "new" | None: see _mixed_addmm
+
+
+def _mixed_addmm(device, dtype):
+    """How ``torch.addmm(acc, a, b, out_dtype=torch.float32)`` can add a bf16/fp16 product into a float32 sum on
+    ``device`` (cuBLAS accumulates in float32 and adds into ``acc`` in its epilogue: no product temporary, no
+    separate add; PyTorch has it on CUDA only): ``"out"`` in place, ``"new"`` as a new tensor, ``None`` not at all.
+    Found once per device and dtype by trying it on a small product (one host sync, at the first call)."""
+    key = (device.type, device.index, dtype)
+    if key not in _MIXED_ADDMM:
+        _MIXED_ADDMM[key] = None
+        if device.type == "cuda":
+            g = torch.Generator(device="cpu").manual_seed(0)
+            a, b, acc = (torch.randn(*shape, generator=g, device="cpu") for shape in ((64, 32), (32, 48), (64, 48)))
+            a, b, acc = a.to(device, dtype), b.to(device, dtype), acc.to(device)
+            want = acc + a.float() @ b.float()
+            for mode in ("out", "new"):
+                try:
+                    x = acc.clone()
+                    if mode == "out":
+                        torch.addmm(x, a, b, out_dtype=torch.float32, out=x)
+                    else:
+                        x = torch.addmm(x, a, b, out_dtype=torch.float32)
+                    if x.dtype == torch.float32 and torch.allclose(x, want, rtol=1e-3, atol=1e-3):
+                        _MIXED_ADDMM[key] = mode
+                        break
+                except (RuntimeError, TypeError):
+                    continue
+    return _MIXED_ADDMM[key]
+
+
 class _WeightGrad:
     """``d weight = sum over chunks of g_chunk^T @ h_chunk``. A float32/float64 weight accumulates in its own
     dtype in place; a low-precision weight in float32 blocks (``WEIGHT_BLOCKS``): summing the chunk products in
@@ -107,8 +138,15 @@ class _WeightGrad:
             if self.blocks is None:
                 self.blocks = [torch.zeros((min(V, v0 + step) - v0, self.shape[1]), dtype=torch.float32,
                                            device=self.device) for v0 in range(0, V, step)]
+            mixed = _mixed_addmm(self.device, g.dtype)
             for b, v0 in enumerate(range(0, V, step)):
-                self.blocks[b].add_(g[:, v0:v0 + step].t() @ h)
+                gb = g[:, v0:v0 + step].t()
+                if mixed == "out":
+                    torch.addmm(self.blocks[b], gb, h, out_dtype=torch.float32, out=self.blocks[b])
+                elif mixed == "new":
+                    self.blocks[b] = torch.addmm(self.blocks[b], gb, h, out_dtype=torch.float32)
+                else:  # the product in the input dtype (a 1/WEIGHT_BLOCKS temporary), then the float32 add
+                    self.blocks[b].add_(gb @ h)
 
     def result(self):
         if self.dw is not None:
