@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from . import dispatch, ops
-from ._inputs import check_logits, check_loss_inputs, check_scoring, check_terms
+from ._inputs import check_logits, check_loss_inputs, check_scoring, check_terms, check_terms_call
 from ._output import RLSDOutput
 from .hyper import LOSS_TYPES, Hyper
 from .loss_terms import Terms, check_divergence, hyper_and_terms
@@ -146,12 +146,8 @@ def _rlsd_loss_terms(h: Hyper, x: Terms, student_logits, teacher_logits, labels,
     check_logits("student_logits", student_logits)
     check_loss_inputs(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
                       cu_seqlens, h, values=not torch.compiler.is_compiling())
-    has_seqs = cu_seqlens is not None or labels.dim() >= 2
-    check_terms(x, labels.shape, has_seqs, student_logits.device, teacher_logits, teacher_logprobs, ref_logprobs,
-                rollout_logprobs)
-    if inplace_backward and x.needs_full_distribution:
-        raise ValueError("inplace_backward=True is not supported with entropy_coef > 0 or distill_coef > 0 yet "
-                         "(their gradient is formed by a separate pass over the rows)")
+    check_terms_call(x, labels, cu_seqlens, student_logits.device, teacher_logits, teacher_logprobs, ref_logprobs,
+                     rollout_logprobs, inplace_backward)
     return loss_with_terms_fused(h, x, student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
                                  teacher_logprobs, cu_seqlens, return_entropy, inplace_backward, ref_logprobs,
                                  rollout_logprobs)

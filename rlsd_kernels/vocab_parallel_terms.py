@@ -38,7 +38,7 @@ import math
 import torch
 
 from . import dispatch
-from ._inputs import check_logits, check_terms, prepare
+from ._inputs import check_logits, check_terms_call, prepare
 from ._layout import as_rows3d
 from ._output import RLSDOutput
 from .backends.logits.eager import _flat_rows, _rows_per_block
@@ -258,12 +258,8 @@ def loss_terms_sharded(h: Hyper, x: Terms, student_logits, teacher_logits, label
     shard = resolve_shard(group, vocab_start, student_logits, has_teacher=teacher_logits is not None)
     prep = prepare(_stand_in(student_logits, shard.vocab), _stand_in(teacher_logits, shard.vocab), labels,
                    advantages, old_logprobs, mask, teacher_logprobs, cu_seqlens, h, values=True)
-    has_seqs = cu_seqlens is not None or labels.dim() >= 2
-    check_terms(x, labels.shape, has_seqs, student_logits.device, teacher_logits, teacher_logprobs, ref_logprobs,
-                rollout_logprobs)
-    if inplace_backward and x.needs_full_distribution:
-        raise ValueError("inplace_backward=True is not supported with entropy_coef > 0 or distill_coef > 0 yet "
-                         "(their gradient is formed by a separate pass over the rows)")
+    check_terms_call(x, labels, cu_seqlens, student_logits.device, teacher_logits, teacher_logprobs, ref_logprobs,
+                     rollout_logprobs, inplace_backward)
     teacher = None if teacher_logits is None else teacher_logits.detach()
     T, ii = float(h.temperature), int(h.ignore_index)
     div = None

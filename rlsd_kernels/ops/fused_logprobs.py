@@ -18,6 +18,7 @@ from torch import Tensor
 from .._layout import as_rows3d
 from .. import dispatch
 from ..dispatch import get_backend
+from ._eager_autograd import eager_autograd
 
 _EMPTY = (0,)
 
@@ -112,25 +113,5 @@ def _backward(ctx, grad_logp, grad_logp_t, grad_lse, grad_ent):
 fused_logprobs.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerAutograd(torch.autograd.Function):
-    """The registered autograd of ``fused_logprobs`` (same ``_setup_context`` / ``_backward``) for eager calls whose
-    student needs a gradient, without torch.library's per-call rebuild of the schema's argument list
-    (``fill_defaults``); see ``ops/fused_loss.py``. torch.compile keeps the registered path."""
-
-    @staticmethod
-    def forward(ctx, op, student, rest):
-        args = (student,) + rest
-        with torch._C._AutoDispatchBelowAutograd():
-            out = op(*args)
-        _setup_context(ctx, args, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return None, _backward(ctx, *grads)[0], None
-
-
-def fused_logprobs_autograd(op, student, *rest):
-    """``op(student, *rest)`` (``op``: :func:`fused_logprobs`) with its autograd; only ``student`` is an input of the
-    autograd node (the op gives no other argument a gradient)."""
-    return _EagerAutograd.apply(op, student, rest)
+# eager calls that need a gradient: the same autograd without torch.library's per-call overhead
+fused_logprobs_autograd = eager_autograd(_setup_context, _backward)

@@ -27,6 +27,7 @@ from .. import dispatch
 from ..dispatch import get_backend, get_loss_backend
 from ..hyper import Hyper
 from .fused_logprobs import fused_logprobs_backward_inplace
+from ._eager_autograd import eager_autograd
 
 _EMPTY = (0,)
 N_METRICS = 7
@@ -191,28 +192,5 @@ def _backward(ctx, grad_loss, *_):
 fused_rlsd_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerAutograd(torch.autograd.Function):
-    """The autograd of ``fused_rlsd_loss`` (the same ``_setup_context`` / ``_backward`` as registered above) for eager
-    calls that need a gradient. The registered path costs ~100 us of host time per call in
-    ``torch._library.utils.fill_defaults``, which rebuilds the 24-entry argument list of the schema once per argument;
-    here the op is dispatched below autograd and the context set up from the arguments as given. torch.compile and
-    ``torch.ops.rlsd_kernels.fused_rlsd_loss`` keep the registered path."""
-
-    @staticmethod
-    def forward(ctx, op, student, rest):
-        args = (student,) + rest
-        with torch._C._AutoDispatchBelowAutograd():
-            out = op(*args)
-        _setup_context(ctx, args, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return None, _backward(ctx, *grads)[0], None
-
-
-def fused_rlsd_loss_autograd(op, student, *rest):
-    """``op(student, *rest)`` (``op``: :func:`fused_rlsd_loss`, looked up by the caller) with its autograd, for
-    eager calls whose student needs a gradient; see :class:`_EagerAutograd`. Only ``student`` is an input of the
-    autograd node (the op gives no other argument a gradient): the other 23 travel as one tuple."""
-    return _EagerAutograd.apply(op, student, rest)
+# eager calls that need a gradient: the same autograd without torch.library's per-call overhead
+fused_rlsd_loss_autograd = eager_autograd(_setup_context, _backward)

@@ -37,9 +37,10 @@ CHUNK_BUDGET_BYTES = 1 << 30
 # Tiny batches (under ~200 rows) still get chunks of this many rows; their scratch, MIN_CHUNK_ROWS x V per stream,
 # is tiny next to any model. (A floor of 128 rows held 50% of the logits as scratch at 512 x 128 x 151936.)
 MIN_CHUNK_ROWS = 16
-# d weight of a bf16/fp16 weight is accumulated in float32, in this many vocabulary blocks: each chunk's product is
-# formed per block in the input dtype (one rounding, as eager autograd's single GEMM) and added to the block's
-# float32 sum, so the temporary is 1/WEIGHT_BLOCKS of the weight and the float32 sums are released block by block.
+# d weight of a bf16/fp16 weight is accumulated in float32, in this many vocabulary blocks: on CUDA each chunk's
+# product is added into the block's float32 sum by the GEMM itself (_mixed_addmm); elsewhere it is formed per block
+# in the input dtype (one rounding, as eager autograd's single GEMM) and then added, so the temporary is
+# 1/WEIGHT_BLOCKS of the weight. The float32 sums are released block by block as they are cast back.
 WEIGHT_BLOCKS = 8
 
 
