@@ -2,6 +2,8 @@
 // sweep with the entropy bonus and the distillation divergence (docs/math.md sections 2b / 2c).
 #pragma once
 
+#include <vector>
+
 #include "rlsd_rows.h"
 
 namespace rlsd_cpu {
@@ -28,6 +30,52 @@ inline void jsd_row(const View3& s, const View3& t, int64_t r, float inv_temp, f
     for (int64_t i = 0; i < n; i += kLanes) {  // padding lanes: p = 0 on both sides, they add nothing
       const vf ls = (vload(bs + i) - vms) - vlds, lt = (vload(bt + i) - vhi) - vlo;
       const vf ps = exp_neg(ls), pt = exp_neg(lt);
+      const vf lm = log_pos(pt * beta + ps * (1.0f - beta));
+      va += pt > 0.0f ? pt * (lt - lm) : vzero;
+      vb += ps > 0.0f ? ps * (ls - lm) : vzero;
+    }
+  }
+  const float a = hsum(va), b = hsum(vb);
+  *d_out = beta * a + (1.0f - beta) * b;
+  *aux_out = b;
+}
+
+// The JSD sweep over a row kept resident by the statistics sweep (JsdRow), which also stored every u = exp(x - m_c),
+// m_c the running max after chunk c: p = u * exp(m_c - m) / d is one multiply, so this sweep's only transcendental
+// is log M (the re-reading sweep above costs two exps more and reads both rows again). Rows with finite maxima only.
+struct JsdRow {
+  float *xs, *xt, *us, *ut;  // [V padded to kLanes] each: scaled logits and the stored exps
+  float *cms, *cmt;          // [chunks]: each chunk's running max
+  std::vector<float> store;
+
+  explicit JsdRow(int64_t V) {
+    const int64_t vp = (V + kLanes - 1) / kLanes * kLanes;
+    const int64_t chunks = (V + kChunk - 1) / kChunk;
+    store.resize(static_cast<size_t>(4 * vp + 2 * chunks + kLanes));
+    float* base = store.data();
+    base += (kLanes - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % kLanes) % kLanes;  // 64-byte aligned
+    xs = base;
+    xt = xs + vp;
+    us = xt + vp;
+    ut = us + vp;
+    cms = ut + vp;
+    cmt = cms + chunks;
+  }
+};
+
+inline void jsd_resident(const JsdRow& w, int64_t V, float m_s, float d_s, float log_d_s, float m_t, float d_t,
+                         float log_d_t, float beta, float* d_out, float* aux_out) {
+  const vf vms = vsplat(m_s), vlds = vsplat(log_d_s), vmt = vsplat(m_t), vldt = vsplat(log_d_t), vzero{};
+  vf va{}, vb{};  // sum p_T (log p_T - log M), sum p_S (log p_S - log M)
+  for (int64_t start = 0, c = 0; start < V; start += kChunk, ++c) {
+    const int64_t padded = (std::min(kChunk, V - start) + kLanes - 1) / kLanes * kLanes;
+    // chunks before the first finite logit hold u = 0 (and a running max of -inf: scale 0, not exp(nan))
+    const vf as = vsplat(w.cms[c] == kNegInf ? 0.0f : std::exp(w.cms[c] - m_s) / d_s);
+    const vf at = vsplat(w.cmt[c] == kNegInf ? 0.0f : std::exp(w.cmt[c] - m_t) / d_t);
+    const float *xs = w.xs + start, *xt = w.xt + start, *us = w.us + start, *ut = w.ut + start;
+    for (int64_t i = 0; i < padded; i += kLanes) {  // padding lanes: u = 0 on both sides, they add nothing
+      const vf ps = vload(us + i) * as, pt = vload(ut + i) * at;
+      const vf ls = (vload(xs + i) - vms) - vlds, lt = (vload(xt + i) - vmt) - vldt;
       const vf lm = log_pos(pt * beta + ps * (1.0f - beta));
       va += pt > 0.0f ? pt * (lt - lm) : vzero;
       vb += ps > 0.0f ? ps * (ls - lm) : vzero;
