@@ -192,10 +192,20 @@ inline float nan_max(float a, float b) { return (a != a || b != b) ? kNaN : (a >
 // Converts n elements (element stride sv) to float32 * scale into out; returns their max (-inf if all are, nan if
 // any is nan: a nan logit must make the row's lse, log-probs and gradient nan, as IEEE arithmetic would).
 // The max reduction itself ignores nan (vectorised compare-select), so nan is counted separately.
-template <typename T>
+// kMax = false: the conversion alone (gradient sweeps, whose row statistics are known; returns 0).
+template <typename T, bool kMax>
 float load_t(const T* p, int64_t sv, int64_t n, float scale, float* __restrict out) {
   float m = kNegInf;
   int nan = 0;
+  if (!kMax) {
+    if (sv == 1) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) out[i] = to_f<T>(p[i]) * scale;
+    } else {
+      for (int64_t i = 0; i < n; ++i) out[i] = to_f<T>(p[i * sv]) * scale;
+    }
+    return 0.0f;
+  }
   if (sv == 1) {
 #pragma omp simd reduction(max : m) reduction(| : nan)
     for (int64_t i = 0; i < n; ++i) {
@@ -216,14 +226,18 @@ float load_t(const T* p, int64_t sv, int64_t n, float scale, float* __restrict o
   return nan ? kNaN : m;
 }
 
-// Fills out[0, n) with the chunk as float32 * scale and out[n, round_up(n, kLanes)) with -inf; returns the max.
+// Fills out[0, n) with the chunk as float32 * scale and out[n, round_up(n, kLanes)) with -inf; returns the max
+// (kMax) or 0.
+template <bool kMax = true>
 float load_chunk(const char* p, DT dt, int64_t sv, int64_t n, float scale, float* out) {
   float m;
   switch (dt) {
-    case DT::F32: m = load_t(reinterpret_cast<const float*>(p), sv, n, scale, out); break;
-    case DT::BF16: m = load_t(reinterpret_cast<const c10::BFloat16*>(p), sv, n, scale, out); break;
-    case DT::F16: m = load_t(reinterpret_cast<const c10::Half*>(p), sv, n, scale, out); break;
-    default: m = load_t(reinterpret_cast<const double*>(p), sv, n, scale, out); break;
+    case DT::F32: m = load_t<float, kMax>(reinterpret_cast<const float*>(p), sv, n, scale, out); break;
+    case DT::BF16:
+      m = load_t<c10::BFloat16, kMax>(reinterpret_cast<const c10::BFloat16*>(p), sv, n, scale, out);
+      break;
+    case DT::F16: m = load_t<c10::Half, kMax>(reinterpret_cast<const c10::Half*>(p), sv, n, scale, out); break;
+    default: m = load_t<double, kMax>(reinterpret_cast<const double*>(p), sv, n, scale, out); break;
   }
   for (int64_t i = n; i % kLanes != 0; ++i) out[i] = kNegInf;
   return m;

@@ -230,7 +230,7 @@ void backward(const at::Tensor& grad_logp, const at::Tensor& student, const at::
       for (int64_t start = 0; start < V; start += kChunk) {
         const int64_t cn = std::min(kChunk, V - start);
         // the whole chunk is read into buf before any of it is written: safe when out aliases student
-        load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, cn, inv_temp, buf);
+        load_chunk<false>(srow + start * s.sv * s.esize, s.dt, s.sv, cn, inv_temp, buf);
         const int64_t padded = (cn + kLanes - 1) / kLanes * kLanes;
         if (label >= start && label < start + cn) {  // take the target out of the chunk: p = 0 there for now
           p_tgt = exp_neg(vsplat((buf[label - start] - shift) - log_d))[0];

@@ -25,8 +25,8 @@ inline void jsd_row(const View3& s, const View3& t, int64_t r, float inv_temp, f
   vf va{}, vb{};  // sum p_T (log p_T - log M), sum p_S (log p_S - log M)
   for (int64_t start = 0; start < s.V; start += kChunk) {
     const int64_t n = std::min(kChunk, s.V - start);
-    load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, n, inv_temp, bs);
-    load_chunk(trow + start * t.sv * t.esize, t.dt, t.sv, n, inv_temp, bt);
+    load_chunk<false>(srow + start * s.sv * s.esize, s.dt, s.sv, n, inv_temp, bs);
+    load_chunk<false>(trow + start * t.sv * t.esize, t.dt, t.sv, n, inv_temp, bt);
     for (int64_t i = 0; i < n; i += kLanes) {  // padding lanes: p = 0 on both sides, they add nothing
       const vf ls = (vload(bs + i) - vms) - vlds, lt = (vload(bt + i) - vhi) - vlo;
       const vf ps = exp_neg(ls), pt = exp_neg(lt);
@@ -153,8 +153,8 @@ void backward_terms_rows(const View3& s, const View3* t, View3& o, const RowTerm
       float others = 0.0f, p_tgt = 0.0f, extra_tgt = 0.0f;
       for (int64_t start = 0; start < V; start += kChunk) {
         const int64_t cn = std::min(kChunk, V - start);
-        load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, cn, a.inv_temp, buf);
-        if (read_teacher) load_chunk(trow + start * t->sv * t->esize, t->dt, t->sv, cn, a.inv_temp, bt);
+        load_chunk<false>(srow + start * s.sv * s.esize, s.dt, s.sv, cn, a.inv_temp, buf);
+        if (read_teacher) load_chunk<false>(trow + start * t->sv * t->esize, t->dt, t->sv, cn, a.inv_temp, bt);
         if (label >= start && label < start + cn) {  // the target element is finished after the row
           const float lp = (buf[label - start] - shift) - log_d;
           p_tgt = std::exp(lp);
@@ -169,6 +169,8 @@ void backward_terms_rows(const View3& s, const View3* t, View3& o, const RowTerm
           const vf vhi = vsplat(st.hi), vlo = vsplat(st.lo);
           const float dv = kDiv == kReverseKL && read_teacher ? a.div[r] : 0.0f;
           const float kl_sm = kDiv == kJSD && read_teacher ? a.aux[r] : 0.0f;
+          // locals, not a.beta: the stores to buf may alias a's fields as far as the compiler knows
+          const float beta = a.beta, f_jsd = f * (1.0f - beta);
           vf vsum{};
           const char* pf = s.next_chunk(r, start, r1);
           const char* tpf = read_teacher ? t->next_chunk(r, start, r1) : nullptr;
@@ -185,8 +187,8 @@ void backward_terms_rows(const View3& s, const View3* t, View3& o, const RowTerm
             if (kDiv == kForwardKL && read_teacher) g += (p - exp_neg(lt)) * f;
             if (kDiv == kReverseKL && read_teacher) g += p > 0.0f ? p * ((lp - lt) - dv) * f : vzero;
             if (kDiv == kJSD && read_teacher) {
-              const vf lm = log_pos(exp_neg(lt) * a.beta + p * (1.0f - a.beta));
-              g += p > 0.0f ? p * ((lp - lm) - kl_sm) * (f * (1.0f - a.beta)) : vzero;
+              const vf lm = log_pos(exp_neg(lt) * beta + p * (1.0f - beta));
+              g += p > 0.0f ? p * ((lp - lm) - kl_sm) * f_jsd : vzero;
             }
             vstore(buf + i, g);
           }
