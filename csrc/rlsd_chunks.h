@@ -54,13 +54,25 @@ inline float hsum(vf v) {
   return s;
 }
 
+// Below this exp_neg returns 0 exactly, and above it never 0 (exp(-87.34) is the least normal float).
+constexpr float kExpLo = -87.3365447504f;
+
+// max(a, b) lane by lane; nan in a stays nan (a nan y or lp also makes its p nan).
+inline vf vmax(vf a, vf b) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_max_ps((__m512)b, (__m512)a);  // max_ps returns its 2nd operand when either is nan
+#else
+  return a != a ? a : (a > b ? a : b);
+#endif
+}
+
 // exp(x) for x <= 0 (the only arguments used here: x - max and x - lse), on 16 lanes.
 // Cephes expf polynomial after a two-constant ln2 range reduction: <= 2 ulp on [-87.3, 0]. Below -87.3 the true
 // result is subnormal (< 1.2e-38) and 0 is returned, which also gives exp(-inf) = 0 exactly. nan propagates.
 // With AVX-512 the rounding and the 2^n scaling are single instructions (roundscale, scalef): the same arithmetic,
 // bit for bit, in a quarter fewer instructions.
 inline vf exp_neg(vf x) {
-  constexpr float kLo = -87.3365447504f;
+  constexpr float kLo = kExpLo;
 #if defined(__AVX512F__)
   const __m512 xv = (__m512)x;
   const __m512 xc = _mm512_max_ps(_mm512_set1_ps(kLo), xv);  // max_ps returns its 2nd operand for nan: kept

@@ -181,7 +181,7 @@ void backward_terms_rows(const View3& s, const View3* t, View3& o, const RowTerm
             const vf p = exp_neg(lp);
             vsum += p;
             vf g = p * -coef;
-            if (kEnt) g -= p > 0.0f ? p * (lp + vH) * e : vzero;
+            if (kEnt) g -= p * (vmax(lp, vsplat(kExpLo)) + vH) * e;  // p = 0 where lp < kExpLo (as in accumulate)
             vf lt{};
             if (kDiv != kNoDiv && read_teacher) lt = (vload(bt + i) - vhi) - vlo;
             if (kDiv == kForwardKL && read_teacher) g += (p - exp_neg(lt)) * f;

@@ -62,7 +62,9 @@ inline void accumulate(Stats& st, const float* __restrict x, int64_t n, float ch
     const vf p = exp_neg(y);
     if (kStore) vstore(u + i, p);
     vs += p;
-    if (kEntropy) ves += p > 0.0f ? p * y : vf{};  // -inf entries contribute 0, not 0 * -inf
+    // -inf entries contribute 0, not 0 * -inf: exp_neg is 0 exactly where y < kExpLo, and y >= kExpLo elsewhere,
+    // so clamping y there changes no product (one max instead of a compare and a select)
+    if (kEntropy) ves += p * vmax(y, vsplat(kExpLo));
     if (kCross) vc += p > 0.0f ? p * (vload(o + i) - vo) : vf{};
   }
   const float s = hsum(vs);
