@@ -6,9 +6,9 @@
 // backward: one pass over each row writing grad = coef * (onehot - exp(x / T - lse)) / T, formed in float32 and
 //           cast once on store; the output may alias the student logits (in-place backward).
 // With the section 2c row terms (docs/math.md), `forward` also gives the teacher's lse and a divergence D_t in the
-// same read of both rows (JSD: one more sweep per row), and `backward_terms` writes the gradient with the entropy
-// bonus and the divergence in one sweep (rlsd_row_terms.h). rlsd_rows.h: the per-row statistics and strided views;
-// rlsd_chunks.h: SIMD helpers and the chunk loads / stores.
+// same read of both rows (JSD: one more sweep per row, over the row kept resident with its exps), and
+// `backward_terms` writes the gradient with the entropy bonus and the divergence in one sweep (rlsd_row_terms.h).
+// rlsd_rows.h: the per-row statistics and strided views; rlsd_chunks.h: SIMD helpers and the chunk loads / stores.
 //
 // Rows are split over threads with at::parallel_for. Each row is walked in chunks of kChunk elements that are
 // converted to float32 (and scaled by 1/T) into a small per-thread buffer, so the arithmetic loops run on

@@ -12,7 +12,8 @@ With every term off ``rlsd_loss`` never comes here (``fused_loss.py`` runs, bit 
 
 The two terms that need whole rows, the entropy bonus and the distillation divergence, go through
 ``rlsd_kernels::fused_logprobs_terms`` instead: its statistics pass also gives the entropy and, with a divergence,
-the teacher's log-sum-exp and ``D_t`` (the C++ backend in the same read of both rows; JSD one more sweep per row),
+the teacher's log-sum-exp and ``D_t`` (the C++ backend in the same read of both rows; JSD one more sweep per row,
+over the row its first sweep left in cache; on CPU the entropy only when the loss or the output uses it),
 and its backward writes the whole gradient, ``coef (onehot - p) - e p (log p + H) + f dD/dz``, in one sweep that
 also reads the teacher for a divergence (C++: ``csrc/rlsd_row_terms.h``; Triton: ``backends/logits/triton_terms.py``).
 """
