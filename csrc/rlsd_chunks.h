@@ -12,6 +12,10 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace rlsd_cpu {
 
 constexpr int64_t kChunk = 2048;  // 8 KiB of float32 per buffer: a student and a teacher chunk stay in L1
@@ -50,11 +54,33 @@ inline float hsum(vf v) {
   return s;
 }
 
+// Below this exp_neg returns 0 exactly, and above it never 0 (exp(-87.34) is the least normal float).
+constexpr float kExpLo = -87.3365447504f;
+
+// max(a, b) lane by lane; nan in a stays nan (a nan y or lp also makes its p nan).
+inline vf vmax(vf a, vf b) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_max_ps((__m512)b, (__m512)a);  // max_ps returns its 2nd operand when either is nan
+#else
+  return a != a ? a : (a > b ? a : b);
+#endif
+}
+
 // exp(x) for x <= 0 (the only arguments used here: x - max and x - lse), on 16 lanes.
 // Cephes expf polynomial after a two-constant ln2 range reduction: <= 2 ulp on [-87.3, 0]. Below -87.3 the true
 // result is subnormal (< 1.2e-38) and 0 is returned, which also gives exp(-inf) = 0 exactly. nan propagates.
+// With AVX-512 the rounding and the 2^n scaling are single instructions (roundscale, scalef): the same arithmetic,
+// bit for bit, in a quarter fewer instructions.
 inline vf exp_neg(vf x) {
-  constexpr float kLo = -87.3365447504f;
+  constexpr float kLo = kExpLo;
+#if defined(__AVX512F__)
+  const __m512 xv = (__m512)x;
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(kLo), xv);  // max_ps returns its 2nd operand for nan: kept
+  const __m512 nn = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf n = (vf)nn;
+  vf r = (vf)xc - n * 0.693359375f;
+#else
   constexpr float kHi = 88.0f;
   const vf lo = vsplat(kLo);
   vf xc = x < lo ? lo : x;
@@ -63,6 +89,7 @@ inline vf exp_neg(vf x) {
   const vf t = xc * 1.44269504088896341f + kShift;
   const vf n = t - kShift;
   vf r = xc - n * 0.693359375f;
+#endif
   r = r - n * -2.12194440e-4f;
   vf p = vsplat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
@@ -71,17 +98,33 @@ inline vf exp_neg(vf x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
+#if defined(__AVX512F__)
+  const __m512 y = _mm512_scalef_ps((__m512)p, nn);
+  return (vf)_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(xv, _mm512_set1_ps(kLo), _CMP_NLT_UQ), y);  // x < kLo: 0
+#else
   const vi ni = reinterpret_cast<const vi&>(t) - 0x4B400000;  // the integer n
   const vi e = (ni + 127) << 23;
   const vf y = p * reinterpret_cast<const vf&>(e);
   return x < lo ? vf{} : y;
+#endif
 }
 
 // log(x) for x > 0 on 16 lanes (Cephes logf: frexp, then a degree-8 polynomial; <= 2 ulp on normal numbers).
 // Arguments below FLT_MIN are treated as FLT_MIN (log = -87.3): the only caller weighs them by a probability that
-// is as small. nan propagates.
+// is as small. nan propagates. With AVX-512 the frexp is getmant / getexp and the selects are mask registers (the
+// generic vector code spends more on them than on the polynomial); same polynomial, same results.
 inline vf log_pos(vf x0) {
   constexpr float kMin = 1.17549435e-38f;
+#if defined(__AVX512F__)
+  const __m512 x = _mm512_max_ps(_mm512_set1_ps(kMin), (__m512)x0);  // nan kept (2nd operand)
+  __m512 mm = _mm512_getmant_ps(x, _MM_MANT_NORM_p5_1, _MM_MANT_SIGN_src);  // [0.5, 1)
+  __m512 ee = _mm512_add_ps(_mm512_getexp_ps(x), _mm512_set1_ps(1.0f));
+  const __mmask16 small = _mm512_cmp_ps_mask(mm, _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  ee = _mm512_mask_sub_ps(ee, small, ee, _mm512_set1_ps(1.0f));
+  mm = _mm512_mask_add_ps(mm, small, mm, mm);
+  const vf m = (vf)mm - 1.0f;
+  const vf ef = (vf)ee;
+#else
   const vf x = x0 < kMin ? vsplat(kMin) : x0;
   const vi u = reinterpret_cast<const vi&>(x);
   vi e = ((u >> 23) & 0xff) - 126;
@@ -90,6 +133,8 @@ inline vf log_pos(vf x0) {
   const vi small = m < 0.707106781186547524f;  // -1 where true
   e = e + small;
   m = (small != 0) ? m + m - 1.0f : m - 1.0f;
+  const vf ef = __builtin_convertvector(e, vf);
+#endif
   const vf z = m * m;
   vf y = vsplat(7.0376836292e-2f);
   y = y * m - 1.1514610310e-1f;
@@ -101,11 +146,14 @@ inline vf log_pos(vf x0) {
   y = y * m - 2.4999993993e-1f;
   y = y * m + 3.3333331174e-1f;
   y = y * m * z;
-  const vf ef = __builtin_convertvector(e, vf);
   y = y + ef * -2.12194440e-4f;
   y = y - z * 0.5f;
   const vf r = m + y + ef * 0.693359375f;
+#if defined(__AVX512F__)
+  return r;  // nan in, nan out: getmant / getexp propagate it
+#else
   return x0 != x0 ? x0 : r;  // nan in, nan out
+#endif
 }
 
 // ------------------------------------------------------------------------------------ dtype conversions
@@ -156,10 +204,20 @@ inline float nan_max(float a, float b) { return (a != a || b != b) ? kNaN : (a >
 // Converts n elements (element stride sv) to float32 * scale into out; returns their max (-inf if all are, nan if
 // any is nan: a nan logit must make the row's lse, log-probs and gradient nan, as IEEE arithmetic would).
 // The max reduction itself ignores nan (vectorised compare-select), so nan is counted separately.
-template <typename T>
+// kMax = false: the conversion alone (gradient sweeps, whose row statistics are known; returns 0).
+template <typename T, bool kMax>
 float load_t(const T* p, int64_t sv, int64_t n, float scale, float* __restrict out) {
   float m = kNegInf;
   int nan = 0;
+  if (!kMax) {
+    if (sv == 1) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) out[i] = to_f<T>(p[i]) * scale;
+    } else {
+      for (int64_t i = 0; i < n; ++i) out[i] = to_f<T>(p[i * sv]) * scale;
+    }
+    return 0.0f;
+  }
   if (sv == 1) {
 #pragma omp simd reduction(max : m) reduction(| : nan)
     for (int64_t i = 0; i < n; ++i) {
@@ -180,14 +238,18 @@ float load_t(const T* p, int64_t sv, int64_t n, float scale, float* __restrict o
   return nan ? kNaN : m;
 }
 
-// Fills out[0, n) with the chunk as float32 * scale and out[n, round_up(n, kLanes)) with -inf; returns the max.
+// Fills out[0, n) with the chunk as float32 * scale and out[n, round_up(n, kLanes)) with -inf; returns the max
+// (kMax) or 0.
+template <bool kMax = true>
 float load_chunk(const char* p, DT dt, int64_t sv, int64_t n, float scale, float* out) {
   float m;
   switch (dt) {
-    case DT::F32: m = load_t(reinterpret_cast<const float*>(p), sv, n, scale, out); break;
-    case DT::BF16: m = load_t(reinterpret_cast<const c10::BFloat16*>(p), sv, n, scale, out); break;
-    case DT::F16: m = load_t(reinterpret_cast<const c10::Half*>(p), sv, n, scale, out); break;
-    default: m = load_t(reinterpret_cast<const double*>(p), sv, n, scale, out); break;
+    case DT::F32: m = load_t<float, kMax>(reinterpret_cast<const float*>(p), sv, n, scale, out); break;
+    case DT::BF16:
+      m = load_t<c10::BFloat16, kMax>(reinterpret_cast<const c10::BFloat16*>(p), sv, n, scale, out);
+      break;
+    case DT::F16: m = load_t<c10::Half, kMax>(reinterpret_cast<const c10::Half*>(p), sv, n, scale, out); break;
+    default: m = load_t<double, kMax>(reinterpret_cast<const double*>(p), sv, n, scale, out); break;
   }
   for (int64_t i = n; i % kLanes != 0; ++i) out[i] = kNegInf;
   return m;

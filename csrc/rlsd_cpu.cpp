@@ -6,9 +6,9 @@
 // backward: one pass over each row writing grad = coef * (onehot - exp(x / T - lse)) / T, formed in float32 and
 //           cast once on store; the output may alias the student logits (in-place backward).
 // With the section 2c row terms (docs/math.md), `forward` also gives the teacher's lse and a divergence D_t in the
-// same read of both rows (JSD: one more sweep per row), and `backward_terms` writes the gradient with the entropy
-// bonus and the divergence in one sweep (rlsd_row_terms.h). rlsd_rows.h: the per-row statistics and strided views;
-// rlsd_chunks.h: SIMD helpers and the chunk loads / stores.
+// same read of both rows (JSD: one more sweep per row, over the row kept resident with its exps), and
+// `backward_terms` writes the gradient with the entropy bonus and the divergence in one sweep (rlsd_row_terms.h).
+// rlsd_rows.h: the per-row statistics and strided views; rlsd_chunks.h: SIMD helpers and the chunk loads / stores.
 //
 // Rows are split over threads with at::parallel_for. Each row is walked in chunks of kChunk elements that are
 // converted to float32 (and scaled by 1/T) into a small per-thread buffer, so the arithmetic loops run on
@@ -50,8 +50,11 @@ void forward_rows(const View3& s, const View3* t, const int64_t* labels, float i
                   float* div, float* aux) {
   const int64_t V = s.V;
   at::parallel_for(0, n_rows, grain_rows(V), [&](int64_t r0, int64_t r1) {
-    alignas(64) float bs[kChunk];
-    alignas(64) float bt[kChunk];
+    alignas(64) float cbs[kChunk];
+    alignas(64) float cbt[kChunk];
+    // JSD: the whole row stays resident (and its exps stored) for the second sweep; otherwise chunk buffers
+    std::optional<JsdRow> jr;
+    if (kDiv == kJSD) jr.emplace(V);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t label = labels[r];
       const char* srow = s.base + s.row_offset(r);
@@ -63,6 +66,8 @@ void forward_rows(const View3& s, const View3* t, const int64_t* labels, float i
         const int64_t n = std::min(kChunk, V - start);
         // the target logit is picked from the chunk buffer: a label is never used to address memory
         const bool has_tgt = label >= start && label < start + n;
+        float* bs = kDiv == kJSD ? jr->xs + start : cbs;
+        float* bt = kDiv == kJSD ? jr->xt + start : cbt;
         const float ms = load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, n, inv_temp, bs);
         if (has_tgt) tgt_s = bs[label - start];
         float mt = kNegInf;
@@ -73,11 +78,18 @@ void forward_rows(const View3& s, const View3* t, const int64_t* labels, float i
         // the cross sums take the other row's values relative to its running max after this chunk
         const float s_old = finite_shift(ss.m), t_old = finite_shift(ts.m);
         const float s_new = finite_shift(nan_max(ss.m, ms)), t_new = finite_shift(nan_max(ts.m, mt));
-        accumulate<kEntropy || kDiv == kReverseKL, kDiv == kReverseKL>(ss, bs, n, ms, s.next_chunk(r, start, r1),
-                                                                        s.esize, &cross, bt, t_old, t_new);
+        constexpr bool kStore = kDiv == kJSD;
+        accumulate<kEntropy || kDiv == kReverseKL, kDiv == kReverseKL, kStore>(
+            ss, bs, n, ms, s.next_chunk(r, start, r1), s.esize, &cross, bt, t_old, t_new,
+            kStore ? jr->us + start : nullptr);
         if (t) {
-          accumulate<kDiv == kForwardKL, kDiv == kForwardKL>(ts, bt, n, mt, t->next_chunk(r, start, r1), t->esize,
-                                                             &cross, bs, s_old, s_new);
+          accumulate<kDiv == kForwardKL, kDiv == kForwardKL, kStore>(
+              ts, bt, n, mt, t->next_chunk(r, start, r1), t->esize, &cross, bs, s_old, s_new,
+              kStore ? jr->ut + start : nullptr);
+        }
+        if (kStore) {
+          jr->cms[start / kChunk] = ss.m;
+          jr->cmt[start / kChunk] = ts.m;
         }
       }
       const bool ignored = label == ignore_index;
@@ -95,7 +107,13 @@ void forward_rows(const View3& s, const View3* t, const int64_t* labels, float i
         // KL(p_w || p_o) = (e_w - c) / d_w - log d_w + log d_o: every value relative to its row's max
         if (kDiv == kForwardKL) div[r] = (ts.e - cross.c) / ts.d - log_dt + log_d;
         if (kDiv == kReverseKL) div[r] = (ss.e - cross.c) / ss.d - log_d + log_dt;
-        if (kDiv == kJSD) jsd_row(s, *t, r, inv_temp, ss.m, log_d, lse_t[r], beta, bs, bt, div + r, aux + r);
+        if (kDiv == kJSD) {
+          if (std::isfinite(ss.m) && std::isfinite(ts.m)) {
+            jsd_resident(*jr, V, ss.m, ss.d, log_d, ts.m, ts.d, log_dt, beta, div + r, aux + r);
+          } else {  // -inf / nan / +inf rows: the re-reading sweep, whose edge cases the tests pin down
+            jsd_row(s, *t, r, inv_temp, ss.m, log_d, lse_t[r], beta, cbs, cbt, div + r, aux + r);
+          }
+        }
       }
     }
   });
@@ -212,7 +230,7 @@ void backward(const at::Tensor& grad_logp, const at::Tensor& student, const at::
       for (int64_t start = 0; start < V; start += kChunk) {
         const int64_t cn = std::min(kChunk, V - start);
         // the whole chunk is read into buf before any of it is written: safe when out aliases student
-        load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, cn, inv_temp, buf);
+        load_chunk<false>(srow + start * s.sv * s.esize, s.dt, s.sv, cn, inv_temp, buf);
         const int64_t padded = (cn + kLanes - 1) / kLanes * kLanes;
         if (label >= start && label < start + cn) {  // take the target out of the chunk: p = 0 there for now
           p_tgt = exp_neg(vsplat((buf[label - start] - shift) - log_d))[0];

@@ -2,6 +2,8 @@
 // sweep with the entropy bonus and the distillation divergence (docs/math.md sections 2b / 2c).
 #pragma once
 
+#include <vector>
+
 #include "rlsd_rows.h"
 
 namespace rlsd_cpu {
@@ -23,11 +25,57 @@ inline void jsd_row(const View3& s, const View3& t, int64_t r, float inv_temp, f
   vf va{}, vb{};  // sum p_T (log p_T - log M), sum p_S (log p_S - log M)
   for (int64_t start = 0; start < s.V; start += kChunk) {
     const int64_t n = std::min(kChunk, s.V - start);
-    load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, n, inv_temp, bs);
-    load_chunk(trow + start * t.sv * t.esize, t.dt, t.sv, n, inv_temp, bt);
+    load_chunk<false>(srow + start * s.sv * s.esize, s.dt, s.sv, n, inv_temp, bs);
+    load_chunk<false>(trow + start * t.sv * t.esize, t.dt, t.sv, n, inv_temp, bt);
     for (int64_t i = 0; i < n; i += kLanes) {  // padding lanes: p = 0 on both sides, they add nothing
       const vf ls = (vload(bs + i) - vms) - vlds, lt = (vload(bt + i) - vhi) - vlo;
       const vf ps = exp_neg(ls), pt = exp_neg(lt);
+      const vf lm = log_pos(pt * beta + ps * (1.0f - beta));
+      va += pt > 0.0f ? pt * (lt - lm) : vzero;
+      vb += ps > 0.0f ? ps * (ls - lm) : vzero;
+    }
+  }
+  const float a = hsum(va), b = hsum(vb);
+  *d_out = beta * a + (1.0f - beta) * b;
+  *aux_out = b;
+}
+
+// The JSD sweep over a row kept resident by the statistics sweep (JsdRow), which also stored every u = exp(x - m_c),
+// m_c the running max after chunk c: p = u * exp(m_c - m) / d is one multiply, so this sweep's only transcendental
+// is log M (the re-reading sweep above costs two exps more and reads both rows again). Rows with finite maxima only.
+struct JsdRow {
+  float *xs, *xt, *us, *ut;  // [V padded to kLanes] each: scaled logits and the stored exps
+  float *cms, *cmt;          // [chunks]: each chunk's running max
+  std::vector<float> store;
+
+  explicit JsdRow(int64_t V) {
+    const int64_t vp = (V + kLanes - 1) / kLanes * kLanes;
+    const int64_t chunks = (V + kChunk - 1) / kChunk;
+    store.resize(static_cast<size_t>(4 * vp + 2 * chunks + kLanes));
+    float* base = store.data();
+    base += (kLanes - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % kLanes) % kLanes;  // 64-byte aligned
+    xs = base;
+    xt = xs + vp;
+    us = xt + vp;
+    ut = us + vp;
+    cms = ut + vp;
+    cmt = cms + chunks;
+  }
+};
+
+inline void jsd_resident(const JsdRow& w, int64_t V, float m_s, float d_s, float log_d_s, float m_t, float d_t,
+                         float log_d_t, float beta, float* d_out, float* aux_out) {
+  const vf vms = vsplat(m_s), vlds = vsplat(log_d_s), vmt = vsplat(m_t), vldt = vsplat(log_d_t), vzero{};
+  vf va{}, vb{};  // sum p_T (log p_T - log M), sum p_S (log p_S - log M)
+  for (int64_t start = 0, c = 0; start < V; start += kChunk, ++c) {
+    const int64_t padded = (std::min(kChunk, V - start) + kLanes - 1) / kLanes * kLanes;
+    // chunks before the first finite logit hold u = 0 (and a running max of -inf: scale 0, not exp(nan))
+    const vf as = vsplat(w.cms[c] == kNegInf ? 0.0f : std::exp(w.cms[c] - m_s) / d_s);
+    const vf at = vsplat(w.cmt[c] == kNegInf ? 0.0f : std::exp(w.cmt[c] - m_t) / d_t);
+    const float *xs = w.xs + start, *xt = w.xt + start, *us = w.us + start, *ut = w.ut + start;
+    for (int64_t i = 0; i < padded; i += kLanes) {  // padding lanes: u = 0 on both sides, they add nothing
+      const vf ps = vload(us + i) * as, pt = vload(ut + i) * at;
+      const vf ls = (vload(xs + i) - vms) - vlds, lt = (vload(xt + i) - vmt) - vldt;
       const vf lm = log_pos(pt * beta + ps * (1.0f - beta));
       va += pt > 0.0f ? pt * (lt - lm) : vzero;
       vb += ps > 0.0f ? ps * (ls - lm) : vzero;
@@ -105,8 +153,8 @@ void backward_terms_rows(const View3& s, const View3* t, View3& o, const RowTerm
       float others = 0.0f, p_tgt = 0.0f, extra_tgt = 0.0f;
       for (int64_t start = 0; start < V; start += kChunk) {
         const int64_t cn = std::min(kChunk, V - start);
-        load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, cn, a.inv_temp, buf);
-        if (read_teacher) load_chunk(trow + start * t->sv * t->esize, t->dt, t->sv, cn, a.inv_temp, bt);
+        load_chunk<false>(srow + start * s.sv * s.esize, s.dt, s.sv, cn, a.inv_temp, buf);
+        if (read_teacher) load_chunk<false>(trow + start * t->sv * t->esize, t->dt, t->sv, cn, a.inv_temp, bt);
         if (label >= start && label < start + cn) {  // the target element is finished after the row
           const float lp = (buf[label - start] - shift) - log_d;
           p_tgt = std::exp(lp);
@@ -121,6 +169,8 @@ void backward_terms_rows(const View3& s, const View3* t, View3& o, const RowTerm
           const vf vhi = vsplat(st.hi), vlo = vsplat(st.lo);
           const float dv = kDiv == kReverseKL && read_teacher ? a.div[r] : 0.0f;
           const float kl_sm = kDiv == kJSD && read_teacher ? a.aux[r] : 0.0f;
+          // locals, not a.beta: the stores to buf may alias a's fields as far as the compiler knows
+          const float beta = a.beta, f_jsd = f * (1.0f - beta);
           vf vsum{};
           const char* pf = s.next_chunk(r, start, r1);
           const char* tpf = read_teacher ? t->next_chunk(r, start, r1) : nullptr;
@@ -131,14 +181,14 @@ void backward_terms_rows(const View3& s, const View3* t, View3& o, const RowTerm
             const vf p = exp_neg(lp);
             vsum += p;
             vf g = p * -coef;
-            if (kEnt) g -= p > 0.0f ? p * (lp + vH) * e : vzero;
+            if (kEnt) g -= p * (vmax(lp, vsplat(kExpLo)) + vH) * e;  // p = 0 where lp < kExpLo (as in accumulate)
             vf lt{};
             if (kDiv != kNoDiv && read_teacher) lt = (vload(bt + i) - vhi) - vlo;
             if (kDiv == kForwardKL && read_teacher) g += (p - exp_neg(lt)) * f;
             if (kDiv == kReverseKL && read_teacher) g += p > 0.0f ? p * ((lp - lt) - dv) * f : vzero;
             if (kDiv == kJSD && read_teacher) {
-              const vf lm = log_pos(exp_neg(lt) * a.beta + p * (1.0f - a.beta));
-              g += p > 0.0f ? p * ((lp - lm) - kl_sm) * (f * (1.0f - a.beta)) : vzero;
+              const vf lm = log_pos(exp_neg(lt) * beta + p * (1.0f - beta));
+              g += p > 0.0f ? p * ((lp - lm) - kl_sm) * f_jsd : vzero;
             }
             vstore(buf + i, g);
           }

@@ -43,20 +43,28 @@ inline float finite_shift(float m) { return m == kNegInf ? 0.0f : m; }
 // the arithmetic here would otherwise leave the memory system idle between the loads of two chunks.
 // kCross: also the Cross sum against the chunk `o` of the other row, whose shift moves from o_old to o_new with
 // this chunk (the part accumulated so far is re-based: c -= (o_new - o_old) * d).
-template <bool kEntropy, bool kCross = false>
+// u (kStore): receives exp(x - m) for the chunk's padded length, m the running max after this chunk (u = 0 while m
+// is -inf), so that a later sweep over the row gets p = u * exp(m - m_row) / d without another exp per element.
+template <bool kEntropy, bool kCross = false, bool kStore = false>
 inline void accumulate(Stats& st, const float* __restrict x, int64_t n, float chunk_max, const char* pf,
                        int64_t pf_step, Cross* cs = nullptr, const float* __restrict o = nullptr, float o_old = 0.0f,
-                       float o_new = 0.0f) {
+                       float o_new = 0.0f, float* __restrict u = nullptr) {
   const float m_new = nan_max(st.m, chunk_max);  // nan stays nan: every later exp and sum of the row is nan
-  if (m_new == kNegInf) return;  // only -inf so far: nothing to add (and no -inf - -inf = nan)
+  if (m_new == kNegInf) {  // only -inf so far: nothing to add (and no -inf - -inf = nan)
+    if (kStore) std::fill(u, u + (n + kLanes - 1) / kLanes * kLanes, 0.0f);
+    return;
+  }
   vf vs{}, ves{}, vc{};
   const vf vm = vsplat(m_new), vo = vsplat(o_new);
   for (int64_t i = 0; i < n; i += kLanes) {
     if (pf) __builtin_prefetch(pf + i * pf_step);
     const vf y = vload(x + i) - vm;
     const vf p = exp_neg(y);
+    if (kStore) vstore(u + i, p);
     vs += p;
-    if (kEntropy) ves += p > 0.0f ? p * y : vf{};  // -inf entries contribute 0, not 0 * -inf
+    // -inf entries contribute 0, not 0 * -inf: exp_neg is 0 exactly where y < kExpLo, and y >= kExpLo elsewhere,
+    // so clamping y there changes no product (one max instead of a compare and a select)
+    if (kEntropy) ves += p * vmax(y, vsplat(kExpLo));
     if (kCross) vc += p > 0.0f ? p * (vload(o + i) - vo) : vf{};
   }
   const float s = hsum(vs);

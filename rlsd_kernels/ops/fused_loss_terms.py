@@ -12,7 +12,8 @@ With every term off ``rlsd_loss`` never comes here (``fused_loss.py`` runs, bit 
 
 The two terms that need whole rows, the entropy bonus and the distillation divergence, go through
 ``rlsd_kernels::fused_logprobs_terms`` instead: its statistics pass also gives the entropy and, with a divergence,
-the teacher's log-sum-exp and ``D_t`` (the C++ backend in the same read of both rows; JSD one more sweep per row),
+the teacher's log-sum-exp and ``D_t`` (the C++ backend in the same read of both rows; JSD one more sweep per row,
+over the row its first sweep left in cache; on CPU the entropy only when the loss or the output uses it),
 and its backward writes the whole gradient, ``coef (onehot - p) - e p (log p + H) + f dD/dz``, in one sweep that
 also reads the teacher for a divergence (C++: ``csrc/rlsd_row_terms.h``; Triton: ``backends/logits/triton_terms.py``).
 """
@@ -39,38 +40,40 @@ TERMS_DTYPES = (torch.float32, torch.float32, torch.float64, torch.float32, torc
 
 @torch.library.custom_op("rlsd_kernels::fused_logprobs_terms", mutates_args=())
 def fused_logprobs_terms(student: Tensor, teacher: Optional[Tensor], labels: Tensor, temperature: float,
-                         ignore_index: int, div_mode: int, beta: float
+                         ignore_index: int, div_mode: int, beta: float, want_entropy: bool = True
                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (logp_s, logp_t, lse_s, entropy, lse_t, div, aux), flat ``[N]``, float32 but the float64 log-sum-exps
-    (``logp_t`` / ``lse_t`` / ``div`` / ``aux`` empty when not produced); differentiable through ``logp_s``,
-    ``entropy`` and ``div``."""
+    (``logp_t`` / ``lse_t`` / ``div`` / ``aux`` empty when not produced, ``entropy`` without ``want_entropy``);
+    differentiable through ``logp_s``, ``entropy`` and ``div``."""
     backend = get_backend(student.device)
     out = backend.forward_terms(as_rows3d(student), None if teacher is None else as_rows3d(teacher),
-                                labels.reshape(-1).to(torch.int64).contiguous(), temperature, ignore_index, True,
-                                div_mode, beta)
+                                labels.reshape(-1).to(torch.int64).contiguous(), temperature, ignore_index,
+                                want_entropy, div_mode, beta)
+    if not want_entropy:  # backends that have it for free still return it
+        out = out[:3] + (None,) + out[4:]
     return tuple(student.new_empty(_EMPTY, dtype=dt) if t is None else t.reshape(-1)
                  for t, dt in zip(out, TERMS_DTYPES))
 
 
 @fused_logprobs_terms.register_fake
-def _(student, teacher, labels, temperature, ignore_index, div_mode, beta):
+def _(student, teacher, labels, temperature, ignore_index, div_mode, beta, want_entropy=True):
     n = (labels.numel(),)
     f32 = lambda shape: student.new_empty(shape, dtype=torch.float32)  # noqa: E731
     t = n if teacher is not None else _EMPTY
     d = n if div_mode else _EMPTY
     f64 = lambda shape: f32(shape).to(torch.float64)  # noqa: E731  (the log-sum-exps are float64)
-    return f32(n), f32(t), f64(n), f32(n), f64(d), f32(d), f32(d)
+    return f32(n), f32(t), f64(n), f32(n if want_entropy else _EMPTY), f64(d), f32(d), f32(d)
 
 
 @torch.library.custom_op("rlsd_kernels::fused_logprobs_terms_backward", mutates_args=())
-def fused_logprobs_terms_backward(coef: Tensor, ent_coef: Tensor, div_coef: Optional[Tensor], student: Tensor,
-                                  teacher: Optional[Tensor], labels: Tensor, lse: Tensor, entropy: Tensor,
-                                  lse_t: Optional[Tensor], div: Optional[Tensor], aux: Optional[Tensor],
-                                  temperature: float, div_mode: int, beta: float) -> Tensor:
+def fused_logprobs_terms_backward(coef: Tensor, ent_coef: Optional[Tensor], div_coef: Optional[Tensor],
+                                  student: Tensor, teacher: Optional[Tensor], labels: Tensor, lse: Tensor,
+                                  entropy: Tensor, lse_t: Optional[Tensor], div: Optional[Tensor],
+                                  aux: Optional[Tensor], temperature: float, div_mode: int, beta: float) -> Tensor:
     backend = get_backend(student.device)
     out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     s3 = as_rows3d(student)
-    backend.backward_terms(coef.contiguous(), ent_coef.contiguous(),
+    backend.backward_terms(coef.contiguous(), None if ent_coef is None else ent_coef.contiguous(),
                            None if div_coef is None else div_coef.contiguous(), s3,
                            None if teacher is None else as_rows3d(teacher),
                            labels.reshape(-1).to(torch.int64).contiguous(), lse, entropy, lse_t, div, aux,
@@ -86,7 +89,9 @@ def _(coef, ent_coef, div_coef, student, teacher, labels, lse, entropy, lse_t, d
 
 def _setup_context(ctx, inputs, output):
     ctx.forced = dispatch.forced_by_context()
-    student, teacher, labels, temperature, _, div_mode, beta = inputs
+    # unused outputs get None, not zeros: an entropy nobody differentiates costs the CPU backward nothing
+    ctx.set_materialize_grads(False)
+    student, teacher, labels, temperature, _, div_mode, beta = inputs[:7]
     ctx.save_for_backward(student, teacher, labels, output[2], output[3], output[4], output[5], output[6])
     ctx.temperature, ctx.div_mode, ctx.beta = temperature, div_mode, beta
     ctx.mark_non_differentiable(output[1], output[2], output[4], output[6])
@@ -94,9 +99,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g_logp, _g_logp_t, _g_lse, g_ent, _g_lse_t, g_div, _g_aux):
     student, teacher, labels, lse, ent, lse_t, div, aux = ctx.saved_tensors
-    zeros = lambda: torch.zeros_like(lse)  # noqa: E731
+    zeros = lambda: torch.zeros(lse.shape, dtype=torch.float32, device=lse.device)  # noqa: E731
     coef = zeros() if g_logp is None else g_logp.to(torch.float32)
-    e = zeros() if g_ent is None else g_ent.to(torch.float32)
+    if g_ent is not None:
+        e = g_ent.to(torch.float32)
+    else:  # CPU: no entropy term in the gradient sweep (the CUDA kernels keep their zero coefficient)
+        e = None if student.device.type == "cpu" else zeros()
     f = None
     if ctx.div_mode:
         f = zeros() if g_div is None else g_div.to(torch.float32)
@@ -105,7 +113,7 @@ def _backward(ctx, g_logp, _g_logp_t, _g_lse, g_ent, _g_lse_t, g_div, _g_aux):
                                              ent, lse_t if ctx.div_mode else None, div if ctx.div_mode else None,
                                              aux if ctx.div_mode else None, ctx.temperature, ctx.div_mode,
                                              ctx.beta)
-    return grad, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None
 
 
 fused_logprobs_terms.register_autograd(_backward, setup_context=_setup_context)
@@ -143,9 +151,11 @@ def loss_with_terms_fused(h: Hyper, x: Terms, student_logits, teacher_logits, la
     teacher = None if teacher_logits is None else teacher_logits.detach()
     div = None
     if x.needs_full_distribution:  # the row terms' op: entropy and divergence differentiable
+        # CPU: the entropy only where it is used (the CUDA kernels have it for free and their backward reads it)
+        want_ent = x.entropy_coef > 0 or bool(return_entropy) or student_logits.device.type != "cpu"
         logp_s, logp_t, _, ent, _, div, _ = fused_logprobs_terms(student_logits, teacher, labels,
                                                                  float(h.temperature), int(h.ignore_index),
-                                                                 div_mode(x), float(x.distill_beta))
+                                                                 div_mode(x), float(x.distill_beta), want_ent)
     else:
         logp_s, logp_t, _, ent = fused_logprobs(student_logits, teacher, labels, float(h.temperature),
                                                 int(h.ignore_index), bool(return_entropy),

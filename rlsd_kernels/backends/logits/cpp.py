@@ -148,7 +148,8 @@ def backward(grad_logp, student, labels, lse, temperature, out):
 
 def forward_terms(student, teacher, labels, temperature, ignore_index, want_entropy, div_mode, beta):
     """``forward`` plus, with a divergence (``div_mode`` in ``backends.logits.DIV_MODES``), the teacher's lse, the
-    divergence ``D_t`` and its auxiliary sum (JSD: KL(p_S || M)), in the same pass (JSD: one more sweep per row)."""
+    divergence ``D_t`` and its auxiliary sum (JSD: KL(p_S || M)), in the same pass (JSD: one more sweep per row, over
+    the row kept in cache). Without ``want_entropy`` the entropy is None and not computed."""
     ext = load()
     n = labels.numel()
     logp_s, logp_t, lse_s, ent = alloc_row_outputs(n, student.device, teacher is not None, want_entropy)
