@@ -81,8 +81,9 @@ def test_real_size_peak_memory(inplace):
 
 def test_weight_gradient_sums_in_the_gemm_epilogue():
     """On CUDA the fused linear op adds each chunk's bf16 weight-gradient product into its float32 sums inside the
-    GEMM (``torch.addmm(..., out_dtype=torch.float32)``, backends/linear/chunked.py); it must give what the
-    product-then-add fallback gives."""
+    GEMM (``torch.addmm(..., out_dtype=torch.float32)``, backends/linear/chunked.py). It skips the fallback's bf16
+    rounding of every chunk's product, so it must be at least as close to the float64 truth as the fallback (an
+    element-wise comparison of the two fails where the fallback rounded: 2026-11-27 H200 run)."""
     from rlsd_kernels.backends.linear import chunked
 
     mode = chunked._mixed_addmm(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16)
@@ -91,19 +92,22 @@ def test_weight_gradient_sums_in_the_gemm_epilogue():
     w = torch.empty(4099, 256, device="cuda", dtype=torch.bfloat16)  # only its shape, dtype and device are used
     parts = [(torch.randn(300, 4099, generator=g, device="cuda").bfloat16() / 300,
               torch.randn(300, 256, generator=g, device="cuda").bfloat16()) for _ in range(5)]
+    truth = sum(gi.double().t() @ hi.double() for gi, hi in parts)
 
-    def total(mode):
+    def rel_error(mode):
         saved = dict(chunked._MIXED_ADDMM)
         chunked._MIXED_ADDMM.update({k: mode for k in chunked._MIXED_ADDMM})
         try:
             acc = chunked._WeightGrad(w, n_chunks=len(parts))
             for gi, hi in parts:
                 acc.add(gi, hi)
-            return acc.result()
+            dw = acc.result()
         finally:
             chunked._MIXED_ADDMM.clear()
             chunked._MIXED_ADDMM.update(saved)
+        assert dw.dtype == torch.bfloat16
+        return ((dw.double() - truth).norm() / truth.norm()).item()
 
-    fused, fallback = total(mode), total(None)
-    assert fused.dtype == torch.bfloat16
-    torch.testing.assert_close(fused.float(), fallback.float(), rtol=1e-2, atol=1e-5)
+    fused, fallback = rel_error(mode), rel_error(None)
+    assert fused <= fallback * 1.01 + 1e-6, (fused, fallback)
+    assert fused < 4e-3  # one bf16 rounding of the float32 sum: ~2^-9 / sqrt(3) relative

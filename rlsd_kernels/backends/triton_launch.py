@@ -20,7 +20,7 @@ bandwidth):
 
 Fused loss (``rlsd_loss`` forward+backward with a teacher, bf16), the GPU check's sweep on one H200, ms at
 N = 16384, two runs (2026-11-26 | 2026-11-27: ``bench/results/gpu-check-cuda-nvidia-h200-2026-11-26.json`` and
-``gpu-check-cuda-nvidia-h200.json``):
+``gpu-check-cuda-nvidia-h200-2026-11-27-0247.json``):
 
 | sweep entry | V = 32000 | 151936 | 262144 |
 |---|---|---|---|
@@ -40,7 +40,9 @@ needed: the gradient sweep's re-read of the student row misses L2 (~1000 rows of
 rows in flight (the persistent entries) leaves too few loads in flight per SM and loses more than the re-read
 costs; registers hold a row only up to ~32k columns and spill.
 
-A split-row kernel was built and measured (2026-11-27, H200, two targeted GPU-check calls; removed since): each
+A split-row kernel was built and measured (2026-11-27, H200, two targeted GPU-check calls:
+``bench/results/split-rows-sweep-h200-call1.md`` and ``-call2.md``, where SWEEP[2..7] are the split entries of
+those commits; removed since): each
 row cut into segments, one program per segment and phase, items ordered by an atomic ticket so that a gradient
 item re-reads its segment from L2 a bounded number of rows (``lag``) after its statistics item, the last
 statistics item of a row merging the segments' partials (correct: the GPU tests compared it with one program per
