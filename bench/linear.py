@@ -169,6 +169,13 @@ def _case(row: str, shape: str, dtype_name: str, device: str, reps: int) -> dict
                chunk_rows=rows_per_chunk(N, V, 2 if row == "fused_linear" else 1, torch.tensor([], dtype=dt).element_size()))
     if not cuda:  # ru_maxrss never decreases: a case peaking below this floor is over-estimated, never under-
         out["rss_floor_mib"] = max(0, floor - base) / 2 ** 20
+    elif row in ("fused_linear", "logits_op"):  # where the time goes (results JSON only)
+        try:
+            from .probes import kernel_breakdown
+
+            out["kernels"] = kernel_breakdown(fwd_bwd)
+        except Exception as e:  # noqa: BLE001 -- a profiler problem must not cost the row
+            out["kernels_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     return out
 
 

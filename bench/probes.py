@@ -95,6 +95,24 @@ def profile_counts(step, device: torch.device) -> dict:
     return res
 
 
+def kernel_breakdown(step, top: int = 12) -> list:
+    """The device kernels of one ``step()`` on CUDA (after it has run once), by total device time:
+    ``[{"name", "calls", "ms"}]``, the ``top`` largest. Where the time of a composed op goes (e.g. the fused linear
+    op's GEMMs, its logits kernels and its float32 weight-gradient sums), for the next tuning session."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    total, calls = Counter(), Counter()
+    for ev in prof.events():
+        if ev.device_type != DeviceType.CPU:
+            total[ev.name] += ev.time_range.elapsed_us()
+            calls[ev.name] += 1
+    return [{"name": name[:120], "calls": calls[name], "ms": round(us / 1e3, 3)} for name, us in total.most_common(top)]
+
+
 # ------------------------------------------------------------------------------------------------ launch sweep
 def _settings(tl):
     """``[(label, params)]``: the current ``LAUNCH`` (unless a SWEEP entry equals it) and every SWEEP entry."""
