@@ -57,6 +57,9 @@ row at 4096 x 151936). It was slower everywhere (ms, RLSD / GRPO forward+backwar
 | same, lag 32 MiB / 6 MiB | 6.11 / 4.19, 6.75 / 4.55 | 10.26 / 7.06, 11.11 / 7.36 |
 | persistent grids, 4 / 8 / 16 programs per SM (second call) | 7.86 / 4.61-5.25 | 13.15 / 7.69-8.74 |
 
+(The second call timed the one-program-per-item split again at 8.44 / 4.99 and 14.13 / 8.29 ms, and the defaults at
+5.36 / 3.74 and 9.13 / 6.33 ms: the split kernel also varies more from call to call.)
+
 The defaults already stream at 88% (RLSD, 4 passes) and 94% (GRPO, 3 passes) of the copy bandwidth, so the only
 way left to speed them up is fewer bytes, and neither L2 scheme delivered them on this card.
 """
