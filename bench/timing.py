@@ -82,6 +82,8 @@ class Flush:
 
 
 def _stats(ms: list) -> dict:
+    # in call order (a bimodal or drifting series shows there: GRPO at 16384 x 151936 on 2026-11-27)
+    series = [round(x, 4) for x in ms]
     ms = sorted(ms)
     if len(ms) > 1:
         q = statistics.quantiles(ms, n=10, method="inclusive")
@@ -89,7 +91,7 @@ def _stats(ms: list) -> dict:
     else:
         p20 = p80 = ms[0]
     return {"median_ms": statistics.median(ms), "p20_ms": p20, "p80_ms": p80, "min_ms": ms[0], "max_ms": ms[-1],
-            "reps": len(ms)}
+            "reps": len(ms), "series_ms": series}
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, budget_s: float = 0.3, min_reps: int = 3,
