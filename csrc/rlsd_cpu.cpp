@@ -166,14 +166,10 @@ void forward(const at::Tensor& student, const std::optional<at::Tensor>& teacher
   float* ls = logp_s.data_ptr<float>();
   float* lse = lse_s.data_ptr<float>();
   const float b = static_cast<float>(beta);
-#define RLSD_FWD(E, D) forward_rows<E, D>(s, tp, lab, inv_temp, ignore_index, ls, lt, lse, ent, n, b, lt_out, div_out, aux_out)
-  switch (div_mode) {
-    case kForwardKL: ent ? RLSD_FWD(true, kForwardKL) : RLSD_FWD(false, kForwardKL); break;
-    case kReverseKL: ent ? RLSD_FWD(true, kReverseKL) : RLSD_FWD(false, kReverseKL); break;
-    case kJSD: ent ? RLSD_FWD(true, kJSD) : RLSD_FWD(false, kJSD); break;
-    default: ent ? RLSD_FWD(true, kNoDiv) : RLSD_FWD(false, kNoDiv); break;
-  }
-#undef RLSD_FWD
+  with_terms(ent != nullptr, div_mode, [&](auto e, auto d) {
+    forward_rows<decltype(e)::value, decltype(d)::value>(s, tp, lab, inv_temp, ignore_index, ls, lt, lse, ent, n, b,
+                                                         lt_out, div_out, aux_out);
+  });
 }
 
 void backward(const at::Tensor& grad_logp, const at::Tensor& student, const at::Tensor& labels,
@@ -300,14 +296,9 @@ void backward_terms(const at::Tensor& grad_logp, const std::optional<at::Tensor>
   if (n == 0) return;
   if (out.data_ptr() != student.data_ptr()) advise_huge_pages(out);
   const View3* tp = t ? &*t : nullptr;
-#define RLSD_BWD(E, D) backward_terms_rows<E, D>(s, tp, o, a, n)
-  switch (div_mode) {
-    case kForwardKL: ent_on ? RLSD_BWD(true, kForwardKL) : RLSD_BWD(false, kForwardKL); break;
-    case kReverseKL: ent_on ? RLSD_BWD(true, kReverseKL) : RLSD_BWD(false, kReverseKL); break;
-    case kJSD: ent_on ? RLSD_BWD(true, kJSD) : RLSD_BWD(false, kJSD); break;
-    default: ent_on ? RLSD_BWD(true, kNoDiv) : RLSD_BWD(false, kNoDiv); break;
-  }
-#undef RLSD_BWD
+  with_terms(ent_on, div_mode, [&](auto e, auto d) {
+    backward_terms_rows<decltype(e)::value, decltype(d)::value>(s, tp, o, a, n);
+  });
 }
 
 }  // namespace

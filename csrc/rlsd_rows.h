@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <type_traits>
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
@@ -86,6 +87,22 @@ inline void accumulate(Stats& st, const float* __restrict x, int64_t n, float ch
 
 // Divergence modes of the row terms (docs/math.md section 2b): the distillation term's D_t and its gradient.
 enum DivMode : int { kNoDiv = 0, kForwardKL = 1, kReverseKL = 2, kJSD = 3 };
+
+// Calls fn(std::integral_constant<bool, ent>, std::integral_constant<int, div_mode>): the runtime (entropy on,
+// divergence mode) pair as the template arguments of a row kernel, every combination instantiated once.
+template <typename Fn>
+inline void with_terms(bool ent, int div_mode, Fn&& fn) {
+  auto pick = [&](auto d) {
+    if (ent) fn(std::integral_constant<bool, true>{}, d);
+    else fn(std::integral_constant<bool, false>{}, d);
+  };
+  switch (div_mode) {
+    case kForwardKL: pick(std::integral_constant<int, kForwardKL>{}); break;
+    case kReverseKL: pick(std::integral_constant<int, kReverseKL>{}); break;
+    case kJSD: pick(std::integral_constant<int, kJSD>{}); break;
+    default: pick(std::integral_constant<int, kNoDiv>{}); break;
+  }
+}
 
 struct View3 {
   const char* base;
