@@ -1,7 +1,8 @@
 """Cost of each docs/math.md section 2c term over plain RLSD (one term on at a time), on the device's backend.
 
-Every row is ``rlsd_loss`` forward + backward on the same inputs (student and teacher logits, lam = 0.5, per-token
-advantages and old log-probs, a 10% mask); ``plain`` has every term off. Times are medians of ``--reps`` runs after
+Every row is ``rlsd_loss`` forward + backward on the same inputs (the main bench's workload: student and teacher
+logits, per-token advantages, old log-probs near the student's own; lam = 0.5, a 10% mask); ``plain`` has every term
+off. Times are medians of ``--reps`` runs after
 one warm-up, all rows interleaved rep by rep (so machine noise spreads over every row alike; the OPSD rows in a loop
 of their own); the ratio is each row's median over ``plain``'s. The issue's CPU targets: at most 1.15x for every
 term, 1.6x for JSD.
@@ -43,21 +44,24 @@ OPSD_ROWS = ("opsd_jsd", "opsd_jsd_eager", "opsd_jsd_liger")
 
 
 def _inputs(N, V, device, dtype, seqs=8):
+    """The main bench's workload (``bench/workload.py``: old log-probs = the student's own plus noise, so the PPO
+    clip is active on a realistic share of tokens), plus a 10% mask and reference / rollout log-probs near ``old``.
+
+    (Until 2026-11-27 this bench drew ``old`` uniformly in [-5, 0], unrelated to the policy: the PPO clip then
+    zeroed the policy gradient of ~55% of the tokens, so ``plain`` skipped those rows' gradient sweep while every
+    term that keeps a gradient there (entropy, distillation, KL) could not, which inflated their ratios.)"""
     import torch
 
-    g = torch.Generator(device=device).manual_seed(0)  # drawn on the device: GBs of logits at GPU sizes
-    T = N // seqs
-    r = lambda *shape: torch.randn(*shape, generator=g, device=device)  # noqa: E731
-    u = lambda *shape: torch.rand(*shape, generator=g, device=device)  # noqa: E731
-    s = (r(seqs, T, V) * 2).to(dtype)
-    t = (s.float() + 0.5 * r(seqs, T, V)).to(dtype)
-    labels = torch.randint(0, V, (seqs, T), generator=g, device=device)
-    adv = r(seqs, T)
-    old = -u(seqs, T) * 5
-    mask = u(seqs, T) > 0.1
-    ref = old + 0.3 * r(seqs, T)
-    rollout = old + 0.3 * r(seqs, T)
-    return s, t, labels, adv, old, mask, ref, rollout
+    from .workload import Workload, make_inputs
+
+    inp = make_inputs(Workload(N, V, dtype, torch.device(device), seqs=seqs))
+    g = torch.Generator(device=device).manual_seed(0)
+    B, T = inp.labels.shape
+    r = lambda: torch.randn(B, T, generator=g, device=device)  # noqa: E731
+    mask = torch.rand(B, T, generator=g, device=device) > 0.1
+    ref = inp.old_logprobs + 0.3 * r()
+    rollout = inp.old_logprobs + 0.1 * r()
+    return inp.student, inp.teacher, inp.labels, inp.advantages, inp.old_logprobs, mask, ref, rollout
 
 
 def run(shape: str, device: str, dtype_name: str, reps: int) -> list:
