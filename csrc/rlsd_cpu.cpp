@@ -37,6 +37,7 @@
 #include <optional>
 
 #include "rlsd_chunks.h"
+#include "rlsd_fused_rows.h"
 #include "rlsd_row_terms.h"
 #include "rlsd_rows.h"
 
@@ -53,7 +54,7 @@ void forward_rows(const View3& s, const View3* t, const int64_t* labels, float i
     alignas(64) float cbs[kChunk];
     alignas(64) float cbt[kChunk];
     // JSD: the whole row stays resident (and its exps stored) for the second sweep; otherwise chunk buffers
-    std::optional<JsdRow> jr;
+    std::optional<ResidentRow> jr;
     if (kDiv == kJSD) jr.emplace(V);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t label = labels[r];
@@ -301,6 +302,76 @@ void backward_terms(const at::Tensor& grad_logp, const std::optional<at::Tensor>
   });
 }
 
+
+const double* opt_vec(const std::optional<at::Tensor>& x, int64_t n, const char* name) {
+  if (!x.has_value()) return nullptr;
+  check_vec(*x, at::kDouble, n, name);
+  return x->data_ptr<double>();
+}
+
+float* opt_out(const std::optional<at::Tensor>& x, int64_t n, const char* name) {
+  if (!x.has_value()) return nullptr;
+  check_vec(*x, at::kFloat, n, name);
+  return x->data_ptr<float>();
+}
+
+// The fused rows (rlsd_fused_rows.h): `forward`'s outputs and the loss's whole gradient (into out, which may alias
+// student: each row is read whole before its gradient is written) in one visit of each row. Per-token inputs are
+// float64 vectors; see rlsd_token_coef.h.
+void fused(const at::Tensor& student, const std::optional<at::Tensor>& teacher, const at::Tensor& labels,
+           double temperature, int64_t ignore_index, bool want_entropy, int64_t div_mode, double beta,
+           const at::Tensor& adv, const std::optional<at::Tensor>& old, const std::optional<at::Tensor>& teacher_lp,
+           const std::optional<at::Tensor>& ref, const at::Tensor& agg, const std::optional<at::Tensor>& w_is,
+           double lam, double eps_w, double clip_low, double clip_high, double clip_dual, bool cispo, double kl_coef,
+           int64_t kl_type, double entropy_coef, double distill_coef, double distill_clip, at::Tensor& logp_s,
+           const std::optional<at::Tensor>& logp_t, at::Tensor& lse_s, const std::optional<at::Tensor>& entropy,
+           const std::optional<at::Tensor>& lse_t, const std::optional<at::Tensor>& div,
+           const std::optional<at::Tensor>& aux, at::Tensor& out) {
+  const View3 s(student);
+  View3 o(out);
+  const int64_t n = student.size(0) * student.size(1);
+  TORCH_CHECK(out.size(0) * out.size(1) == n && out.size(2) == student.size(2) &&
+              out.scalar_type() == student.scalar_type(), "rlsd_cpu: out must match student");
+  check_vec(labels, at::kLong, n, "labels");
+  check_vec(adv, at::kDouble, n, "adv");
+  check_vec(agg, at::kDouble, n, "agg");
+  FusedIn in{labels.data_ptr<int64_t>(), adv.data_ptr<double>(), opt_vec(old, n, "old"),
+             opt_vec(teacher_lp, n, "teacher_lp"), opt_vec(ref, n, "ref"), agg.data_ptr<double>(),
+             opt_vec(w_is, n, "w_is")};
+  check_vec(logp_s, at::kFloat, n, "logp_s");
+  check_vec(lse_s, at::kFloat, n, "lse_s");
+  FusedOut fo{logp_s.data_ptr<float>(), opt_out(logp_t, n, "logp_t"), lse_s.data_ptr<float>(),
+              opt_out(entropy, n, "entropy"), nullptr, opt_out(div, n, "div"), opt_out(aux, n, "aux")};
+  std::optional<View3> t;
+  if (teacher.has_value()) {
+    TORCH_CHECK(teacher->dim() == 3 && teacher->size(0) * teacher->size(1) == n && teacher->size(2) == student.size(2),
+                "rlsd_cpu: teacher must have as many rows and the same vocabulary as student");
+    TORCH_CHECK(fo.logp_t, "rlsd_cpu: logp_t output missing");
+    t.emplace(*teacher);
+  }
+  TORCH_CHECK(div_mode >= kNoDiv && div_mode <= kJSD, "rlsd_cpu: unknown div_mode ", div_mode);
+  const bool ent_grad = entropy_coef > 0;
+  TORCH_CHECK(!(want_entropy || ent_grad) || fo.ent, "rlsd_cpu: entropy output missing");
+  if (div_mode != kNoDiv) {
+    TORCH_CHECK(t && lse_t.has_value() && fo.div && fo.aux, "rlsd_cpu: a divergence needs the teacher and the "
+                "lse_t, div, aux outputs");
+    check_vec(*lse_t, at::kDouble, n, "lse_t");
+    fo.lse_t = lse_t->data_ptr<double>();
+  }
+  TORCH_CHECK(kl_type >= kK1 && kl_type <= kK3, "rlsd_cpu: unknown kl_type ", kl_type);
+  if (n == 0) return;
+  if (out.data_ptr() != student.data_ptr()) advise_huge_pages(out);
+  const TokenHyper hp{lam, eps_w, clip_low, clip_high, clip_dual, cispo, kl_coef, static_cast<int>(kl_type),
+                      entropy_coef, distill_coef, distill_clip};
+  const float inv_temp = static_cast<float>(1.0 / temperature);
+  const View3* tp = t ? &*t : nullptr;
+  with_fused(want_entropy || ent_grad, ent_grad, static_cast<int>(div_mode), tp != nullptr,
+             [&](auto es, auto eg, auto d, auto te) {
+               fused_rows<decltype(es)::value, decltype(eg)::value, decltype(d)::value, decltype(te)::value>(
+                   s, tp, o, in, fo, hp, inv_temp, ignore_index, static_cast<float>(beta), n);
+             });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -315,6 +386,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("labels"), py::arg("lse"), py::arg("entropy"), py::arg("lse_t"), py::arg("div"), py::arg("aux"),
         py::arg("temperature"), py::arg("div_mode"), py::arg("beta"), py::arg("out"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("fused", &fused, "forward outputs and the loss's gradient into out, one visit per row",
+        py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("temperature"), py::arg("ignore_index"),
+        py::arg("want_entropy"), py::arg("div_mode"), py::arg("beta"), py::arg("adv"), py::arg("old"),
+        py::arg("teacher_lp"), py::arg("ref"), py::arg("agg"), py::arg("w_is"), py::arg("lam"), py::arg("eps_w"),
+        py::arg("clip_low"), py::arg("clip_high"), py::arg("clip_dual"), py::arg("cispo"), py::arg("kl_coef"),
+        py::arg("kl_type"), py::arg("entropy_coef"), py::arg("distill_coef"), py::arg("distill_clip"),
+        py::arg("logp_s"), py::arg("logp_t"), py::arg("lse_s"), py::arg("entropy"), py::arg("lse_t"), py::arg("div"),
+        py::arg("aux"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
   m.def("backward", &backward, "fused log-prob backward into out (may alias student)", py::arg("grad_logp"),
         py::arg("student"), py::arg("labels"), py::arg("lse"), py::arg("temperature"), py::arg("out"),
         py::arg("use_thp") = true, py::call_guard<py::gil_scoped_release>());

@@ -40,15 +40,15 @@ inline void jsd_row(const View3& s, const View3& t, int64_t r, float inv_temp, f
   *aux_out = b;
 }
 
-// The JSD sweep over a row kept resident by the statistics sweep (JsdRow), which also stored every u = exp(x - m_c),
-// m_c the running max after chunk c: p = u * exp(m_c - m) / d is one multiply, so this sweep's only transcendental
-// is log M (the re-reading sweep above costs two exps more and reads both rows again). Rows with finite maxima only.
-struct JsdRow {
+// A row kept resident (in L2 at V = 32000, float32) by the statistics sweep, which also stores every
+// u = exp(x - m_c), m_c the running max after chunk c: a later sweep over the row gets p = u * exp(m_c - m) / d with
+// one multiply instead of an exp. Used by JSD's second sweep (below) and by the fused rows (rlsd_fused_rows.h).
+struct ResidentRow {
   float *xs, *xt, *us, *ut;  // [V padded to kLanes] each: scaled logits and the stored exps
   float *cms, *cmt;          // [chunks]: each chunk's running max
   std::vector<float> store;
 
-  explicit JsdRow(int64_t V) {
+  explicit ResidentRow(int64_t V) {
     const int64_t vp = (V + kLanes - 1) / kLanes * kLanes;
     const int64_t chunks = (V + kChunk - 1) / kChunk;
     store.resize(static_cast<size_t>(4 * vp + 2 * chunks + kLanes));
@@ -63,8 +63,11 @@ struct JsdRow {
   }
 };
 
-inline void jsd_resident(const JsdRow& w, int64_t V, float m_s, float d_s, float log_d_s, float m_t, float d_t,
-                         float log_d_t, float beta, float* d_out, float* aux_out) {
+// The JSD sweep over a ResidentRow: its only transcendental is log M (the re-reading sweep above costs two exps
+// more and reads both rows again). Rows with finite maxima only.
+// keep (optional, [V padded]): receives log p_S - log M per element, for a gradient sweep after this one.
+inline void jsd_resident(const ResidentRow& w, int64_t V, float m_s, float d_s, float log_d_s, float m_t, float d_t,
+                         float log_d_t, float beta, float* d_out, float* aux_out, float* keep = nullptr) {
   const vf vms = vsplat(m_s), vlds = vsplat(log_d_s), vmt = vsplat(m_t), vldt = vsplat(log_d_t), vzero{};
   vf va{}, vb{};  // sum p_T (log p_T - log M), sum p_S (log p_S - log M)
   for (int64_t start = 0, c = 0; start < V; start += kChunk, ++c) {
@@ -77,8 +80,10 @@ inline void jsd_resident(const JsdRow& w, int64_t V, float m_s, float d_s, float
       const vf ps = vload(us + i) * as, pt = vload(ut + i) * at;
       const vf ls = (vload(xs + i) - vms) - vlds, lt = (vload(xt + i) - vmt) - vldt;
       const vf lm = log_pos(pt * beta + ps * (1.0f - beta));
+      const vf h = ls - lm;
+      if (keep) vstore(keep + start + i, h);
       va += pt > 0.0f ? pt * (lt - lm) : vzero;
-      vb += ps > 0.0f ? ps * (ls - lm) : vzero;
+      vb += ps > 0.0f ? ps * h : vzero;
     }
   }
   const float a = hsum(va), b = hsum(vb);
@@ -102,105 +107,123 @@ struct RowTermsArgs {
   float inv_temp, beta;
 };
 
+// One row's scalars for the gradient sweep (from RowTermsArgs, or from the fused kernel's own statistics).
+struct RowTerms {
+  float coef, e, f;  // already divided by the temperature
+  double lse, lse_t;
+  float H, div, aux;
+  int64_t label;
+};
+
+// The row terms' gradient at one element from its student (p, lp = log p) and teacher (pt, lt = log pt) values:
+// the target element's share, which the sweeps leave out of their vector loops.
 template <bool kEnt, int kDiv>
-inline float term_grad(float p, float lp, float xt, const RowTermsArgs& a, int64_t r, float H, float e, float f) {
+inline float term_grad(float p, float lp, float pt, float lt, const RowTerms& a, float beta) {
   float g = 0.0f;
-  if (kEnt && p > 0.0f) g -= e * p * (lp + H);
-  if (kDiv == kNoDiv) return g;
-  const SplitLse st(a.lse_t[r]);
-  const float lt = (xt - st.hi) - st.lo;
-  if (kDiv == kForwardKL) g += f * (p - std::exp(lt));
-  if (kDiv == kReverseKL && p > 0.0f) g += f * p * (lp - lt - a.div[r]);
-  if (kDiv == kJSD && p > 0.0f) {
-    const float mix = a.beta * std::exp(lt) + (1.0f - a.beta) * p;
-    g += f * (1.0f - a.beta) * p * (lp - std::log(mix) - a.aux[r]);
-  }
+  if (kEnt && p > 0.0f) g -= a.e * p * (lp + a.H);
+  if (kDiv == kForwardKL) g += a.f * (p - pt);
+  if (kDiv == kReverseKL && p > 0.0f) g += a.f * p * (lp - lt - a.div);
+  if (kDiv == kJSD && p > 0.0f) g += a.f * (1.0f - beta) * p * (lp - std::log(beta * pt + (1.0f - beta) * p) - a.aux);
   return g;
+}
+
+// Row r's gradient into o (re-reading the student row, and the teacher row for a divergence); rows [.., r_end) are
+// this thread's (for prefetching); buf / bt: kChunk-float scratch.
+template <bool kEnt, int kDiv>
+void backward_terms_row(const View3& s, const View3* t, View3& o, const RowTerms& a, float inv_temp, float beta,
+                        int64_t r, int64_t r_end, float* buf, float* bt) {
+  const int64_t V = s.V;
+  const char* srow = s.base + s.row_offset(r);
+  char* orow = o.mbase + o.row_offset(r);
+  const float coef = a.coef, e = kEnt ? a.e : 0.0f, f = kDiv != kNoDiv ? a.f : 0.0f;
+  const float row_lse = static_cast<float>(a.lse);
+  if ((coef == 0.0f && e == 0.0f && f == 0.0f) || row_lse == kNegInf) {
+    zero_row(orow, o.dt, o.sv, V);
+    return;
+  }
+  const float H = kEnt ? a.H : 0.0f;
+  const int64_t label = a.label;
+  const bool read_teacher = kDiv != kNoDiv && f != 0.0f;
+  const char* trow = read_teacher ? t->base + t->row_offset(r) : nullptr;
+  float shift = row_lse, log_d = 0.0f;
+  if (std::fabs(row_lse) > kPreciseLse) {  // as in `backward`: an exact (max, log sum) split of the lse
+    Stats st;
+    for (int64_t start = 0; start < V; start += kChunk) {
+      const int64_t cn = std::min(kChunk, V - start);
+      const float cm = load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, cn, inv_temp, buf);
+      accumulate<false>(st, buf, cn, cm, s.next_chunk(r, start, r_end), s.esize);
+    }
+    shift = st.m;
+    log_d = std::log(st.d);
+  }
+  float others = 0.0f, p_tgt = 0.0f, extra_tgt = 0.0f;
+  for (int64_t start = 0; start < V; start += kChunk) {
+    const int64_t cn = std::min(kChunk, V - start);
+    load_chunk<false>(srow + start * s.sv * s.esize, s.dt, s.sv, cn, inv_temp, buf);
+    if (read_teacher) load_chunk<false>(trow + start * t->sv * t->esize, t->dt, t->sv, cn, inv_temp, bt);
+    if (label >= start && label < start + cn) {  // the target element is finished after the row
+      const float lp = (buf[label - start] - shift) - log_d;
+      p_tgt = std::exp(lp);
+      float lt = 0.0f;
+      if (read_teacher) {
+        const SplitLse st(a.lse_t);
+        lt = (bt[label - start] - st.hi) - st.lo;
+      }
+      extra_tgt = term_grad<kEnt, kDiv>(p_tgt, lp, std::exp(lt), lt, a, beta);
+      buf[label - start] = kNegInf;
+    }
+    float sum_p = 0.0f;
+    {  // 16 lanes; padding lanes hold -inf (p = 0) and are never stored
+      const int64_t padded = (cn + kLanes - 1) / kLanes * kLanes;
+      const vf vshift = vsplat(shift), vlog_d = vsplat(log_d), vH = vsplat(H), vzero{};
+      const SplitLse st(kDiv != kNoDiv && read_teacher ? a.lse_t : 0.0);
+      const vf vhi = vsplat(st.hi), vlo = vsplat(st.lo);
+      const float dv = kDiv == kReverseKL && read_teacher ? a.div : 0.0f;
+      const float kl_sm = kDiv == kJSD && read_teacher ? a.aux : 0.0f;
+      const float f_jsd = f * (1.0f - beta);
+      vf vsum{};
+      const char* pf = s.next_chunk(r, start, r_end);
+      const char* tpf = read_teacher ? t->next_chunk(r, start, r_end) : nullptr;
+      for (int64_t i = 0; i < padded; i += kLanes) {
+        if (pf) __builtin_prefetch(pf + i * s.esize);
+        if (tpf) __builtin_prefetch(tpf + i * t->esize);
+        const vf lp = (vload(buf + i) - vshift) - vlog_d;
+        const vf p = exp_neg(lp);
+        vsum += p;
+        vf g = p * -coef;
+        if (kEnt) g -= p * (vmax(lp, vsplat(kExpLo)) + vH) * e;  // p = 0 where lp < kExpLo (as in accumulate)
+        vf lt{};
+        if (kDiv != kNoDiv && read_teacher) lt = (vload(bt + i) - vhi) - vlo;
+        if (kDiv == kForwardKL && read_teacher) g += (p - exp_neg(lt)) * f;
+        if (kDiv == kReverseKL && read_teacher) g += p > 0.0f ? p * ((lp - lt) - dv) * f : vzero;
+        if (kDiv == kJSD && read_teacher) {
+          const vf lm = log_pos(exp_neg(lt) * beta + p * (1.0f - beta));
+          g += p > 0.0f ? p * ((lp - lm) - kl_sm) * f_jsd : vzero;
+        }
+        vstore(buf + i, g);
+      }
+      sum_p = hsum(vsum);
+    }
+    others += sum_p;
+    store_chunk(orow + start * o.sv * o.esize, o.dt, o.sv, cn, buf);
+  }
+  if (label >= 0 && label < V) {
+    const float g_tgt = coef * (others / (others + p_tgt)) + extra_tgt;
+    store_chunk(orow + label * o.sv * o.esize, o.dt, 1, 1, &g_tgt);
+  }
 }
 
 template <bool kEnt, int kDiv>
 void backward_terms_rows(const View3& s, const View3* t, View3& o, const RowTermsArgs& a, int64_t n) {
-  const int64_t V = s.V;
-  at::parallel_for(0, n, grain_rows(V), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, n, grain_rows(s.V), [&](int64_t r0, int64_t r1) {
     alignas(64) float buf[kChunk];
     alignas(64) float bt[kChunk];
     for (int64_t r = r0; r < r1; ++r) {
-      const char* srow = s.base + s.row_offset(r);
-      char* orow = o.mbase + o.row_offset(r);
-      const float coef = a.coef[r] * a.inv_temp;
-      const float e = kEnt ? a.e[r] * a.inv_temp : 0.0f;
-      const float f = kDiv != kNoDiv ? a.f[r] * a.inv_temp : 0.0f;
-      const float row_lse = static_cast<float>(a.lse[r]);
-      if ((coef == 0.0f && e == 0.0f && f == 0.0f) || row_lse == kNegInf) {
-        zero_row(orow, o.dt, o.sv, V);
-        continue;
-      }
-      const float H = kEnt ? a.ent[r] : 0.0f;
-      const int64_t label = a.labels[r];
-      const bool read_teacher = kDiv != kNoDiv && f != 0.0f;
-      const char* trow = read_teacher ? t->base + t->row_offset(r) : nullptr;
-      float shift = row_lse, log_d = 0.0f;
-      if (std::fabs(row_lse) > kPreciseLse) {  // as in `backward`: an exact (max, log sum) split of the lse
-        Stats st;
-        for (int64_t start = 0; start < V; start += kChunk) {
-          const int64_t cn = std::min(kChunk, V - start);
-          const float cm = load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, cn, a.inv_temp, buf);
-          accumulate<false>(st, buf, cn, cm, s.next_chunk(r, start, r1), s.esize);
-        }
-        shift = st.m;
-        log_d = std::log(st.d);
-      }
-      float others = 0.0f, p_tgt = 0.0f, extra_tgt = 0.0f;
-      for (int64_t start = 0; start < V; start += kChunk) {
-        const int64_t cn = std::min(kChunk, V - start);
-        load_chunk<false>(srow + start * s.sv * s.esize, s.dt, s.sv, cn, a.inv_temp, buf);
-        if (read_teacher) load_chunk<false>(trow + start * t->sv * t->esize, t->dt, t->sv, cn, a.inv_temp, bt);
-        if (label >= start && label < start + cn) {  // the target element is finished after the row
-          const float lp = (buf[label - start] - shift) - log_d;
-          p_tgt = std::exp(lp);
-          extra_tgt = term_grad<kEnt, kDiv>(p_tgt, lp, read_teacher ? bt[label - start] : 0.0f, a, r, H, e, f);
-          buf[label - start] = kNegInf;
-        }
-        float sum_p = 0.0f;
-        {  // 16 lanes; padding lanes hold -inf (p = 0) and are never stored
-          const int64_t padded = (cn + kLanes - 1) / kLanes * kLanes;
-          const vf vshift = vsplat(shift), vlog_d = vsplat(log_d), vH = vsplat(H), vzero{};
-          const SplitLse st(kDiv != kNoDiv && read_teacher ? a.lse_t[r] : 0.0);
-          const vf vhi = vsplat(st.hi), vlo = vsplat(st.lo);
-          const float dv = kDiv == kReverseKL && read_teacher ? a.div[r] : 0.0f;
-          const float kl_sm = kDiv == kJSD && read_teacher ? a.aux[r] : 0.0f;
-          // locals, not a.beta: the stores to buf may alias a's fields as far as the compiler knows
-          const float beta = a.beta, f_jsd = f * (1.0f - beta);
-          vf vsum{};
-          const char* pf = s.next_chunk(r, start, r1);
-          const char* tpf = read_teacher ? t->next_chunk(r, start, r1) : nullptr;
-          for (int64_t i = 0; i < padded; i += kLanes) {
-            if (pf) __builtin_prefetch(pf + i * s.esize);
-            if (tpf) __builtin_prefetch(tpf + i * t->esize);
-            const vf lp = (vload(buf + i) - vshift) - vlog_d;
-            const vf p = exp_neg(lp);
-            vsum += p;
-            vf g = p * -coef;
-            if (kEnt) g -= p * (vmax(lp, vsplat(kExpLo)) + vH) * e;  // p = 0 where lp < kExpLo (as in accumulate)
-            vf lt{};
-            if (kDiv != kNoDiv && read_teacher) lt = (vload(bt + i) - vhi) - vlo;
-            if (kDiv == kForwardKL && read_teacher) g += (p - exp_neg(lt)) * f;
-            if (kDiv == kReverseKL && read_teacher) g += p > 0.0f ? p * ((lp - lt) - dv) * f : vzero;
-            if (kDiv == kJSD && read_teacher) {
-              const vf lm = log_pos(exp_neg(lt) * beta + p * (1.0f - beta));
-              g += p > 0.0f ? p * ((lp - lm) - kl_sm) * f_jsd : vzero;
-            }
-            vstore(buf + i, g);
-          }
-          sum_p = hsum(vsum);
-        }
-        others += sum_p;
-        store_chunk(orow + start * o.sv * o.esize, o.dt, o.sv, cn, buf);
-      }
-      if (label >= 0 && label < V) {
-        const float g_tgt = coef * (others / (others + p_tgt)) + extra_tgt;
-        store_chunk(orow + label * o.sv * o.esize, o.dt, 1, 1, &g_tgt);
-      }
+      RowTerms rt{a.coef[r] * a.inv_temp, kEnt ? a.e[r] * a.inv_temp : 0.0f,
+                  kDiv != kNoDiv ? a.f[r] * a.inv_temp : 0.0f, a.lse[r], kDiv != kNoDiv ? a.lse_t[r] : 0.0,
+                  kEnt ? a.ent[r] : 0.0f, kDiv != kNoDiv ? a.div[r] : 0.0f, kDiv != kNoDiv ? a.aux[r] : 0.0f,
+                  a.labels[r]};
+      backward_terms_row<kEnt, kDiv>(s, t, o, rt, a.inv_temp, a.beta, r, r1, buf, bt);
     }
   });
 }

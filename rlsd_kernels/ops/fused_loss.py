@@ -27,6 +27,7 @@ from .. import dispatch
 from ..dispatch import get_backend, get_loss_backend
 from ..hyper import Hyper
 from .fused_logprobs import fused_logprobs_backward_inplace
+from . import fused_rows
 from ._eager_autograd import eager_autograd
 
 _EMPTY = (0,)
@@ -66,14 +67,20 @@ def _eager_loss(student, teacher, teacher_logprobs, labels, advantages, old_logp
     backend = get_backend(student.device)
     n = labels.numel()
     flat = labels.reshape(n).to(torch.int64)
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    valid = _valid(flat, student.shape[-1], h, mask)
+    if want_grad and hasattr(backend, "fused_rows"):  # C++: forward and gradient in one visit of each row
+        (logp_s, logp_t, lse, ent, *_), grad = _fused_rows(student, teacher, teacher_logprobs, flat, labels.shape,
+                                                           advantages, adv_per_seq, old_logprobs, valid, cu_seqlens,
+                                                           h, acc, want_entropy)
+        loss, coef, g, metrics = loss_math.loss_and_coef_of_batch(
+            logp_s.to(acc), logp_t if teacher is not None else teacher_logprobs, labels.shape, advantages,
+            adv_per_seq, old_logprobs, valid, cu_seqlens, h)
+        errors = torch.zeros(3, dtype=torch.int64, device=student.device)
+        return loss, logp_s, logp_t, g.to(torch.float32), ent, metrics, errors, lse, coef.to(torch.float32), grad
     s3 = as_rows3d(student)
     t3 = as_rows3d(teacher) if teacher is not None else None
     logp_s, logp_t, lse, ent = backend.forward(s3, t3, flat, h.temperature, h.ignore_index, want_entropy)
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    V = student.shape[-1]
-    valid = (flat != h.ignore_index) & (flat >= 0) & (flat < V)
-    if mask is not None:
-        valid = valid & (mask.reshape(n) != 0)
     loss, coef, g, metrics = loss_math.loss_and_coef_of_batch(
         logp_s.to(acc), logp_t if teacher is not None else teacher_logprobs, labels.shape, advantages, adv_per_seq,
         old_logprobs, valid, cu_seqlens, h)
@@ -83,6 +90,25 @@ def _eager_loss(student, teacher, teacher_logprobs, labels, advantages, old_logp
         backend.backward(coef.to(torch.float32), s3, flat, lse, h.temperature, grad.view(s3.shape))
     errors = torch.zeros(3, dtype=torch.int64, device=student.device)  # values were checked before the call
     return loss, logp_s, logp_t, g.to(torch.float32), ent, metrics, errors, lse, coef.to(torch.float32), grad
+
+
+def _valid(flat, vocab: int, h: Hyper, mask):
+    valid = (flat != h.ignore_index) & (flat >= 0) & (flat < vocab)
+    return valid if mask is None else valid & (mask.reshape(flat.numel()) != 0)
+
+
+def _fused_rows(student, teacher, teacher_logprobs, flat, label_shape, advantages, adv_per_seq, old_logprobs, valid,
+                cu_seqlens, h, acc, want_entropy, out=None):
+    """``ops/fused_rows.py`` for the plain loss: its per-token inputs from the call's own tensors."""
+    from .._inputs import token_seq_ids
+
+    n = flat.numel()
+    seq_ids, num_seqs = token_seq_ids(label_shape, cu_seqlens, n, student.device)
+    adv = (advantages[seq_ids] if adv_per_seq else advantages.reshape(n)).to(acc)
+    old = None if old_logprobs is None else old_logprobs.reshape(n).to(acc)
+    tl = None if teacher is not None or teacher_logprobs is None else teacher_logprobs.reshape(n).to(acc)
+    tokens = fused_rows.token_inputs(valid, seq_ids, num_seqs, adv, old, tl, h)
+    return fused_rows.forward_and_grad(student, teacher, flat, h, tokens, want_entropy, out=out)
 
 
 @torch.library.custom_op("rlsd_kernels::fused_rlsd_loss", mutates_args=())
@@ -142,6 +168,32 @@ def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
         grad.mul_(grad_output.to(grad.dtype))
 
 
+@torch.library.custom_op("rlsd_kernels::fused_rows_inplace_", mutates_args=("student",))
+def fused_rows_inplace_(student: Tensor, teacher_logprobs: Optional[Tensor], labels: Tensor, advantages: Tensor,
+                        old_logprobs: Optional[Tensor], mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                        grad_output: Tensor, lam: float, eps_w: float, clip_low: float, clip_high: float,
+                        clip_dual: float, loss_type: str, loss_agg_mode: str, norm: float, temperature: float,
+                        ignore_index: int, adv_per_seq: bool) -> None:
+    """The C++ backend's in-place backward: the fused rows kernel again over the saved logits, writing the gradient
+    into them (each row is read whole first), times ``grad_output``. ``teacher_logprobs``: the forward's teacher
+    log-probs (from the teacher logits or given), so that no teacher row is read and the gradient is bit for bit
+    the out-of-place one."""
+    h = _hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index)
+    n = labels.numel()
+    flat = labels.reshape(n).to(torch.int64)
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    _fused_rows(student, None, teacher_logprobs, flat, labels.shape, advantages, adv_per_seq, old_logprobs,
+                _valid(flat, student.shape[-1], h, mask), cu_seqlens, h, acc, False, out=student)
+    if grad_output.item() != 1.0:  # CPU: reading the scalar costs nothing
+        student.mul_(grad_output.to(student.dtype))
+
+
+@fused_rows_inplace_.register_fake
+def _(student, teacher_logprobs, labels, advantages, old_logprobs, mask, cu_seqlens, grad_output, lam, eps_w, clip_low,
+      clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index, adv_per_seq):
+    return None
+
+
 def _setup_context(ctx, inputs, output):
     ctx.forced = dispatch.forced_by_context()  # the backward runs on the forward's backend
     ctx.set_materialize_grads(False)
@@ -153,7 +205,13 @@ def _setup_context(ctx, inputs, output):
     ctx.used = False
     if not want_grad:
         ctx.save_for_backward()
+    elif inplace and _loss_backend(student.device) is None and hasattr(get_backend(student.device), "fused_rows"):
+        # C++: the fused rows kernel again in the backward (fused_rows_inplace_), from the forward's inputs
+        teacher_lp = output[2] if inputs[1] is not None else inputs[2]
+        ctx.rows_args = inputs[8:19]  # lam ... ignore_index, adv_per_seq
+        ctx.save_for_backward(student, teacher_lp, labels, inputs[4], inputs[5], inputs[6], inputs[7])
     elif inplace:
+        ctx.rows_args = None
         ctx.save_for_backward(student, labels, output[8], output[9])
     else:
         ctx.save_for_backward(output[7])
@@ -169,6 +227,11 @@ def _backward_on_backend(ctx, grad_loss, *_):
     ctx.used = True
     # Nothing to record unless create_graph=True: then skip the ops' (Python) autograd kernels.
     below = contextlib.nullcontext() if torch.is_grad_enabled() else torch._C._AutoDispatchBelowAutograd()
+    if ctx.inplace and ctx.rows_args is not None:
+        student, teacher_lp, labels, adv, old, mask, cu_seqlens = ctx.saved_tensors
+        with below:
+            fused_rows_inplace_(student, teacher_lp, labels, adv, old, mask, cu_seqlens, grad_loss, *ctx.rows_args)
+        return (student,) + nones
     if ctx.inplace:
         student, labels, lse, coef = ctx.saved_tensors
         # coef is 0 for tokens outside the mask; grad_loss * coef keeps the device-side scalar (no sync)

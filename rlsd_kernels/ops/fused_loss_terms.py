@@ -31,6 +31,7 @@ from ..backends.logits import DIV_MODES
 from ..dispatch import get_backend
 from ..hyper import Hyper
 from ..loss_terms import Terms, loss_with_terms
+from . import fused_rows
 from .fused_logprobs import fused_logprobs
 
 _EMPTY = (0,)
@@ -149,6 +150,9 @@ def loss_with_terms_fused(h: Hyper, x: Terms, student_logits, teacher_logits, la
                           rollout_logprobs):
     """The loss and output of ``rlsd_loss`` with ``x.on``; inputs already validated (values included)."""
     teacher = None if teacher_logits is None else teacher_logits.detach()
+    if fused_rows.serves(student_logits, x, old_logprobs, inplace_backward):
+        return _terms_fused_rows(h, x, student_logits, teacher, labels, advantages, old_logprobs, mask,
+                                 teacher_logprobs, cu_seqlens, return_entropy, ref_logprobs, rollout_logprobs)
     div = None
     if x.needs_full_distribution:  # the row terms' op: entropy and divergence differentiable
         # CPU: the entropy only where it is used (the CUDA kernels have it for free and their backward reads it)
@@ -164,6 +168,23 @@ def loss_with_terms_fused(h: Hyper, x: Terms, student_logits, teacher_logits, la
                    cu_seqlens, h, values=False)
     return terms_output(h, x, prep, logp_s, logp_t if teacher_logits is not None else None, ent, div,
                         teacher_logprobs, ref_logprobs, rollout_logprobs, return_entropy, student_logits.shape[-1])
+
+
+def _terms_fused_rows(h: Hyper, x: Terms, student_logits, teacher, labels, advantages, old_logprobs, mask,
+                      teacher_logprobs, cu_seqlens, return_entropy, ref_logprobs, rollout_logprobs):
+    """CPU, C++ backend: forward and gradient in one visit of each row (``ops/fused_rows.py``)."""
+    prep = prepare(student_logits, teacher, labels, advantages, old_logprobs, mask, teacher_logprobs, cu_seqlens, h,
+                   values=False)
+    n, acc = prep.labels.numel(), prep.advantages.dtype
+    flat = lambda t: None if t is None else t.detach().reshape(n).to(acc)  # noqa: E731
+    tokens = fused_rows.token_inputs(prep.valid, prep.seq_ids, prep.num_seqs, prep.advantages, prep.old_logprobs,
+                                     prep.teacher_logprobs, h, x, flat(ref_logprobs), flat(rollout_logprobs))
+    (logp_s, logp_t, _, ent, _, div, _), grad = fused_rows.forward_and_grad(
+        student_logits.detach(), teacher, prep.labels, h, tokens, bool(return_entropy), x)
+    with torch.no_grad():
+        out = terms_output(h, x, prep, logp_s, logp_t, ent, div, teacher_logprobs, ref_logprobs, rollout_logprobs,
+                           return_entropy, student_logits.shape[-1])
+    return out._replace(loss=fused_rows.with_stored_gradient(out.loss, student_logits, grad))
 
 
 def div_mode(x: Terms) -> int:

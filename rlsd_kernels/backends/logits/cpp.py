@@ -169,6 +169,26 @@ def backward_terms(coef, ent_coef, div_coef, student, teacher, labels, lse, entr
                           float(temperature), int(div_mode), float(beta), out)
 
 
+def fused_rows(student, teacher, labels, temperature, ignore_index, want_entropy, div_mode, beta, tokens, hyper, out):
+    """The loss's forward outputs and its whole gradient (into ``out``, a fresh tensor shaped like ``student``) in one
+    visit of each row (``csrc/rlsd_fused_rows.h``). ``tokens``: the per-token float64 inputs of
+    ``ops/fused_rows.py`` (``adv``, ``agg``; ``old``, ``teacher_lp``, ``ref``, ``w_is`` or None); ``hyper``: its
+    scalars. Returns ``forward_terms``' outputs (``lse_t`` / ``div`` / ``aux`` None without a divergence)."""
+    ext = load()
+    n = labels.numel()
+    ent_on = bool(want_entropy) or hyper["entropy_coef"] > 0
+    logp_s, logp_t, lse_s, ent = alloc_row_outputs(n, student.device, teacher is not None, ent_on)
+    lse_t = div = aux = None
+    if div_mode:
+        lse_t = torch.zeros(n, dtype=torch.float64)
+        div, aux = (torch.zeros(n, dtype=torch.float32) for _ in range(2))
+    ext.fused(student, teacher, labels, float(temperature), int(ignore_index), bool(want_entropy), int(div_mode),
+              float(beta), tokens["adv"], tokens["old"], tokens["teacher_lp"], tokens["ref"], tokens["agg"],
+              tokens["w_is"], logp_s=logp_s, logp_t=logp_t, lse_s=lse_s, entropy=ent, lse_t=lse_t, div=div, aux=aux,
+              out=out, **hyper)
+    return logp_s, logp_t, lse_s, ent, lse_t, div, aux
+
+
 def main(argv=None) -> int:
     import argparse
 

@@ -1,0 +1,194 @@
+// The fused rows of the C++ CPU backend (included by rlsd_cpu.cpp): the loss's forward outputs and its whole
+// gradient in one visit of each row. The statistics sweep reads the student (and teacher) row from memory into a
+// ResidentRow (converted, with every exp stored); the row's gradient factors follow from its log-probs
+// (rlsd_token_coef.h); the gradient sweep then runs over the resident row with one multiply per element where the
+// two-pass path (`forward`, then `backward` / `backward_terms`) reads the row again and recomputes its exps.
+// Per element that is two exps instead of three (plain RLSD) or four (forward KL), and no second read.
+//
+// Rows whose maxima are not finite (-inf rows, nan, +inf) and rows without gradient take the two-pass row code
+// (`backward_terms_row`), whose edge cases the tests pin down.
+#pragma once
+
+#include <optional>
+
+#include "rlsd_row_terms.h"
+#include "rlsd_token_coef.h"
+
+namespace rlsd_cpu {
+
+struct FusedIn {  // per-token inputs, float64 [N] (nullptr: absent)
+  const int64_t* labels;
+  const double *adv, *old, *teacher_lp, *ref, *agg, *w_is;
+};
+
+struct FusedOut {  // per-token outputs (nullptr: not produced), as `forward` writes them
+  float *logp_s, *logp_t, *lse_s, *ent;
+  double* lse_t;
+  float *div, *aux;
+};
+
+// kEntStat: the entropy statistics (output or term); kEntGrad: the entropy term in the gradient; kTeacher: teacher
+// logits rows (RLSD weights from them; required by a divergence).
+template <bool kEntStat, bool kEntGrad, int kDiv, bool kTeacher>
+void fused_rows(const View3& s, const View3* t, View3& o, const FusedIn& in, const FusedOut& out,
+                const TokenHyper& hp, float inv_temp, int64_t ignore_index, float beta, int64_t n_rows) {
+  static_assert(kEntStat || !kEntGrad, "the entropy term needs its statistics");
+  static_assert(kTeacher || kDiv == kNoDiv, "a divergence needs the teacher rows");
+  constexpr bool kStoreT = kDiv == kForwardKL || kDiv == kJSD;  // sweeps that need p_T
+  const int64_t V = s.V;
+  at::parallel_for(0, n_rows, grain_rows(V), [&](int64_t r0, int64_t r1) {
+    ResidentRow w(V);
+    alignas(64) float ob[kChunk];
+    alignas(64) float bt[kChunk];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t label = in.labels[r];
+      const char* srow = s.base + s.row_offset(r);
+      const char* trow = kTeacher ? t->base + t->row_offset(r) : nullptr;
+      Stats ss, ts;
+      Cross cross;
+      float tgt_s = 0.0f, tgt_t = 0.0f;
+      for (int64_t start = 0; start < V; start += kChunk) {  // statistics sweep, as `forward_rows`
+        const int64_t n = std::min(kChunk, V - start);
+        const bool has_tgt = label >= start && label < start + n;
+        float* bs = w.xs + start;
+        float* btt = w.xt + start;
+        const float ms = load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, n, inv_temp, bs);
+        if (has_tgt) tgt_s = bs[label - start];
+        float mt = kNegInf;
+        if (kTeacher) {
+          mt = load_chunk(trow + start * t->sv * t->esize, t->dt, t->sv, n, inv_temp, btt);
+          if (has_tgt) tgt_t = btt[label - start];
+        }
+        const float s_old = finite_shift(ss.m), t_old = finite_shift(ts.m);
+        const float s_new = finite_shift(nan_max(ss.m, ms)), t_new = finite_shift(nan_max(ts.m, mt));
+        accumulate<kEntStat || kDiv == kReverseKL, kDiv == kReverseKL, true>(
+            ss, bs, n, ms, s.next_chunk(r, start, r1), s.esize, &cross, btt, t_old, t_new, w.us + start);
+        if (kTeacher) {
+          accumulate<kDiv == kForwardKL, kDiv == kForwardKL, kStoreT>(
+              ts, btt, n, mt, t->next_chunk(r, start, r1), t->esize, &cross, bs, s_old, s_new,
+              kStoreT ? w.ut + start : nullptr);
+        }
+        w.cms[start / kChunk] = ss.m;
+        w.cmt[start / kChunk] = ts.m;
+      }
+      // the row's outputs, exactly as `forward_rows` writes them
+      const bool ignored = label == ignore_index;
+      const float log_d = std::log(ss.d);
+      out.lse_s[r] = ss.m + log_d;
+      const float logp_s = ignored ? 0.0f : (tgt_s - ss.m) - log_d;
+      out.logp_s[r] = logp_s;
+      float H = 0.0f;
+      if (kEntStat) H = log_d - ss.e / ss.d;
+      if (out.ent) out.ent[r] = H;
+      float log_dt = 0.0f, logp_t = 0.0f;
+      if (kTeacher) {
+        log_dt = std::log(ts.d);
+        logp_t = ignored ? 0.0f : (tgt_t - ts.m) - log_dt;
+        out.logp_t[r] = logp_t;
+      }
+      double lse_t = 0.0;
+      float div = 0.0f, aux = 0.0f;
+      if (kDiv != kNoDiv) {
+        lse_t = static_cast<double>(ts.m) + std::log(static_cast<double>(ts.d));
+        if (kDiv == kForwardKL) div = (ts.e - cross.c) / ts.d - log_dt + log_d;
+        if (kDiv == kReverseKL) div = (ss.e - cross.c) / ss.d - log_d + log_dt;
+        if (kDiv == kJSD) {
+          if (std::isfinite(ss.m) && std::isfinite(ts.m)) {
+            // log p_S - log M into xt's slot (the JSD sweep below reads p_T from ut, never x_T): no second log
+            jsd_resident(w, V, ss.m, ss.d, log_d, ts.m, ts.d, log_dt, beta, &div, &aux, w.xt);
+          } else {
+            jsd_row(s, *t, r, inv_temp, ss.m, log_d, lse_t, beta, ob, bt, &div, &aux);
+          }
+        }
+        out.lse_t[r] = lse_t;
+        out.div[r] = div;
+        out.aux[r] = aux;
+      }
+      // the row's gradient factors
+      TokenIn x{logp_s, kTeacher ? logp_t : (in.teacher_lp ? in.teacher_lp[r] : 0.0), kTeacher || in.teacher_lp,
+                in.adv[r], in.old ? in.old[r] : static_cast<double>(logp_s), in.ref ? in.ref[r] : 0.0, in.agg[r],
+                in.w_is ? in.w_is[r] : 1.0};
+      const TokenCoef tc = token_coef(x, hp);
+      double f = tc.f;
+      if (kDiv != kNoDiv && std::isfinite(hp.distill_clip) && !(div <= hp.distill_clip)) f = 0.0;  // capped: no grad
+      const RowTerms rt{static_cast<float>(tc.coef) * inv_temp, kEntGrad ? static_cast<float>(tc.e) * inv_temp : 0.0f,
+                        kDiv != kNoDiv ? static_cast<float>(f) * inv_temp : 0.0f, static_cast<double>(out.lse_s[r]),
+                        lse_t, H, div, aux, label};
+      const bool finite = std::isfinite(ss.m) && (kDiv == kNoDiv || std::isfinite(ts.m));
+      if (!finite || (rt.coef == 0.0f && rt.e == 0.0f && rt.f == 0.0f)) {
+        backward_terms_row<kEntGrad, kDiv>(s, t, o, rt, inv_temp, beta, r, r1, ob, bt);
+        continue;
+      }
+      // gradient sweep over the resident row: p = u * exp(m_c - m) / d, log p = (x - m) - log d
+      char* orow = o.mbase + o.row_offset(r);
+      const float m_s = ss.m, inv_d = 1.0f / ss.d;
+      const float m_t = ts.m, inv_dt = kStoreT ? 1.0f / ts.d : 0.0f;
+      auto scale_s = [&](int64_t c) { return w.cms[c] == kNegInf ? 0.0f : std::exp(w.cms[c] - m_s) * inv_d; };
+      auto scale_t = [&](int64_t c) { return w.cmt[c] == kNegInf ? 0.0f : std::exp(w.cmt[c] - m_t) * inv_dt; };
+      float p_tgt = 0.0f, extra_tgt = 0.0f;
+      if (label >= 0 && label < V) {  // the target's share is formed apart and written after the row
+        const int64_t c = label / kChunk;
+        p_tgt = w.us[label] * scale_s(c);
+        const float lp = (w.xs[label] - m_s) - log_d;
+        const float lt = kTeacher ? (w.xt[label] - m_t) - log_dt : 0.0f;
+        const float pt = kStoreT ? w.ut[label] * scale_t(c) : 0.0f;
+        extra_tgt = term_grad<kEntGrad, kDiv>(p_tgt, lp, pt, lt, rt, beta);
+        w.us[label] = 0.0f;  // p = 0 there in the sweep (every term below is then 0 or overwritten)
+      }
+      const vf vms = vsplat(m_s), vlds = vsplat(log_d), vH = vsplat(H), vzero{};
+      const vf vmt = vsplat(m_t), vldt = vsplat(log_dt);
+      const float coef = rt.coef, e = rt.e, fd = rt.f, f_jsd = rt.f * (1.0f - beta);
+      float others = 0.0f;
+      for (int64_t start = 0, c = 0; start < V; start += kChunk, ++c) {
+        const int64_t cn = std::min(kChunk, V - start);
+        const int64_t padded = (cn + kLanes - 1) / kLanes * kLanes;
+        const vf as = vsplat(scale_s(c)), at = vsplat(kStoreT ? scale_t(c) : 0.0f);
+        const float *us = w.us + start, *ut = w.ut + start, *xs = w.xs + start, *xt = w.xt + start;
+        vf vsum{};
+        for (int64_t i = 0; i < padded; i += kLanes) {  // padding lanes: u = 0, never stored
+          const vf p = vload(us + i) * as;
+          vsum += p;
+          vf g = p * -coef;
+          constexpr bool kLp = kEntGrad || kDiv == kReverseKL;
+          vf lp{};
+          if (kLp) lp = (vload(xs + i) - vms) - vlds;
+          if (kEntGrad) g -= p * (vmax(lp, vsplat(kExpLo)) + vH) * e;  // -inf logits: p = 0, lp clamped finite
+          if (kDiv == kForwardKL) g += (p - vload(ut + i) * at) * fd;
+          if (kDiv == kReverseKL) {
+            const vf lt = (vload(xt + i) - vmt) - vldt;
+            g += p > 0.0f ? p * ((lp - lt) - div) * fd : vzero;
+          }
+          if (kDiv == kJSD) g += p > 0.0f ? p * (vload(xt + i) - aux) * f_jsd : vzero;  // xt: log p - log M
+          vstore(ob + i, g);
+        }
+        others += hsum(vsum);
+        store_chunk(orow + start * o.sv * o.esize, o.dt, o.sv, cn, ob);
+      }
+      if (label >= 0 && label < V) {
+        const float g_tgt = coef * (others / (others + p_tgt)) + extra_tgt;
+        store_chunk(orow + label * o.sv * o.esize, o.dt, 1, 1, &g_tgt);
+      }
+    }
+  });
+}
+
+// Calls fn(kEntStat, kEntGrad, kDiv, kTeacher) as integral constants: every valid combination instantiated once.
+template <typename Fn>
+inline void with_fused(bool ent_stat, bool ent_grad, int div_mode, bool teacher, Fn&& fn) {
+  using std::integral_constant;
+  auto ent = [&](auto d, auto te) {
+    if (ent_grad) fn(integral_constant<bool, true>{}, integral_constant<bool, true>{}, d, te);
+    else if (ent_stat) fn(integral_constant<bool, true>{}, integral_constant<bool, false>{}, d, te);
+    else fn(integral_constant<bool, false>{}, integral_constant<bool, false>{}, d, te);
+  };
+  switch (div_mode) {
+    case kForwardKL: ent(integral_constant<int, kForwardKL>{}, integral_constant<bool, true>{}); break;
+    case kReverseKL: ent(integral_constant<int, kReverseKL>{}, integral_constant<bool, true>{}); break;
+    case kJSD: ent(integral_constant<int, kJSD>{}, integral_constant<bool, true>{}); break;
+    default:
+      if (teacher) ent(integral_constant<int, kNoDiv>{}, integral_constant<bool, true>{});
+      else ent(integral_constant<int, kNoDiv>{}, integral_constant<bool, false>{});
+  }
+}
+
+}  // namespace rlsd_cpu

@@ -1,0 +1,107 @@
+"""CPU, C++ backend: the loss's forward and its whole gradient in one visit of each row (``csrc/rlsd_fused_rows.h``).
+
+The two-pass CPU path reads every row twice: the statistics pass, then (after the O(N) algebra has turned the
+per-token log-probs into gradient factors) the gradient sweep, which recomputes every exp. On a CPU both passes are
+bound by their exps, not by memory, so the gradient sweep is most of a term's cost: forward KL's sweep needs ``p_T``
+as well as ``p_S``, four exps per element against plain RLSD's three. Here the kernel keeps each row in cache with
+its exps stored, computes the row's gradient factors itself from its log-probs (``csrc/rlsd_token_coef.h``: the
+algebra of ``loss.py`` / ``loss_terms.py`` per token, in float64), and writes the gradient right away: two exps per
+element for plain RLSD and for every term but JSD's log.
+
+What the factors need beyond the row's own log-probs comes in per token, computed here by the Python algebra itself:
+the aggregation weight (over the mask, less rollout rejection), the rollout importance weight, the advantage, and the
+old / teacher / reference log-probs. So the path serves every configuration whose factors are token-local: all but
+GSPO (a sequence ratio of the log-probs) and rollout IS without ``old_logprobs`` (its ratio is then the log-probs'
+own). The loss value and the metrics still come from the Python algebra on the kernel's per-token outputs; tests
+check the gradient against the reference and against the two-pass path (``tests/backends/test_cpp_fused_rows.py``).
+
+The gradient is formed in the forward; the backward scales it by ``grad_output`` (free when that is 1), as the
+plain fused op does, and a second backward through the same graph raises.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import dispatch
+from .._layout import as_rows3d
+from ..backends.logits import DIV_MODES
+from ..loss import agg_weights
+from ..loss_terms import KL_TYPES, Terms, rollout_is_weights
+
+_OFF = Terms()
+
+
+def serves(student, x: Terms, old_logprobs, inplace: bool) -> bool:
+    """Whether this path runs the call: the device's backend has the fused rows (the C++ one), a gradient is wanted
+    and not in place, eager mode, and every gradient factor is token-local (see the module docstring)."""
+    if student.device.type != "cpu" or inplace or not (torch.is_grad_enabled() and student.requires_grad):
+        return False
+    if torch.compiler.is_compiling() or not hasattr(dispatch.get_backend(student.device), "fused_rows"):
+        return False
+    return not x.gspo and not (x.rollout_is is not None and old_logprobs is None)
+
+
+def token_inputs(valid, seq_ids, num_seqs, advantages, old, teacher_logprobs, h, x: Terms = _OFF, ref=None,
+                 rollout=None):
+    """The per-token float64 inputs of the kernel (flat ``[N]`` tensors in; ``valid`` the section 2 mask): each is
+    computed as ``loss_with_terms`` computes it, in the same dtype (the advantages' ``acc``), so that the gradient
+    and the loss value see the same mask and weights."""
+    acc = advantages.dtype
+    f64 = lambda t: None if t is None else t.detach().to(torch.float64).contiguous()  # noqa: E731
+    w_is = None
+    if x.rollout_is is not None:
+        ris = rollout_is_weights(torch.where(valid, old, 0.0), torch.where(valid, rollout.to(acc), 0.0), valid,
+                                 x.rollout_is, x.rollout_is_mode, float(x.rollout_is_threshold), seq_ids, num_seqs)
+        valid, w_is = ris.keep, ris.weight
+    agg = agg_weights(valid, h, seq_ids, num_seqs, dtype=acc)
+    return dict(adv=f64(advantages), agg=f64(agg), old=f64(old), teacher_lp=f64(teacher_logprobs),
+                ref=f64(ref) if x.kl_coef > 0 else None, w_is=f64(w_is))
+
+
+def hyper_args(h, x: Terms = _OFF) -> dict:
+    return dict(lam=float(h.lam), eps_w=float(h.eps_w), clip_low=float(h.clip_low), clip_high=float(h.clip_high),
+                clip_dual=float(h.clip_dual), cispo=h.loss_type == "cispo", kl_coef=float(x.kl_coef),
+                kl_type=KL_TYPES.index(x.kl_type) + 1, entropy_coef=float(x.entropy_coef),
+                distill_coef=float(x.distill_coef),
+                distill_clip=math.inf if x.distill_clip is None else float(x.distill_clip))
+
+
+def forward_and_grad(student, teacher, flat_labels, h, tokens, want_entropy: bool, x: Terms = _OFF, out=None):
+    """``forward_terms``' outputs (flat ``[N]``; ``lse_t`` / ``div`` / ``aux`` None without a divergence) and the
+    gradient of the loss: a new tensor shaped like ``student``, or ``out`` (which may be ``student`` itself: each
+    row is read whole before its gradient is written)."""
+    backend = dispatch.get_backend(student.device)
+    grad = torch.empty(student.shape, dtype=student.dtype) if out is None else out
+    s3 = as_rows3d(student)
+    div_mode = DIV_MODES[x.distill_divergence] if x.distill_coef > 0 else 0
+    outs = backend.fused_rows(s3, None if teacher is None else as_rows3d(teacher), flat_labels.contiguous(),
+                              h.temperature, h.ignore_index, want_entropy, div_mode, x.distill_beta, tokens,
+                              hyper_args(h, x), grad.view(s3.shape))
+    return outs, grad
+
+
+class _StoredGradient(torch.autograd.Function):
+    """``loss`` (a value) made differentiable in ``student`` by the gradient formed in the forward."""
+
+    @staticmethod
+    def forward(ctx, loss, student, grad):
+        ctx.grad = grad
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError("rlsd_loss: the gradient was formed in the forward and can be used by one backward "
+                               "only; call rlsd_loss again instead of backward(retain_graph=True) twice")
+        ctx.grad = None
+        if grad_loss.item() != 1.0:  # CPU: reading the scalar costs nothing
+            grad.mul_(grad_loss.to(grad.dtype))
+        return None, grad, None
+
+
+def with_stored_gradient(loss, student, grad: Optional[torch.Tensor]):
+    return _StoredGradient.apply(loss.detach(), student, grad)
