@@ -48,7 +48,7 @@ using namespace rlsd_cpu;
 template <bool kEntropy, int kDiv>
 void forward_rows(const View3& s, const View3* t, const int64_t* labels, float inv_temp, int64_t ignore_index,
                   float* logp_s, float* logp_t, float* lse_s, float* ent, int64_t n_rows, float beta, double* lse_t,
-                  float* div, float* aux) {
+                  float* div, float* aux, float* row_stats) {
   const int64_t V = s.V;
   at::parallel_for(0, n_rows, grain_rows(V), [&](int64_t r0, int64_t r1) {
     alignas(64) float cbs[kChunk];
@@ -96,6 +96,10 @@ void forward_rows(const View3& s, const View3* t, const int64_t* labels, float i
       const bool ignored = label == ignore_index;
       const float log_d = std::log(ss.d);
       lse_s[r] = ss.m + log_d;
+      if (row_stats) {  // the student's (max, sum), for the fused rows' in-place backward
+        row_stats[r] = ss.m;
+        row_stats[n_rows + r] = ss.d;
+      }
       // (tgt - m) - log(d), not tgt - lse: with logits ~1e4 the float32 lse has an ulp of 1e-3, but tgt - m is
       // exact and log(d) is small, so the log-prob keeps full float32 precision
       logp_s[r] = ignored ? 0.0f : (tgt_s - ss.m) - log_d;
@@ -124,12 +128,17 @@ void forward(const at::Tensor& student, const std::optional<at::Tensor>& teacher
              double temperature, int64_t ignore_index, at::Tensor& logp_s, const std::optional<at::Tensor>& logp_t,
              at::Tensor& lse_s, const std::optional<at::Tensor>& entropy, int64_t div_mode, double beta,
              const std::optional<at::Tensor>& lse_t, const std::optional<at::Tensor>& div,
-             const std::optional<at::Tensor>& aux) {
+             const std::optional<at::Tensor>& aux, const std::optional<at::Tensor>& row_stats) {
   const View3 s(student);
   const int64_t n = student.size(0) * student.size(1);
   check_vec(labels, at::kLong, n, "labels");
   check_vec(logp_s, at::kFloat, n, "logp_s");
   check_vec(lse_s, at::kFloat, n, "lse_s");
+  float* stats = nullptr;
+  if (row_stats.has_value()) {
+    check_vec(*row_stats, at::kFloat, 2 * n, "row_stats");
+    stats = row_stats->data_ptr<float>();
+  }
   std::optional<View3> t;
   float* lt = nullptr;
   if (teacher.has_value()) {
@@ -169,7 +178,7 @@ void forward(const at::Tensor& student, const std::optional<at::Tensor>& teacher
   const float b = static_cast<float>(beta);
   with_terms(ent != nullptr, div_mode, [&](auto e, auto d) {
     forward_rows<decltype(e)::value, decltype(d)::value>(s, tp, lab, inv_temp, ignore_index, ls, lt, lse, ent, n, b,
-                                                         lt_out, div_out, aux_out);
+                                                         lt_out, div_out, aux_out, stats);
   });
 }
 
@@ -372,6 +381,28 @@ void fused(const at::Tensor& student, const std::optional<at::Tensor>& teacher, 
              });
 }
 
+// The plain loss's in-place backward on the fused rows' arithmetic (fused_inplace_rows): into student.
+void fused_inplace(at::Tensor& student, const at::Tensor& labels, const at::Tensor& logp_s,
+                   const at::Tensor& row_stats, double temperature, const at::Tensor& adv,
+                   const std::optional<at::Tensor>& old, const std::optional<at::Tensor>& teacher_lp,
+                   const at::Tensor& agg, double lam, double eps_w, double clip_low, double clip_high,
+                   double clip_dual, bool cispo) {
+  View3 s(student);
+  const int64_t n = student.size(0) * student.size(1);
+  check_vec(labels, at::kLong, n, "labels");
+  check_vec(logp_s, at::kFloat, n, "logp_s");
+  check_vec(row_stats, at::kFloat, 2 * n, "row_stats");
+  check_vec(adv, at::kDouble, n, "adv");
+  check_vec(agg, at::kDouble, n, "agg");
+  const FusedIn in{labels.data_ptr<int64_t>(), adv.data_ptr<double>(), opt_vec(old, n, "old"),
+                   opt_vec(teacher_lp, n, "teacher_lp"), nullptr, agg.data_ptr<double>(), nullptr};
+  if (n == 0) return;
+  const TokenHyper hp{lam, eps_w, clip_low, clip_high, clip_dual, cispo, 0.0, kK3, 0.0, 0.0,
+                      std::numeric_limits<double>::infinity()};
+  fused_inplace_rows(s, in, logp_s.data_ptr<float>(), row_stats.data_ptr<float>(), hp,
+                     static_cast<float>(1.0 / temperature), n);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -380,6 +411,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("teacher"), py::arg("labels"), py::arg("temperature"), py::arg("ignore_index"), py::arg("logp_s"),
         py::arg("logp_t"), py::arg("lse_s"), py::arg("entropy"), py::arg("div_mode") = 0, py::arg("beta") = 0.5,
         py::arg("lse_t") = py::none(), py::arg("div") = py::none(), py::arg("aux") = py::none(),
+        py::arg("row_stats") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("backward_terms", &backward_terms, "gradient with the entropy / divergence row terms into out",
         py::arg("grad_logp"), py::arg("ent_coef"), py::arg("div_coef"), py::arg("student"), py::arg("teacher"),
@@ -394,6 +426,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("kl_type"), py::arg("entropy_coef"), py::arg("distill_coef"), py::arg("distill_clip"),
         py::arg("logp_s"), py::arg("logp_t"), py::arg("lse_s"), py::arg("entropy"), py::arg("lse_t"), py::arg("div"),
         py::arg("aux"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
+  m.def("fused_inplace", &fused_inplace, "the plain loss's gradient into student on the fused rows' arithmetic",
+        py::arg("student"), py::arg("labels"), py::arg("logp_s"), py::arg("row_stats"), py::arg("temperature"),
+        py::arg("adv"), py::arg("old"), py::arg("teacher_lp"), py::arg("agg"), py::arg("lam"), py::arg("eps_w"),
+        py::arg("clip_low"), py::arg("clip_high"), py::arg("clip_dual"), py::arg("cispo"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("backward", &backward, "fused log-prob backward into out (may alias student)", py::arg("grad_logp"),
         py::arg("student"), py::arg("labels"), py::arg("lse"), py::arg("temperature"), py::arg("out"),
         py::arg("use_thp") = true, py::call_guard<py::gil_scoped_release>());

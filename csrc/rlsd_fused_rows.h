@@ -191,4 +191,60 @@ inline void with_fused(bool ent_stat, bool ent_grad, int div_mode, bool teacher,
   }
 }
 
+// The plain loss's in-place backward on the fused rows' arithmetic, so that its gradient is theirs bit for bit: one
+// sweep over the saved logits (written in place: each chunk is read whole before it is written) with the forward's
+// (max, sum) of each row; p = u * exp(m_c - m) / d with u and the running max m_c formed chunk by chunk exactly as
+// the statistics sweep formed them (the chunk max comes with the conversion). The row's factor is token_coef on the
+// forward's log-probs (in.teacher_lp: the teacher's, from its logits or given).
+inline void fused_inplace_rows(View3& s, const FusedIn& in, const float* logp_s, const float* stats,
+                               const TokenHyper& hp, float inv_temp, int64_t n_rows) {
+  const int64_t V = s.V;
+  at::parallel_for(0, n_rows, grain_rows(V), [&](int64_t r0, int64_t r1) {
+    alignas(64) float buf[kChunk];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t label = in.labels[r];
+      const float m = stats[r], d = stats[n_rows + r];
+      const float log_d = std::log(d);
+      TokenIn x{logp_s[r], in.teacher_lp ? in.teacher_lp[r] : 0.0, in.teacher_lp != nullptr, in.adv[r],
+                in.old ? in.old[r] : static_cast<double>(logp_s[r]), in.ref ? in.ref[r] : 0.0, in.agg[r],
+                in.w_is ? in.w_is[r] : 1.0};
+      const RowTerms rt{static_cast<float>(token_coef(x, hp).coef) * inv_temp, 0.0f, 0.0f,
+                        static_cast<double>(m + log_d), 0.0, 0.0f, 0.0f, 0.0f, label};
+      if (!std::isfinite(m) || rt.coef == 0.0f) {  // as the fused rows: the two-pass row code
+        backward_terms_row<false, kNoDiv>(s, nullptr, s, rt, inv_temp, 0.0f, r, r1, buf, buf);
+        continue;
+      }
+      const char* srow = s.base + s.row_offset(r);
+      char* orow = s.mbase + s.row_offset(r);
+      const float inv_d = 1.0f / d, coef = rt.coef;
+      float mc = kNegInf, others = 0.0f, p_tgt = 0.0f;
+      for (int64_t start = 0; start < V; start += kChunk) {
+        const int64_t cn = std::min(kChunk, V - start);
+        const int64_t padded = (cn + kLanes - 1) / kLanes * kLanes;
+        mc = nan_max(mc, load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, cn, inv_temp, buf));
+        const bool live = mc != kNegInf;  // else u = 0 (the statistics sweep stores 0 while its max is -inf)
+        const vf vmc = vsplat(mc), as = vsplat(live ? std::exp(mc - m) * inv_d : 0.0f);
+        if (label >= start && label < start + cn) {
+          const int64_t i0 = (label - start) / kLanes * kLanes;
+          const float u = live ? exp_neg(vload(buf + i0) - vmc)[(label - start) - i0] : 0.0f;
+          p_tgt = u * as[0];
+          buf[label - start] = kNegInf;  // u = 0 there in the sweep, as the fused rows zero it
+        }
+        vf vsum{};
+        for (int64_t i = 0; i < padded; i += kLanes) {
+          const vf p = (live ? exp_neg(vload(buf + i) - vmc) : vf{}) * as;
+          vsum += p;
+          vstore(buf + i, p * -coef);
+        }
+        others += hsum(vsum);
+        store_chunk(orow + start * s.sv * s.esize, s.dt, s.sv, cn, buf);
+      }
+      if (label >= 0 && label < V) {
+        const float g_tgt = coef * (others / (others + p_tgt));
+        store_chunk(orow + label * s.sv * s.esize, s.dt, 1, 1, &g_tgt);
+      }
+    }
+  });
+}
+
 }  // namespace rlsd_cpu

@@ -131,7 +131,7 @@ def _rlsd_loss(h: Hyper, student_logits, teacher_logits, labels, advantages, old
         outs = fused_rlsd_loss_autograd(ops.fused_rlsd_loss, *args)
     else:
         outs = ops.fused_rlsd_loss(*args)
-    loss, logp_s, logp_t, g, ent, metrics, errors, _, _, _ = outs
+    loss, logp_s, logp_t, g, ent, metrics, errors = outs[:7]
     return RLSDOutput(
         loss=loss, logprobs=logp_s,
         teacher_logprobs=logp_t if teacher_logits is not None else teacher_logprobs,

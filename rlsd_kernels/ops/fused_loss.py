@@ -62,8 +62,9 @@ def _loss_backend(device):
 
 
 def _eager_loss(student, teacher, teacher_logprobs, labels, advantages, old_logprobs, mask, cu_seqlens, h,
-                adv_per_seq, want_entropy, want_grad):
-    """CPU backends: their vocabulary pass, ``loss.py`` in eager torch, their gradient sweep."""
+                adv_per_seq, want_entropy, want_grad, row_stats=None):
+    """CPU backends: their vocabulary pass, ``loss.py`` in eager torch, their gradient sweep. ``row_stats``
+    (``[2 N]``, in-place backward on the C++ backend): receives each student row's (max, sum)."""
     backend = get_backend(student.device)
     n = labels.numel()
     flat = labels.reshape(n).to(torch.int64)
@@ -80,7 +81,11 @@ def _eager_loss(student, teacher, teacher_logprobs, labels, advantages, old_logp
         return loss, logp_s, logp_t, g.to(torch.float32), ent, metrics, errors, lse, coef.to(torch.float32), grad
     s3 = as_rows3d(student)
     t3 = as_rows3d(teacher) if teacher is not None else None
-    logp_s, logp_t, lse, ent = backend.forward(s3, t3, flat, h.temperature, h.ignore_index, want_entropy)
+    if row_stats is not None and hasattr(backend, "fused_rows"):
+        logp_s, logp_t, lse, ent = backend.forward(s3, t3, flat, h.temperature, h.ignore_index, want_entropy,
+                                                   row_stats=row_stats)
+    else:
+        logp_s, logp_t, lse, ent = backend.forward(s3, t3, flat, h.temperature, h.ignore_index, want_entropy)
     loss, coef, g, metrics = loss_math.loss_and_coef_of_batch(
         logp_s.to(acc), logp_t if teacher is not None else teacher_logprobs, labels.shape, advantages, adv_per_seq,
         old_logprobs, valid, cu_seqlens, h)
@@ -97,18 +102,24 @@ def _valid(flat, vocab: int, h: Hyper, mask):
     return valid if mask is None else valid & (mask.reshape(flat.numel()) != 0)
 
 
-def _fused_rows(student, teacher, teacher_logprobs, flat, label_shape, advantages, adv_per_seq, old_logprobs, valid,
-                cu_seqlens, h, acc, want_entropy, out=None):
-    """``ops/fused_rows.py`` for the plain loss: its per-token inputs from the call's own tensors."""
+def _plain_tokens(teacher, teacher_logprobs, flat, label_shape, advantages, adv_per_seq, old_logprobs, valid,
+                  cu_seqlens, h, acc):
+    """``ops/fused_rows.py``'s per-token inputs of the plain loss, from the call's own tensors."""
     from .._inputs import token_seq_ids
 
     n = flat.numel()
-    seq_ids, num_seqs = token_seq_ids(label_shape, cu_seqlens, n, student.device)
+    seq_ids, num_seqs = token_seq_ids(label_shape, cu_seqlens, n, flat.device)
     adv = (advantages[seq_ids] if adv_per_seq else advantages.reshape(n)).to(acc)
     old = None if old_logprobs is None else old_logprobs.reshape(n).to(acc)
     tl = None if teacher is not None or teacher_logprobs is None else teacher_logprobs.reshape(n).to(acc)
-    tokens = fused_rows.token_inputs(valid, seq_ids, num_seqs, adv, old, tl, h)
-    return fused_rows.forward_and_grad(student, teacher, flat, h, tokens, want_entropy, out=out)
+    return fused_rows.token_inputs(valid, seq_ids, num_seqs, adv, old, tl, h)
+
+
+def _fused_rows(student, teacher, teacher_logprobs, flat, label_shape, advantages, adv_per_seq, old_logprobs, valid,
+                cu_seqlens, h, acc, want_entropy):
+    tokens = _plain_tokens(teacher, teacher_logprobs, flat, label_shape, advantages, adv_per_seq, old_logprobs,
+                           valid, cu_seqlens, h, acc)
+    return fused_rows.forward_and_grad(student, teacher, flat, h, tokens, want_entropy)
 
 
 @torch.library.custom_op("rlsd_kernels::fused_rlsd_loss", mutates_args=())
@@ -118,14 +129,19 @@ def fused_rlsd_loss(student: Tensor, teacher: Optional[Tensor], teacher_logprobs
                     clip_dual: float, loss_type: str, loss_agg_mode: str, norm: float, temperature: float,
                     ignore_index: int, adv_per_seq: bool, num_seqs: int, seq_len: int, want_entropy: bool,
                     want_grad: bool, inplace: bool
-                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (loss, logp_s, logp_t, weights, entropy, metrics[7], errors[3], grad, lse, coef); per-token outputs
-    have the shape of ``labels``; ``logp_t`` (teacher logits only), ``entropy``, ``grad`` (``want_grad`` and not
-    ``inplace``) are empty when not produced; ``lse``/``coef`` feed the in-place backward."""
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss, logp_s, logp_t, weights, entropy, metrics[7], errors[3], grad, lse, coef, row_stats); per-token
+    outputs have the shape of ``labels``; ``logp_t`` (teacher logits only), ``entropy``, ``grad`` (``want_grad``
+    and not ``inplace``) are empty when not produced; ``lse``/``coef`` feed the in-place backward, and on the CPU
+    ``row_stats`` too (``[2 N]``, each student row's (max, sum) when the C++ backend ran, for its in-place backward on
+    the fused rows' arithmetic; empty unless in place on the CPU)."""
     h = _hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index)
     write_grad = want_grad and not inplace
     shape = labels.shape
     fused = _loss_backend(student.device)
+    # the shape rule of register_fake below (by device only); filled by the C++ backend
+    on_cpu_inplace = want_grad and inplace and student.device.type == "cpu"
+    row_stats = student.new_zeros((2 * labels.numel(),) if on_cpu_inplace else _EMPTY, dtype=torch.float32)
     if fused is not None:
         grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if write_grad else None
         loss, logp_s, logp_t, g, ent, metrics, errors, lse, coef = fused.fused_loss(
@@ -137,13 +153,13 @@ def fused_rlsd_loss(student: Tensor, teacher: Optional[Tensor], teacher_logprobs
     else:
         loss, logp_s, logp_t, g, ent, metrics, errors, lse, coef, grad = _eager_loss(
             student, teacher, teacher_logprobs, labels, advantages, old_logprobs, mask, cu_seqlens, h, adv_per_seq,
-            want_entropy, write_grad)
+            want_entropy, write_grad, row_stats if row_stats.numel() else None)
         loss = loss.to(torch.float32)
     empty = lambda: student.new_empty(_EMPTY, dtype=torch.float32)  # noqa: E731
     return (loss, logp_s.view(shape), empty() if logp_t is None else logp_t.view(shape), g.view(shape),
             empty() if ent is None else ent.view(shape),
             metrics if metrics.dtype == torch.float32 else metrics.to(torch.float32), errors,
-            student.new_empty(_EMPTY) if grad is None else grad, lse, coef)
+            student.new_empty(_EMPTY) if grad is None else grad, lse, coef, row_stats)
 
 
 @fused_rlsd_loss.register_fake
@@ -155,7 +171,8 @@ def _(student, teacher, teacher_logprobs, labels, advantages, old_logprobs, mask
     grad = student.new_empty(student.shape) if want_grad and not inplace else student.new_empty(_EMPTY)
     return (f32(()), f32(labels.shape), f32(labels.shape if teacher is not None else _EMPTY), f32(labels.shape),
             f32(labels.shape if want_entropy else _EMPTY), f32((N_METRICS,)),
-            student.new_empty((3,), dtype=torch.int64), grad, f32((n,)), f32((n,)))
+            student.new_empty((3,), dtype=torch.int64), grad, f32((n,)), f32((n,)),
+            f32((2 * n,) if want_grad and inplace and student.device.type == "cpu" else _EMPTY))
 
 
 @torch.library.custom_op("rlsd_kernels::scale_grad_", mutates_args=("grad",))
@@ -169,28 +186,31 @@ def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
 
 
 @torch.library.custom_op("rlsd_kernels::fused_rows_inplace_", mutates_args=("student",))
-def fused_rows_inplace_(student: Tensor, teacher_logprobs: Optional[Tensor], labels: Tensor, advantages: Tensor,
-                        old_logprobs: Optional[Tensor], mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
-                        grad_output: Tensor, lam: float, eps_w: float, clip_low: float, clip_high: float,
-                        clip_dual: float, loss_type: str, loss_agg_mode: str, norm: float, temperature: float,
-                        ignore_index: int, adv_per_seq: bool) -> None:
-    """The C++ backend's in-place backward: the fused rows kernel again over the saved logits, writing the gradient
-    into them (each row is read whole first), times ``grad_output``. ``teacher_logprobs``: the forward's teacher
-    log-probs (from the teacher logits or given), so that no teacher row is read and the gradient is bit for bit
-    the out-of-place one."""
+def fused_rows_inplace_(student: Tensor, labels: Tensor, logp_s: Tensor, row_stats: Tensor,
+                        teacher_logprobs: Optional[Tensor], advantages: Tensor, old_logprobs: Optional[Tensor],
+                        mask: Optional[Tensor], cu_seqlens: Optional[Tensor], grad_output: Tensor, lam: float,
+                        eps_w: float, clip_low: float, clip_high: float, clip_dual: float, loss_type: str,
+                        loss_agg_mode: str, norm: float, temperature: float, ignore_index: int,
+                        adv_per_seq: bool) -> None:
+    """The C++ backend's in-place backward of the plain loss: its gradient written into ``student``, bit for bit the
+    out-of-place fused rows' (``csrc/rlsd_fused_rows.h``, ``fused_inplace_rows``), times ``grad_output``. From the
+    forward's ``logp_s`` and ``row_stats``; ``teacher_logprobs``: the teacher's (from its logits or given)."""
     h = _hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index)
     n = labels.numel()
     flat = labels.reshape(n).to(torch.int64)
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    _fused_rows(student, None, teacher_logprobs, flat, labels.shape, advantages, adv_per_seq, old_logprobs,
-                _valid(flat, student.shape[-1], h, mask), cu_seqlens, h, acc, False, out=student)
-    if grad_output.item() != 1.0:  # CPU: reading the scalar costs nothing
+    tokens = _plain_tokens(None, teacher_logprobs, flat, labels.shape, advantages, adv_per_seq, old_logprobs,
+                           _valid(flat, student.shape[-1], h, mask), cu_seqlens, h, acc)
+    get_backend(student.device).fused_inplace(as_rows3d(student), flat, logp_s.reshape(n).contiguous(), row_stats,
+                                              h.temperature, tokens, fused_rows.hyper_args(h))
+    if grad_output.item() != 1.0:  # as scale_grad_ does for the out-of-place gradient
         student.mul_(grad_output.to(student.dtype))
 
 
 @fused_rows_inplace_.register_fake
-def _(student, teacher_logprobs, labels, advantages, old_logprobs, mask, cu_seqlens, grad_output, lam, eps_w, clip_low,
-      clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index, adv_per_seq):
+def _(student, labels, logp_s, row_stats, teacher_logprobs, advantages, old_logprobs, mask, cu_seqlens, grad_output,
+      lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index,
+      adv_per_seq):
     return None
 
 
@@ -205,11 +225,11 @@ def _setup_context(ctx, inputs, output):
     ctx.used = False
     if not want_grad:
         ctx.save_for_backward()
-    elif inplace and _loss_backend(student.device) is None and hasattr(get_backend(student.device), "fused_rows"):
-        # C++: the fused rows kernel again in the backward (fused_rows_inplace_), from the forward's inputs
+    elif inplace and output[10].numel() and hasattr(get_backend(student.device), "fused_inplace"):
+        # C++: fused_rows_inplace_, from the forward's log-probs and row statistics
         teacher_lp = output[2] if inputs[1] is not None else inputs[2]
         ctx.rows_args = inputs[8:19]  # lam ... ignore_index, adv_per_seq
-        ctx.save_for_backward(student, teacher_lp, labels, inputs[4], inputs[5], inputs[6], inputs[7])
+        ctx.save_for_backward(student, labels, output[1], output[10], teacher_lp, *inputs[4:8])
     elif inplace:
         ctx.rows_args = None
         ctx.save_for_backward(student, labels, output[8], output[9])
@@ -228,9 +248,10 @@ def _backward_on_backend(ctx, grad_loss, *_):
     # Nothing to record unless create_graph=True: then skip the ops' (Python) autograd kernels.
     below = contextlib.nullcontext() if torch.is_grad_enabled() else torch._C._AutoDispatchBelowAutograd()
     if ctx.inplace and ctx.rows_args is not None:
-        student, teacher_lp, labels, adv, old, mask, cu_seqlens = ctx.saved_tensors
+        student, labels, logp_s, row_stats, teacher_lp, adv, old, mask, cu_seqlens = ctx.saved_tensors
         with below:
-            fused_rows_inplace_(student, teacher_lp, labels, adv, old, mask, cu_seqlens, grad_loss, *ctx.rows_args)
+            fused_rows_inplace_(student, labels, logp_s, row_stats, teacher_lp, adv, old, mask, cu_seqlens, grad_loss,
+                                *ctx.rows_args)
         return (student,) + nones
     if ctx.inplace:
         student, labels, lse, coef = ctx.saved_tensors

@@ -137,14 +137,23 @@ def test_fused_rows_equal_the_two_pass_path(case, strided, monkeypatch):
     torch.testing.assert_close(grad, two_grad, **TOL)
 
 
-@pytest.mark.parametrize("kw,served", [
-    (dict(loss_type="gspo"), False),  # a sequence ratio of the log-probs: not token-local
-    (dict(rollout_is="token", _no_old=True), False),  # the IS ratio is then the log-probs' own
-    (dict(inplace_backward=True), False),  # the plain op's in-place backward runs the kernel in the backward
-    (dict(kl_coef=0.1, inplace_backward=True), False),
-    (dict(entropy_coef=0.1), True),
+@pytest.mark.parametrize("kw,forward,backward", [
+    ({}, 1, 0),
+    (dict(entropy_coef=0.1), 1, 0),
+    (dict(loss_type="gspo"), 0, 0),  # a sequence ratio of the log-probs: not token-local
+    (dict(rollout_is="token", _no_old=True), 0, 0),  # the IS ratio is then the log-probs' own
+    (dict(inplace_backward=True), 0, 1),  # the in-place backward on the fused rows' arithmetic
+    (dict(kl_coef=0.1, inplace_backward=True), 0, 0),  # the terms' in-place path: two passes
 ])
-def test_which_calls_the_fused_rows_serve(kw, served, calls):
+def test_which_calls_the_fused_rows_serve(kw, forward, backward, calls, monkeypatch):
+    inplace_calls = [0]
+    real = cpp.fused_inplace
+
+    def counting(*a, **k):
+        inplace_calls[0] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(cpp, "fused_inplace", counting)
     inp, extra = _inputs()
     kw = dict(HP, **kw)
     if kw.pop("_no_old", False):
@@ -156,10 +165,31 @@ def test_which_calls_the_fused_rows_serve(kw, served, calls):
     s = inp["student_logits"].clone().requires_grad_()
     with dispatch.force_backend("cpp"):
         out = rlsd_kernels.rlsd_loss(**dict(inp, student_logits=s * 1), **kw)
-        assert calls[0] == int(served)
+        assert (calls[0], inplace_calls[0]) == (forward, 0)
         out.loss.backward()
-    assert calls[0] == int(served) + (kw == dict(HP, inplace_backward=True))
+    assert (calls[0], inplace_calls[0]) == (forward, backward)
     assert torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["ppo", "cispo", "grpo", "teacher_logprobs", "on_policy"])
+def test_inplace_backward_is_the_out_of_place_gradient_bit_for_bit(case, dtype):
+    """Over several chunks and the stress rows (-inf chunk, +-1e4, nan-free -inf entries), strided logits, and a
+    grad_output that is not 1."""
+    inp, extra = _inputs(seed=3, strided=True)
+    inp = dict(inp, student_logits=inp["student_logits"].to(dtype), teacher_logits=inp["teacher_logits"].to(dtype))
+    with dispatch.force_backend("cpp"):
+        out, want = _call(inp, extra, case, fn=_scaled)
+        got_out, got = _call(inp, extra, case, fn=_scaled, inplace=True)
+    assert torch.equal(got, want) and torch.equal(got_out.loss, out.loss)
+
+
+def _scaled(inplace=False, **args):
+    """rlsd_loss with a grad_output of 2.5; in place: into a non-leaf copy of the logits (as from an LM head)."""
+    if inplace:
+        args = dict(args, student_logits=args["student_logits"] * 1, inplace_backward=True)
+    out = rlsd_kernels.rlsd_loss(**args)
+    return out._replace(loss=2.5 * out.loss)
 
 
 def test_no_gradient_no_kernel(calls):

@@ -131,14 +131,17 @@ def available() -> bool:
         return False
 
 
-def forward(student, teacher, labels, temperature, ignore_index, want_entropy):
+def forward(student, teacher, labels, temperature, ignore_index, want_entropy, row_stats=None):
+    """The backend interface's ``forward``; ``row_stats`` (this backend only, float32 ``[2 N]``): receives each
+    student row's (max, sum), for ``fused_inplace``."""
     ext = load()
     n = labels.numel()
     logp_s = torch.empty(n, dtype=torch.float32)
     lse_s = torch.empty_like(logp_s)
     logp_t = torch.empty_like(logp_s) if teacher is not None else None
     ent = torch.empty_like(logp_s) if want_entropy else None
-    ext.forward(student, teacher, labels, float(temperature), int(ignore_index), logp_s, logp_t, lse_s, ent)
+    ext.forward(student, teacher, labels, float(temperature), int(ignore_index), logp_s, logp_t, lse_s, ent,
+                row_stats=row_stats)
     return logp_s, logp_t, lse_s, ent
 
 
@@ -187,6 +190,19 @@ def fused_rows(student, teacher, labels, temperature, ignore_index, want_entropy
               tokens["w_is"], logp_s=logp_s, logp_t=logp_t, lse_s=lse_s, entropy=ent, lse_t=lse_t, div=div, aux=aux,
               out=out, **hyper)
     return logp_s, logp_t, lse_s, ent, lse_t, div, aux
+
+
+def fused_inplace(student, labels, logp_s, row_stats, temperature, tokens, hyper):
+    """The plain loss's gradient written into ``student`` on the fused rows' arithmetic (bit for bit
+    ``fused_rows``' gradient), from ``forward``'s ``logp_s`` and ``row_stats``; ``tokens["teacher_lp"]``: the teacher's
+    log-probs (from its logits or given). ``hyper``: ``ops/fused_rows.hyper_args`` (its section 2c terms off)."""
+    keep = ("lam", "eps_w", "clip_low", "clip_high", "clip_dual", "cispo")
+    load().fused_inplace(student, labels, logp_s, row_stats, float(temperature), tokens["adv"], tokens["old"],
+                         tokens["teacher_lp"], tokens["agg"], **{k: hyper[k] for k in keep})
+
+
+if os.environ.get("RLSD_CPP_FUSED", "1") == "0":  # the two-pass path everywhere (A/B benchmarks, debugging)
+    del fused_rows, fused_inplace
 
 
 def main(argv=None) -> int:
