@@ -8,6 +8,11 @@
 // With the section 2c row terms (docs/math.md), `forward` also gives the teacher's lse and a divergence D_t in the
 // same read of both rows (JSD: one more sweep per row, over the row kept resident with its exps), and
 // `backward_terms` writes the gradient with the entropy bonus and the divergence in one sweep (rlsd_row_terms.h).
+// fused:    what the loss op runs when a gradient is wanted (rlsd_fused_rows.h): `forward`'s outputs and the whole
+//           gradient in one visit of each row, the row kept in cache with its exps and its gradient factor computed
+//           per token in C++ (rlsd_token_coef.h); `fused_inplace` is the plain loss's in-place backward on the same
+//           arithmetic. `forward` + `backward` / `backward_terms` remain the two-pass path (scoring op, GSPO, fused
+//           linear chunks, in-place terms).
 // rlsd_rows.h: the per-row statistics and strided views; rlsd_chunks.h: SIMD helpers and the chunk loads / stores.
 //
 // Rows are split over threads with at::parallel_for. Each row is walked in chunks of kChunk elements that are
@@ -312,97 +317,6 @@ void backward_terms(const at::Tensor& grad_logp, const std::optional<at::Tensor>
 }
 
 
-const double* opt_vec(const std::optional<at::Tensor>& x, int64_t n, const char* name) {
-  if (!x.has_value()) return nullptr;
-  check_vec(*x, at::kDouble, n, name);
-  return x->data_ptr<double>();
-}
-
-float* opt_out(const std::optional<at::Tensor>& x, int64_t n, const char* name) {
-  if (!x.has_value()) return nullptr;
-  check_vec(*x, at::kFloat, n, name);
-  return x->data_ptr<float>();
-}
-
-// The fused rows (rlsd_fused_rows.h): `forward`'s outputs and the loss's whole gradient (into out, which may alias
-// student: each row is read whole before its gradient is written) in one visit of each row. Per-token inputs are
-// float64 vectors; see rlsd_token_coef.h.
-void fused(const at::Tensor& student, const std::optional<at::Tensor>& teacher, const at::Tensor& labels,
-           double temperature, int64_t ignore_index, bool want_entropy, int64_t div_mode, double beta,
-           const at::Tensor& adv, const std::optional<at::Tensor>& old, const std::optional<at::Tensor>& teacher_lp,
-           const std::optional<at::Tensor>& ref, const at::Tensor& agg, const std::optional<at::Tensor>& w_is,
-           double lam, double eps_w, double clip_low, double clip_high, double clip_dual, bool cispo, double kl_coef,
-           int64_t kl_type, double entropy_coef, double distill_coef, double distill_clip, at::Tensor& logp_s,
-           const std::optional<at::Tensor>& logp_t, at::Tensor& lse_s, const std::optional<at::Tensor>& entropy,
-           const std::optional<at::Tensor>& lse_t, const std::optional<at::Tensor>& div,
-           const std::optional<at::Tensor>& aux, at::Tensor& out) {
-  const View3 s(student);
-  View3 o(out);
-  const int64_t n = student.size(0) * student.size(1);
-  TORCH_CHECK(out.size(0) * out.size(1) == n && out.size(2) == student.size(2) &&
-              out.scalar_type() == student.scalar_type(), "rlsd_cpu: out must match student");
-  check_vec(labels, at::kLong, n, "labels");
-  check_vec(adv, at::kDouble, n, "adv");
-  check_vec(agg, at::kDouble, n, "agg");
-  FusedIn in{labels.data_ptr<int64_t>(), adv.data_ptr<double>(), opt_vec(old, n, "old"),
-             opt_vec(teacher_lp, n, "teacher_lp"), opt_vec(ref, n, "ref"), agg.data_ptr<double>(),
-             opt_vec(w_is, n, "w_is")};
-  check_vec(logp_s, at::kFloat, n, "logp_s");
-  check_vec(lse_s, at::kFloat, n, "lse_s");
-  FusedOut fo{logp_s.data_ptr<float>(), opt_out(logp_t, n, "logp_t"), lse_s.data_ptr<float>(),
-              opt_out(entropy, n, "entropy"), nullptr, opt_out(div, n, "div"), opt_out(aux, n, "aux")};
-  std::optional<View3> t;
-  if (teacher.has_value()) {
-    TORCH_CHECK(teacher->dim() == 3 && teacher->size(0) * teacher->size(1) == n && teacher->size(2) == student.size(2),
-                "rlsd_cpu: teacher must have as many rows and the same vocabulary as student");
-    TORCH_CHECK(fo.logp_t, "rlsd_cpu: logp_t output missing");
-    t.emplace(*teacher);
-  }
-  TORCH_CHECK(div_mode >= kNoDiv && div_mode <= kJSD, "rlsd_cpu: unknown div_mode ", div_mode);
-  const bool ent_grad = entropy_coef > 0;
-  TORCH_CHECK(!(want_entropy || ent_grad) || fo.ent, "rlsd_cpu: entropy output missing");
-  if (div_mode != kNoDiv) {
-    TORCH_CHECK(t && lse_t.has_value() && fo.div && fo.aux, "rlsd_cpu: a divergence needs the teacher and the "
-                "lse_t, div, aux outputs");
-    check_vec(*lse_t, at::kDouble, n, "lse_t");
-    fo.lse_t = lse_t->data_ptr<double>();
-  }
-  TORCH_CHECK(kl_type >= kK1 && kl_type <= kK3, "rlsd_cpu: unknown kl_type ", kl_type);
-  if (n == 0) return;
-  if (out.data_ptr() != student.data_ptr()) advise_huge_pages(out);
-  const TokenHyper hp{lam, eps_w, clip_low, clip_high, clip_dual, cispo, kl_coef, static_cast<int>(kl_type),
-                      entropy_coef, distill_coef, distill_clip};
-  const float inv_temp = static_cast<float>(1.0 / temperature);
-  const View3* tp = t ? &*t : nullptr;
-  with_fused(want_entropy || ent_grad, ent_grad, static_cast<int>(div_mode), tp != nullptr,
-             [&](auto es, auto eg, auto d, auto te) {
-               fused_rows<decltype(es)::value, decltype(eg)::value, decltype(d)::value, decltype(te)::value>(
-                   s, tp, o, in, fo, hp, inv_temp, ignore_index, static_cast<float>(beta), n);
-             });
-}
-
-// The plain loss's in-place backward on the fused rows' arithmetic (fused_inplace_rows): into student.
-void fused_inplace(at::Tensor& student, const at::Tensor& labels, const at::Tensor& logp_s,
-                   const at::Tensor& row_stats, double temperature, const at::Tensor& adv,
-                   const std::optional<at::Tensor>& old, const std::optional<at::Tensor>& teacher_lp,
-                   const at::Tensor& agg, double lam, double eps_w, double clip_low, double clip_high,
-                   double clip_dual, bool cispo) {
-  View3 s(student);
-  const int64_t n = student.size(0) * student.size(1);
-  check_vec(labels, at::kLong, n, "labels");
-  check_vec(logp_s, at::kFloat, n, "logp_s");
-  check_vec(row_stats, at::kFloat, 2 * n, "row_stats");
-  check_vec(adv, at::kDouble, n, "adv");
-  check_vec(agg, at::kDouble, n, "agg");
-  const FusedIn in{labels.data_ptr<int64_t>(), adv.data_ptr<double>(), opt_vec(old, n, "old"),
-                   opt_vec(teacher_lp, n, "teacher_lp"), nullptr, agg.data_ptr<double>(), nullptr};
-  if (n == 0) return;
-  const TokenHyper hp{lam, eps_w, clip_low, clip_high, clip_dual, cispo, 0.0, kK3, 0.0, 0.0,
-                      std::numeric_limits<double>::infinity()};
-  fused_inplace_rows(s, in, logp_s.data_ptr<float>(), row_stats.data_ptr<float>(), hp,
-                     static_cast<float>(1.0 / temperature), n);
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -418,7 +332,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("labels"), py::arg("lse"), py::arg("entropy"), py::arg("lse_t"), py::arg("div"), py::arg("aux"),
         py::arg("temperature"), py::arg("div_mode"), py::arg("beta"), py::arg("out"),
         py::call_guard<py::gil_scoped_release>());
-  m.def("fused", &fused, "forward outputs and the loss's gradient into out, one visit per row",
+  m.def("fused", &rlsd_cpu::fused, "forward outputs and the loss's gradient into out, one visit per row",
         py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("temperature"), py::arg("ignore_index"),
         py::arg("want_entropy"), py::arg("div_mode"), py::arg("beta"), py::arg("adv"), py::arg("old"),
         py::arg("teacher_lp"), py::arg("ref"), py::arg("agg"), py::arg("w_is"), py::arg("lam"), py::arg("eps_w"),
@@ -426,7 +340,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("kl_type"), py::arg("entropy_coef"), py::arg("distill_coef"), py::arg("distill_clip"),
         py::arg("logp_s"), py::arg("logp_t"), py::arg("lse_s"), py::arg("entropy"), py::arg("lse_t"), py::arg("div"),
         py::arg("aux"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
-  m.def("fused_inplace", &fused_inplace, "the plain loss's gradient into student on the fused rows' arithmetic",
+  m.def("fused_inplace", &rlsd_cpu::fused_inplace, "the plain loss's gradient into student on the fused rows' arithmetic",
         py::arg("student"), py::arg("labels"), py::arg("logp_s"), py::arg("row_stats"), py::arg("temperature"),
         py::arg("adv"), py::arg("old"), py::arg("teacher_lp"), py::arg("agg"), py::arg("lam"), py::arg("eps_w"),
         py::arg("clip_low"), py::arg("clip_high"), py::arg("clip_dual"), py::arg("cispo"),
