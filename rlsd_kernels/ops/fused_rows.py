@@ -61,6 +61,14 @@ def token_inputs(valid, seq_ids, num_seqs, advantages, old, teacher_logprobs, h,
                 ref=f64(ref) if x.kl_coef > 0 else None, w_is=f64(w_is))
 
 
+def token_slice(r0: int, r1: int, advantages, agg, old, teacher_logprobs) -> dict:
+    """The kernel's per-token inputs for rows ``[r0, r1)`` of the plain loss, from whole-batch ``[N]`` vectors
+    (``agg``: the batch's aggregation weights, 0 outside the mask): a row chunk of the fused-linear op."""
+    f64 = lambda t: None if t is None else t[r0:r1].to(torch.float64).contiguous()  # noqa: E731
+    return dict(adv=f64(advantages), agg=f64(agg), old=f64(old), teacher_lp=f64(teacher_logprobs), ref=None,
+                w_is=None)
+
+
 def hyper_args(h, x: Terms = _OFF) -> dict:
     return dict(lam=float(h.lam), eps_w=float(h.eps_w), clip_low=float(h.clip_low), clip_high=float(h.clip_high),
                 clip_dual=float(h.clip_dual), cispo=h.loss_type == "cispo", kl_coef=float(x.kl_coef),

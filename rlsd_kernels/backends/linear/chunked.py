@@ -196,7 +196,8 @@ def loss_forward(hidden, weight, bias, teacher_hidden, labels, valid, advantages
     Returns ``(loss, logp_s, logp_t | None, g, entropy | None, metrics, d_hidden | None, d_weight | None,
     d_bias | None)``.
     """
-    from ... import ops
+    from ... import dispatch, ops
+    from ...ops import fused_rows
 
     N, V = hidden.shape[0], weight.shape[0]
     dev = hidden.device
@@ -211,6 +212,8 @@ def loss_forward(hidden, weight, bias, teacher_hidden, labels, valid, advantages
     scratch = torch.empty((streams * min(step, N), V), dtype=hidden.dtype, device=dev)
     T = h.temperature
     with torch.no_grad(), _logits_backend(dev):
+        # C++: statistics, gradient factor and gradient in one visit of each row, into the chunk's logits
+        fused = any_grad and hasattr(dispatch.get_backend(dev), "fused_rows")
         for r0, r1 in chunks:
             r = r1 - r0
             hs = hidden[r0:r1]
@@ -219,6 +222,13 @@ def loss_forward(hidden, weight, bias, teacher_hidden, labels, valid, advantages
             z_s = z[:r]
             z_t = z[r:] if teacher_hidden is not None else None
             lab = labels[r0:r1]
+            if fused:
+                tokens = fused_rows.token_slice(r0, r1, advantages, agg, old,
+                                                teacher_logprobs if z_t is None else None)
+                (ls, lt, lse, e, *_), _ = fused_rows.forward_and_grad(z_s, z_t, lab, h, tokens, want_entropy, out=z_s)
+                _store((logp_s, logp_t, lse_s, ent), r0, r1, ls, lt, lse, e)
+                grads.add(z_s, hs, r0, r1)  # z_s is now d logits
+                continue
             ls, lt, lse, e = ops.fused_logprobs(z_s, z_t, lab, T, h.ignore_index, want_entropy, False)
             _store((logp_s, logp_t, lse_s, ent), r0, r1, ls, lt, lse, e)
             if not any_grad:
