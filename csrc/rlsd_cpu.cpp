@@ -97,13 +97,14 @@ void forward_rows(const View3& s, const View3* t, const int64_t* labels, float i
           jr->cms[start / kChunk] = ss.m;
           jr->cmt[start / kChunk] = ts.m;
         }
+        if (row_stats) row_stats[r * row_stats_width(V) + 2 + start / kChunk] = ss.m;  // the running max after it
       }
       const bool ignored = label == ignore_index;
       const float log_d = std::log(ss.d);
       lse_s[r] = ss.m + log_d;
-      if (row_stats) {  // the student's (max, sum), for the fused rows' in-place backward
-        row_stats[r] = ss.m;
-        row_stats[n_rows + r] = ss.d;
+      if (row_stats) {  // the student's (max, sum), for the fused rows' in-place backward (chunk maxima: above)
+        row_stats[r * row_stats_width(V)] = ss.m;
+        row_stats[r * row_stats_width(V) + 1] = ss.d;
       }
       // (tgt - m) - log(d), not tgt - lse: with logits ~1e4 the float32 lse has an ulp of 1e-3, but tgt - m is
       // exact and log(d) is small, so the log-prob keeps full float32 precision
@@ -141,7 +142,7 @@ void forward(const at::Tensor& student, const std::optional<at::Tensor>& teacher
   check_vec(lse_s, at::kFloat, n, "lse_s");
   float* stats = nullptr;
   if (row_stats.has_value()) {
-    check_vec(*row_stats, at::kFloat, 2 * n, "row_stats");
+    check_vec(*row_stats, at::kFloat, n * row_stats_width(student.size(2)), "row_stats");
     stats = row_stats->data_ptr<float>();
   }
   std::optional<View3> t;

@@ -19,6 +19,9 @@
 
 namespace rlsd_cpu {
 
+// Floats per row of `forward`'s row_stats: the student's max and sum, then its running max after each chunk.
+inline int64_t row_stats_width(int64_t V) { return 2 + (V + kChunk - 1) / kChunk; }
+
 struct FusedIn {  // per-token inputs, float64 [N] (nullptr: absent)
   const int64_t* labels;
   const double *adv, *old, *teacher_lp, *ref, *agg, *w_is;
@@ -196,9 +199,9 @@ inline void with_fused(bool ent_stat, bool ent_grad, int div_mode, bool teacher,
 
 // The plain loss's in-place backward on the fused rows' arithmetic, so that its gradient is theirs bit for bit: one
 // sweep over the saved logits (written in place: each chunk is read whole before it is written) with the forward's
-// (max, sum) of each row; p = u * exp(m_c - m) / d with u and the running max m_c formed chunk by chunk exactly as
-// the statistics sweep formed them (the chunk max comes with the conversion). The row's factor is token_coef on the
-// forward's log-probs (in.teacher_lp: the teacher's, from its logits or given).
+// row_stats (max m, sum d, running max m_c after each chunk); p = u * exp(m_c - m) / d with u = exp(x - m_c) formed
+// exactly as the statistics sweep formed it. The row's factor is token_coef on the forward's log-probs
+// (in.teacher_lp: the teacher's, from its logits or given).
 inline void fused_inplace_rows(View3& s, const FusedIn& in, const float* logp_s, const float* stats,
                                const TokenHyper& hp, float inv_temp, int64_t n_rows) {
   const int64_t V = s.V;
@@ -206,7 +209,8 @@ inline void fused_inplace_rows(View3& s, const FusedIn& in, const float* logp_s,
     alignas(64) float buf[kChunk];
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t label = in.labels[r];
-      const float m = stats[r], d = stats[n_rows + r];
+      const float* st = stats + r * row_stats_width(V);
+      const float m = st[0], d = st[1];
       const float log_d = std::log(d);
       TokenIn x{logp_s[r], in.teacher_lp ? in.teacher_lp[r] : 0.0, in.teacher_lp != nullptr, in.adv[r],
                 in.old ? in.old[r] : static_cast<double>(logp_s[r]), in.ref ? in.ref[r] : 0.0, in.agg[r],
@@ -220,11 +224,12 @@ inline void fused_inplace_rows(View3& s, const FusedIn& in, const float* logp_s,
       const char* srow = s.base + s.row_offset(r);
       char* orow = s.mbase + s.row_offset(r);
       const float inv_d = 1.0f / d, coef = rt.coef;
-      float mc = kNegInf, others = 0.0f, p_tgt = 0.0f;
+      float others = 0.0f, p_tgt = 0.0f;
       for (int64_t start = 0; start < V; start += kChunk) {
         const int64_t cn = std::min(kChunk, V - start);
         const int64_t padded = (cn + kLanes - 1) / kLanes * kLanes;
-        mc = nan_max(mc, load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, cn, inv_temp, buf));
+        load_chunk<false>(srow + start * s.sv * s.esize, s.dt, s.sv, cn, inv_temp, buf);
+        const float mc = st[2 + start / kChunk];
         const bool live = mc != kNegInf;  // else u = 0 (the statistics sweep stores 0 while its max is -inf)
         const vf vmc = vsplat(mc), as = vsplat(live ? std::exp(mc - m) * inv_d : 0.0f);
         if (label >= start && label < start + cn) {
@@ -331,7 +336,7 @@ inline void fused_inplace(at::Tensor& student, const at::Tensor& labels, const a
   const int64_t n = student.size(0) * student.size(1);
   check_vec(labels, at::kLong, n, "labels");
   check_vec(logp_s, at::kFloat, n, "logp_s");
-  check_vec(row_stats, at::kFloat, 2 * n, "row_stats");
+  check_vec(row_stats, at::kFloat, n * row_stats_width(student.size(2)), "row_stats");
   check_vec(adv, at::kDouble, n, "adv");
   check_vec(agg, at::kDouble, n, "agg");
   const FusedIn in{labels.data_ptr<int64_t>(), adv.data_ptr<double>(), opt_vec(old, n, "old"),

@@ -9,9 +9,10 @@ buffer is allocated: the backward writes the gradient into the student logits fr
 A gradient formed in the forward can be consumed once: a second backward through the same graph
 (``retain_graph=True``) raises.
 
-Backends (``dispatch.get_loss_backend``): Triton runs ``backends/logits/triton_loss.py`` (three kernels); the CPU
-backends (``dispatch.get_backend``) run their vocabulary pass, the O(N) algebra of ``loss.py`` in eager torch (cheap
-next to the pass on a CPU) and their gradient sweep.
+Backends (``dispatch.get_loss_backend``): Triton runs ``backends/logits/triton_loss.py`` (three kernels); the C++
+backend forms the gradient in one visit of each row (``ops/fused_rows.py``), and its in-place backward is one sweep
+on the same arithmetic (``fused_rows_inplace_``); the eager reference backend runs its vocabulary pass, the O(N)
+algebra of ``loss.py`` in eager torch and its gradient sweep.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from torch import Tensor
 from .. import loss as loss_math
 from .._layout import as_rows3d
 from .. import dispatch
+from ..backends.logits import row_stats_size
 from ..dispatch import get_backend, get_loss_backend
 from ..hyper import Hyper
 from .fused_logprobs import fused_logprobs_backward_inplace
@@ -64,34 +66,29 @@ def _loss_backend(device):
 def _eager_loss(student, teacher, teacher_logprobs, labels, advantages, old_logprobs, mask, cu_seqlens, h,
                 adv_per_seq, want_entropy, want_grad, row_stats=None):
     """CPU backends: their vocabulary pass, ``loss.py`` in eager torch, their gradient sweep. ``row_stats``
-    (``[2 N]``, in-place backward on the C++ backend): receives each student row's (max, sum)."""
+    (in-place backward on the C++ backend): receives each student row's statistics."""
     backend = get_backend(student.device)
     n = labels.numel()
     flat = labels.reshape(n).to(torch.int64)
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     valid = _valid(flat, student.shape[-1], h, mask)
-    if want_grad and hasattr(backend, "fused_rows"):  # C++: forward and gradient in one visit of each row
+    one_visit = hasattr(backend, "fused_rows")  # C++: forward and gradient in one visit of each row
+    grad = None
+    if want_grad and one_visit:
         (logp_s, logp_t, lse, ent, *_), grad = _fused_rows(student, teacher, teacher_logprobs, flat, labels.shape,
                                                            advantages, adv_per_seq, old_logprobs, valid, cu_seqlens,
                                                            h, acc, want_entropy)
-        loss, coef, g, metrics = loss_math.loss_and_coef_of_batch(
-            logp_s.to(acc), logp_t if teacher is not None else teacher_logprobs, labels.shape, advantages,
-            adv_per_seq, old_logprobs, valid, cu_seqlens, h)
-        errors = torch.zeros(3, dtype=torch.int64, device=student.device)
-        return loss, logp_s, logp_t, g.to(torch.float32), ent, metrics, errors, lse, coef.to(torch.float32), grad
-    s3 = as_rows3d(student)
-    t3 = as_rows3d(teacher) if teacher is not None else None
-    if row_stats is not None and hasattr(backend, "fused_rows"):
-        logp_s, logp_t, lse, ent = backend.forward(s3, t3, flat, h.temperature, h.ignore_index, want_entropy,
-                                                   row_stats=row_stats)
     else:
-        logp_s, logp_t, lse, ent = backend.forward(s3, t3, flat, h.temperature, h.ignore_index, want_entropy)
+        stats = dict(row_stats=row_stats) if row_stats is not None and one_visit else {}
+        logp_s, logp_t, lse, ent = backend.forward(as_rows3d(student), as_rows3d(teacher) if teacher is not None
+                                                   else None, flat, h.temperature, h.ignore_index, want_entropy,
+                                                   **stats)
     loss, coef, g, metrics = loss_math.loss_and_coef_of_batch(
         logp_s.to(acc), logp_t if teacher is not None else teacher_logprobs, labels.shape, advantages, adv_per_seq,
         old_logprobs, valid, cu_seqlens, h)
-    grad = None
-    if want_grad:
+    if want_grad and grad is None:
         grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        s3 = as_rows3d(student)
         backend.backward(coef.to(torch.float32), s3, flat, lse, h.temperature, grad.view(s3.shape))
     errors = torch.zeros(3, dtype=torch.int64, device=student.device)  # values were checked before the call
     return loss, logp_s, logp_t, g.to(torch.float32), ent, metrics, errors, lse, coef.to(torch.float32), grad
@@ -133,15 +130,17 @@ def fused_rlsd_loss(student: Tensor, teacher: Optional[Tensor], teacher_logprobs
     """-> (loss, logp_s, logp_t, weights, entropy, metrics[7], errors[3], grad, lse, coef, row_stats); per-token
     outputs have the shape of ``labels``; ``logp_t`` (teacher logits only), ``entropy``, ``grad`` (``want_grad``
     and not ``inplace``) are empty when not produced; ``lse``/``coef`` feed the in-place backward, and on the CPU
-    ``row_stats`` too (``[2 N]``, each student row's (max, sum) when the C++ backend ran, for its in-place backward on
-    the fused rows' arithmetic; empty unless in place on the CPU)."""
+    ``row_stats`` too (``backends.logits.row_stats_size``: each student row's max, sum and running max after each
+    chunk when the C++ backend ran, for its in-place backward on the fused rows' arithmetic; empty unless in place on
+    the CPU)."""
     h = _hyper(lam, eps_w, clip_low, clip_high, clip_dual, loss_type, loss_agg_mode, norm, temperature, ignore_index)
     write_grad = want_grad and not inplace
     shape = labels.shape
     fused = _loss_backend(student.device)
     # the shape rule of register_fake below (by device only); filled by the C++ backend
     on_cpu_inplace = want_grad and inplace and student.device.type == "cpu"
-    row_stats = student.new_zeros((2 * labels.numel(),) if on_cpu_inplace else _EMPTY, dtype=torch.float32)
+    row_stats = student.new_zeros((row_stats_size(labels.numel(), student.shape[-1]),) if on_cpu_inplace else _EMPTY,
+                                  dtype=torch.float32)
     if fused is not None:
         grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if write_grad else None
         loss, logp_s, logp_t, g, ent, metrics, errors, lse, coef = fused.fused_loss(
@@ -172,7 +171,8 @@ def _(student, teacher, teacher_logprobs, labels, advantages, old_logprobs, mask
     return (f32(()), f32(labels.shape), f32(labels.shape if teacher is not None else _EMPTY), f32(labels.shape),
             f32(labels.shape if want_entropy else _EMPTY), f32((N_METRICS,)),
             student.new_empty((3,), dtype=torch.int64), grad, f32((n,)), f32((n,)),
-            f32((2 * n,) if want_grad and inplace and student.device.type == "cpu" else _EMPTY))
+            f32((row_stats_size(n, student.shape[-1]),) if want_grad and inplace and student.device.type == "cpu"
+                else _EMPTY))
 
 
 @torch.library.custom_op("rlsd_kernels::scale_grad_", mutates_args=("grad",))

@@ -35,6 +35,15 @@ import torch
 DIV_MODES = {None: 0, "forward_kl": 1, "reverse_kl": 2, "jsd": 3}
 
 
+ROW_CHUNK = 2048  # csrc/rlsd_chunks.h kChunk: the C++ backend walks a row in chunks of this many elements
+
+
+def row_stats_size(n: int, vocab: int) -> int:
+    """Floats of the C++ ``forward``'s ``row_stats`` for ``n`` rows: each row's max and sum, then its running max after
+    each chunk (the C++ side checks the size)."""
+    return n * (2 + -(-vocab // ROW_CHUNK))
+
+
 def alloc_row_outputs(n: int, device, has_teacher: bool, want_entropy: bool):
     """The float32 ``[n]`` outputs of a forward: ``(logp_s, logp_t | None, lse_s, entropy | None)``."""
     logp_s = torch.empty(n, dtype=torch.float32, device=device)

@@ -132,8 +132,8 @@ def available() -> bool:
 
 
 def forward(student, teacher, labels, temperature, ignore_index, want_entropy, row_stats=None):
-    """The backend interface's ``forward``; ``row_stats`` (this backend only, float32 ``[2 N]``): receives each
-    student row's (max, sum), for ``fused_inplace``."""
+    """The backend interface's ``forward``; ``row_stats`` (this backend only, float32, ``row_stats_size`` floats):
+    receives each student row's max, sum and running max after each chunk, for ``fused_inplace``."""
     ext = load()
     n = labels.numel()
     logp_s = torch.empty(n, dtype=torch.float32)
