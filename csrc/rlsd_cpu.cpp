@@ -192,9 +192,7 @@ void backward(const at::Tensor& grad_logp, const at::Tensor& student, const at::
               const at::Tensor& lse, double temperature, at::Tensor& out, bool use_thp) {
   const View3 s(student);
   View3 o(out);
-  TORCH_CHECK(out.size(0) * out.size(1) == student.size(0) * student.size(1) && out.size(2) == student.size(2),
-              "rlsd_cpu: out must have as many rows and the same vocabulary as student");
-  TORCH_CHECK(out.scalar_type() == student.scalar_type(), "rlsd_cpu: out must have the dtype of student");
+  check_out(student, out);
   const int64_t n = student.size(0) * student.size(1);
   check_vec(grad_logp, at::kFloat, n, "grad_logp");
   check_vec(labels, at::kLong, n, "labels");
@@ -220,20 +218,9 @@ void backward(const at::Tensor& grad_logp, const at::Tensor& student, const at::
       }
       const int64_t label = lab[r];
       const float neg_coef = -coef;
-      // p = exp((x - shift) - log_d) with shift + log_d = lse. The saved float32 lse is rounded to its ulp
-      // (1e-3 at |lse| ~ 1e4), which would become a relative error of p; for rows with |lse| > kPreciseLse
-      // the row's max and sum are recomputed in one extra pass so that the split (max, log sum) is exact.
+      // p = exp((x - shift) - log_d) with shift + log_d = lse; exact (max, log sum) at |lse| > kPreciseLse
       float shift = row_lse, log_d = 0.0f;
-      if (std::fabs(row_lse) > kPreciseLse) {
-        Stats st;
-        for (int64_t start = 0; start < V; start += kChunk) {
-          const int64_t cn = std::min(kChunk, V - start);
-          const float cm = load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, cn, inv_temp, buf);
-          accumulate<false>(st, buf, cn, cm, s.next_chunk(r, start, r1), s.esize);
-        }
-        shift = st.m;
-        log_d = std::log(st.d);
-      }
+      if (std::fabs(row_lse) > kPreciseLse) exact_split(s, r, r1, inv_temp, buf, &shift, &log_d);
       // The target term 1 - p[y] is formed in float32 before the cast (bf16 cancellation near p = 1), and not as
       // 1 - p[y] at all: as (sum of p over v != y) / (sum of p over all v). The numerator has no cancellation
       // when p[y] ~ 1, and the ratio cancels the rounding of the saved lse (the sum is exp(lse_true - lse)).
@@ -278,8 +265,7 @@ void backward_terms(const at::Tensor& grad_logp, const std::optional<at::Tensor>
   const View3 s(student);
   View3 o(out);
   const int64_t n = student.size(0) * student.size(1);
-  TORCH_CHECK(out.size(0) * out.size(1) == n && out.size(2) == student.size(2) &&
-              out.scalar_type() == student.scalar_type(), "rlsd_cpu: out must match student");
+  check_out(student, out);
   check_vec(grad_logp, at::kFloat, n, "grad_logp");
   check_vec(labels, at::kLong, n, "labels");
   check_vec(lse, at::kDouble, n, "lse");

@@ -284,8 +284,7 @@ inline void fused(const at::Tensor& student, const std::optional<at::Tensor>& te
   const View3 s(student);
   View3 o(out);
   const int64_t n = student.size(0) * student.size(1);
-  TORCH_CHECK(out.size(0) * out.size(1) == n && out.size(2) == student.size(2) &&
-              out.scalar_type() == student.scalar_type(), "rlsd_cpu: out must match student");
+  check_out(student, out);
   check_vec(labels, at::kLong, n, "labels");
   check_vec(adv, at::kDouble, n, "adv");
   check_vec(agg, at::kDouble, n, "agg");

@@ -146,16 +146,7 @@ void backward_terms_row(const View3& s, const View3* t, View3& o, const RowTerms
   const bool read_teacher = kDiv != kNoDiv && f != 0.0f;
   const char* trow = read_teacher ? t->base + t->row_offset(r) : nullptr;
   float shift = row_lse, log_d = 0.0f;
-  if (std::fabs(row_lse) > kPreciseLse) {  // as in `backward`: an exact (max, log sum) split of the lse
-    Stats st;
-    for (int64_t start = 0; start < V; start += kChunk) {
-      const int64_t cn = std::min(kChunk, V - start);
-      const float cm = load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, cn, inv_temp, buf);
-      accumulate<false>(st, buf, cn, cm, s.next_chunk(r, start, r_end), s.esize);
-    }
-    shift = st.m;
-    log_d = std::log(st.d);
-  }
+  if (std::fabs(row_lse) > kPreciseLse) exact_split(s, r, r_end, inv_temp, buf, &shift, &log_d);
   float others = 0.0f, p_tgt = 0.0f, extra_tgt = 0.0f;
   for (int64_t start = 0; start < V; start += kChunk) {
     const int64_t cn = std::min(kChunk, V - start);

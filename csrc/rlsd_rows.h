@@ -134,6 +134,29 @@ struct View3 {
   }
 };
 
+// A row's exact (max, log sum) from one more sweep over it, for gradient sweeps at |lse| > kPreciseLse, where the
+// float32 lse is rounded to its ulp (1e-3 at |lse| ~ 1e4), which would become a relative error of every p.
+// buf: kChunk-float scratch; rows [.., r_end) are the caller's (for prefetching).
+inline void exact_split(const View3& s, int64_t r, int64_t r_end, float inv_temp, float* buf, float* shift,
+                        float* log_d) {
+  const char* srow = s.base + s.row_offset(r);
+  Stats st;
+  for (int64_t start = 0; start < s.V; start += kChunk) {
+    const int64_t cn = std::min(kChunk, s.V - start);
+    const float cm = load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, cn, inv_temp, buf);
+    accumulate<false>(st, buf, cn, cm, s.next_chunk(r, start, r_end), s.esize);
+  }
+  *shift = st.m;
+  *log_d = std::log(st.d);
+}
+
+// `out` (a gradient) has the rows, vocabulary and dtype of `student`.
+inline void check_out(const at::Tensor& student, const at::Tensor& out) {
+  TORCH_CHECK(out.dim() == 3 && out.size(0) * out.size(1) == student.size(0) * student.size(1) &&
+              out.size(2) == student.size(2) && out.scalar_type() == student.scalar_type(),
+              "rlsd_cpu: out must have the rows, vocabulary and dtype of student");
+}
+
 inline int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1)); }
 
 inline void check_vec(const at::Tensor& x, at::ScalarType dtype, int64_t n, const char* name) {

@@ -67,6 +67,14 @@ def _inputs(seed=0, strided=False):
         teacher_logprobs=reference.token_logprobs_eager(t.double(), labels.clamp(min=0)).float())
 
 
+def _term_inputs(kw, extra):
+    """The per-token inputs the terms in ``kw`` need (reference / rollout log-probs), added to ``kw``."""
+    if "kl_coef" in kw:
+        kw["ref_logprobs"] = extra["ref_logprobs"]
+    if "rollout_is" in kw:
+        kw["rollout_logprobs"] = extra["rollout_logprobs"]
+
+
 def _call(inp, extra, case, fn=rlsd_kernels.rlsd_loss, dtype=None, **more):
     kw = dict(HP, **CASES[case], **more)
     args = dict(inp)
@@ -77,10 +85,7 @@ def _call(inp, extra, case, fn=rlsd_kernels.rlsd_loss, dtype=None, **more):
     if "_old" in kw:
         kw.pop("_old")
         args["old_logprobs"] = None
-    if "kl_coef" in kw:
-        kw["ref_logprobs"] = extra["ref_logprobs"]
-    if "rollout_is" in kw:
-        kw["rollout_logprobs"] = extra["rollout_logprobs"]
+    _term_inputs(kw, extra)
     s = args["student_logits"].detach()
     s = (s.double() if dtype == torch.float64 else s).clone().requires_grad_()
     if dtype == torch.float64 and args["teacher_logits"] is not None:
@@ -93,14 +98,19 @@ def _call(inp, extra, case, fn=rlsd_kernels.rlsd_loss, dtype=None, **more):
 @pytest.fixture
 def calls(monkeypatch):
     """How many times the fused rows kernel ran."""
+    return _count_calls(monkeypatch, "fused_rows")
+
+
+def _count_calls(monkeypatch, name):
+    """A one-element list counting the calls of the C++ backend's ``name``."""
     n = [0]
-    real = cpp.fused_rows
+    real = getattr(cpp, name)
 
     def counting(*a, **k):
         n[0] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(cpp, "fused_rows", counting)
+    monkeypatch.setattr(cpp, name, counting)
     return n
 
 
@@ -146,22 +156,12 @@ def test_fused_rows_equal_the_two_pass_path(case, strided, monkeypatch):
     (dict(kl_coef=0.1, inplace_backward=True), 0, 0),  # the terms' in-place path: two passes
 ])
 def test_which_calls_the_fused_rows_serve(kw, forward, backward, calls, monkeypatch):
-    inplace_calls = [0]
-    real = cpp.fused_inplace
-
-    def counting(*a, **k):
-        inplace_calls[0] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(cpp, "fused_inplace", counting)
+    inplace_calls = _count_calls(monkeypatch, "fused_inplace")
     inp, extra = _inputs()
     kw = dict(HP, **kw)
     if kw.pop("_no_old", False):
         inp["old_logprobs"] = None
-    if "kl_coef" in kw:
-        kw["ref_logprobs"] = extra["ref_logprobs"]
-    if "rollout_is" in kw:
-        kw["rollout_logprobs"] = extra["rollout_logprobs"]
+    _term_inputs(kw, extra)
     s = inp["student_logits"].clone().requires_grad_()
     with dispatch.force_backend("cpp"):
         out = rlsd_kernels.rlsd_loss(**dict(inp, student_logits=s * 1), **kw)
