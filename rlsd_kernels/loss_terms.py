@@ -138,6 +138,15 @@ def rollout_is_weights(old, rollout, valid, level: str, mode: str, threshold: fl
         return RolloutIS(torch.ones_like(rho), valid & ~flagged, rho, flagged)
 
 
+def rollout_is_of(x: "Terms", old, rollout, valid, seq_ids=None, num_seqs: int = 0) -> RolloutIS:
+    """The call's rollout IS (``x.rollout_is`` on): :func:`rollout_is_weights` of ``old`` (already zero outside
+    ``valid``) and the sampler's ``rollout`` log-probs in ``old``'s dtype, zeroed outside ``valid`` alike. One
+    function for the loss (``loss_with_terms``) and the C++ one-visit path (``ops/fused_rows.py``), so that both see
+    the same weights and the same rejection mask."""
+    return rollout_is_weights(old, torch.where(valid, rollout.detach().to(old.dtype), 0.0), valid, x.rollout_is,
+                              x.rollout_is_mode, float(x.rollout_is_threshold), seq_ids, num_seqs)
+
+
 def gspo_terms(logp_s, logp_t, advantages, old_logp, valid, seq_ids, num_seqs: int, h: Hyper) -> TokenTerms:
     """GSPO (section 2c, verl's definition): the sequence-level ratio ``exp(mean_t m_t (logp_s - old))`` with a
     per-token gradient path, PPO clip without dual clip. Masked positions must already hold finite values."""
@@ -187,10 +196,7 @@ def loss_with_terms(logp_s, logp_t, prep, h: Hyper, x: Terms, *, ref=None, rollo
     extra = {}
     w_is = None
     if x.rollout_is is not None:
-        old_is = ls.detach() if old is None else old
-        ris = rollout_is_weights(old_is, torch.where(valid, rollout.detach().to(ls.dtype), 0.0), valid,
-                                 x.rollout_is, x.rollout_is_mode, float(x.rollout_is_threshold), prep.seq_ids,
-                                 prep.num_seqs)
+        ris = rollout_is_of(x, ls.detach() if old is None else old, rollout, valid, prep.seq_ids, prep.num_seqs)
         extra["rollout_is_mean"] = _masked_mean(ris.rho, valid)
         extra["rollout_is_clipfrac"] = _masked_mean(ris.flagged, valid)
         valid, w_is = ris.keep, ris.weight
@@ -221,4 +227,4 @@ def loss_with_terms(logp_s, logp_t, prep, h: Hyper, x: Terms, *, ref=None, rollo
 
 __all__ = ["KL_TYPES", "ROLLOUT_IS_LEVELS", "ROLLOUT_IS_MODES", "DIVERGENCES", "EXTRA_METRIC_NAMES",
            "check_divergence", "Terms", "hyper_and_terms", "kl_penalty", "seq_sum", "RolloutIS", "rollout_is_weights",
-           "gspo_terms", "loss_with_terms"]
+           "rollout_is_of", "gspo_terms", "loss_with_terms"]

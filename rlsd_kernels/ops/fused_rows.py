@@ -29,7 +29,7 @@ from .. import dispatch
 from .._layout import as_rows3d
 from ..backends.logits import DIV_MODES
 from ..loss import agg_weights
-from ..loss_terms import KL_TYPES, Terms, rollout_is_weights
+from ..loss_terms import KL_TYPES, Terms, rollout_is_of
 
 _OFF = Terms()
 
@@ -53,8 +53,7 @@ def token_inputs(valid, seq_ids, num_seqs, advantages, old, teacher_logprobs, h,
     f64 = lambda t: None if t is None else t.detach().to(torch.float64).contiguous()  # noqa: E731
     w_is = None
     if x.rollout_is is not None:
-        ris = rollout_is_weights(torch.where(valid, old, 0.0), torch.where(valid, rollout.to(acc), 0.0), valid,
-                                 x.rollout_is, x.rollout_is_mode, float(x.rollout_is_threshold), seq_ids, num_seqs)
+        ris = rollout_is_of(x, torch.where(valid, old, 0.0), rollout, valid, seq_ids, num_seqs)
         valid, w_is = ris.keep, ris.weight
     agg = agg_weights(valid, h, seq_ids, num_seqs, dtype=acc)
     return dict(adv=f64(advantages), agg=f64(agg), old=f64(old), teacher_lp=f64(teacher_logprobs),
