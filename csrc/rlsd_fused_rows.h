@@ -239,7 +239,9 @@ inline void fused_inplace_rows(View3& s, const FusedIn& in, const float* logp_s,
           buf[label - start] = kNegInf;  // u = 0 there in the sweep, as the fused rows zero it
         }
         vf vsum{};
+        const char* pf = s.next_chunk(r, start, r1);  // as the other sweeps: the next chunk's loads start early
         for (int64_t i = 0; i < padded; i += kLanes) {
+          if (pf) __builtin_prefetch(pf + i * s.esize);
           const vf p = (live ? exp_neg(vload(buf + i) - vmc) : vf{}) * as;
           vsum += p;
           vstore(buf + i, p * -coef);
