@@ -203,8 +203,7 @@ def fused_rows_inplace_(student: Tensor, labels: Tensor, logp_s: Tensor, row_sta
                            _valid(flat, student.shape[-1], h, mask), cu_seqlens, h, acc)
     get_backend(student.device).fused_inplace(as_rows3d(student), flat, logp_s.reshape(n).contiguous(), row_stats,
                                               h.temperature, tokens, fused_rows.hyper_args(h))
-    if grad_output.item() != 1.0:  # as scale_grad_ does for the out-of-place gradient
-        student.mul_(grad_output.to(student.dtype))
+    scale_grad_(student, grad_output)  # as the out-of-place gradient is scaled
 
 
 @fused_rows_inplace_.register_fake

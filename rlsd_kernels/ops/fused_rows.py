@@ -105,8 +105,9 @@ class _StoredGradient(torch.autograd.Function):
             raise RuntimeError("rlsd_loss: the gradient was formed in the forward and can be used by one backward "
                                "only; call rlsd_loss again instead of backward(retain_graph=True) twice")
         ctx.grad = None
-        if grad_loss.item() != 1.0:  # CPU: reading the scalar costs nothing
-            grad.mul_(grad_loss.to(grad.dtype))
+        from .fused_loss import scale_grad_  # (fused_loss imports this module)
+
+        scale_grad_(grad, grad_loss)
         return None, grad, None
 
 
