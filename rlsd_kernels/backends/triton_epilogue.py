@@ -54,14 +54,36 @@ def policy_terms(logp_s, old, a_hat, log_lo, log_hi, clip_dual, CISPO: tl.conste
 
 
 @triton.jit
+def kl_grad(ls, ref, KL_TYPE: tl.constexpr):
+    """``d kl_t / d logp_s`` of verl's estimators (loss_terms.py ``kl_penalty``; KL_TYPE 1 / 2 / 3 = k1 / k2 / k3):
+    k3's clamps pass no gradient outside their bounds (NaN passes, as ``loss_terms._inside``)."""
+    if KL_TYPE == 1:
+        return tl.full((), 1.0, tl.float32)
+    elif KL_TYPE == 2:
+        return ls - ref
+    else:
+        r_raw = ref - ls
+        r = clamp_nan(r_raw, -20.0, 20.0)
+        v_raw = tl.exp(r) - r - 1.0
+        outside = (v_raw < -10.0) | (v_raw > 10.0) | (r_raw < -20.0) | (r_raw > 20.0)
+        return tl.where(outside, 0.0, -(tl.exp(r) - 1.0))
+
+
+@triton.jit
 def row_epilogue(row, N, m_s, d_s, e_s, m_t, d_t, tgt_s, tgt_t, label, agg, V, ignore_index, lam, eps_w, log_lo,
-                 log_hi, clip_dual, ADV, OLD, TLP, LOGP_S, LOGP_T, WEIGHT, ENT, LSE, COEF, PARTS,
-                 TEACHER: tl.constexpr, HAS_OLD: tl.constexpr, WANT_ENT: tl.constexpr, CISPO: tl.constexpr):
+                 log_hi, clip_dual, kl_coef, ADV, OLD, TLP, REF, WIS, LOGP_S, LOGP_T, WEIGHT, ENT, LSE, COEF, PARTS,
+                 TEACHER: tl.constexpr, HAS_OLD: tl.constexpr, WANT_ENT: tl.constexpr, CISPO: tl.constexpr,
+                 KL_TYPE: tl.constexpr, HAS_WIS: tl.constexpr):
     """Everything the fused loss needs of one row once its statistics are known: log-probs, lse, entropy, evidence
     weight, policy loss and its derivative, the row's partials of the loss and metrics (``PARTS``, ``[9, N]``).
     ``(m_s, d_s, e_s)``: the student's running max, sum and entropy sum (``row_stats``); ``(m_t, d_t)`` the
     teacher's; ``tgt_s, tgt_t``: the target logits / T. ``agg``: the row's aggregation weight (> 0 exactly for rows
-    in the loss). Returns ``(lse, coef)`` with ``coef = a_t * d loss_t / d logp_s`` (0 for rows out of the loss)."""
+    in the loss). Returns ``(lse, coef)`` with ``coef = a_t * d loss_t / d logp_s`` (0 for rows out of the loss).
+
+    The section 2c token-local terms (the fused rows of ``backends/logits/triton_rows.py``): ``HAS_WIS`` scales the
+    policy term by the rollout IS weight ``WIS[row]``, ``KL_TYPE`` (0 off) adds ``kl_coef * d kl_t / d logp_s``
+    against ``REF[row]`` to the factor, as ``loss_terms.loss_with_terms`` does. ``PARTS`` then holds the policy
+    term's partials only (that path takes its loss and metrics from the Python algebra)."""
     valid = agg > 0
     has_tgt = (label >= 0) & (label < V)
     log_d = tl.log(d_s)
@@ -91,6 +113,10 @@ def row_epilogue(row, N, m_s, d_s, e_s, m_t, d_t, tgt_s, tgt_t, label, agg, V, i
         g, w, delta = evidence_weight(ls, tl.where(valid, logp_t, 0.0), adv, lam, eps_w)
     tl.store(WEIGHT + row, g)
     loss_t, c, clipped, dual = policy_terms(ls, old, adv * g, log_lo, log_hi, clip_dual, CISPO)
+    if HAS_WIS:
+        c = c * tl.load(WIS + row).to(tl.float32)
+    if KL_TYPE != 0:
+        c = c + kl_coef * kl_grad(ls, tl.load(REF + row).to(tl.float32), KL_TYPE)
     coef = tl.where(valid, agg * c, 0.0)
     tl.store(COEF + row, coef)
     vf = valid.to(tl.float32)

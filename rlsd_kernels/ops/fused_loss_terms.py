@@ -172,7 +172,7 @@ def loss_with_terms_fused(h: Hyper, x: Terms, student_logits, teacher_logits, la
 
 def _terms_fused_rows(h: Hyper, x: Terms, student_logits, teacher, labels, advantages, old_logprobs, mask,
                       teacher_logprobs, cu_seqlens, return_entropy, ref_logprobs, rollout_logprobs):
-    """CPU, C++ backend: forward and gradient in one visit of each row (``ops/fused_rows.py``)."""
+    """The C++ and Triton backends: forward and gradient in one visit of each row (``ops/fused_rows.py``)."""
     prep = prepare(student_logits, teacher, labels, advantages, old_logprobs, mask, teacher_logprobs, cu_seqlens, h,
                    values=False)
     n, acc = prep.labels.numel(), prep.advantages.dtype

@@ -1,4 +1,6 @@
-"""CPU, C++ backend: the loss's forward and its whole gradient in one visit of each row (``csrc/rlsd_fused_rows.h``).
+"""The loss's forward and its whole gradient in one visit of each row: the C++ backend (``csrc/rlsd_fused_rows.h``,
+described here) and the Triton one (``backends/logits/triton_rows.py``: the fused loss kernel with the token-local
+terms in its epilogue; no distillation divergence).
 
 The two-pass CPU path reads every row twice: the statistics pass, then (after the O(N) algebra has turned the
 per-token log-probs into gradient factors) the gradient sweep, which recomputes every exp. On a CPU both passes are
@@ -35,11 +37,15 @@ _OFF = Terms()
 
 
 def serves(student, x: Terms, old_logprobs, inplace: bool) -> bool:
-    """Whether this path runs the call: the device's backend has the fused rows (the C++ one), a gradient is wanted
-    and not in place, eager mode, and every gradient factor is token-local (see the module docstring)."""
-    if student.device.type != "cpu" or inplace or not (torch.is_grad_enabled() and student.requires_grad):
+    """Whether this path runs the call: the device's backend has the fused rows (C++, Triton), a gradient is wanted
+    and not in place, eager mode, every gradient factor is token-local (see the module docstring), and a
+    distillation divergence only where the backend's fused rows take one (the Triton ones do not)."""
+    if inplace or not (torch.is_grad_enabled() and student.requires_grad) or torch.compiler.is_compiling():
         return False
-    if torch.compiler.is_compiling() or not hasattr(dispatch.get_backend(student.device), "fused_rows"):
+    backend = dispatch.get_backend(student.device)
+    if not hasattr(backend, "fused_rows"):
+        return False
+    if x.distill_coef > 0 and not backend.FUSED_ROWS_DIVERGENCES:
         return False
     return not x.gspo and not (x.rollout_is is not None and old_logprobs is None)
 
@@ -81,7 +87,7 @@ def forward_and_grad(student, teacher, flat_labels, h, tokens, want_entropy: boo
     gradient of the loss: a new tensor shaped like ``student``, or ``out`` (which may be ``student`` itself: each
     row is read whole before its gradient is written)."""
     backend = dispatch.get_backend(student.device)
-    grad = torch.empty(student.shape, dtype=student.dtype) if out is None else out
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if out is None else out
     s3 = as_rows3d(student)
     div_mode = DIV_MODES[x.distill_divergence] if x.distill_coef > 0 else 0
     outs = backend.fused_rows(s3, None if teacher is None else as_rows3d(teacher), flat_labels.contiguous(),

@@ -172,6 +172,9 @@ def backward_terms(coef, ent_coef, div_coef, student, teacher, labels, lse, entr
                           float(temperature), int(div_mode), float(beta), out)
 
 
+FUSED_ROWS_DIVERGENCES = True  # fused_rows takes every distillation divergence
+
+
 def fused_rows(student, teacher, labels, temperature, ignore_index, want_entropy, div_mode, beta, tokens, hyper, out):
     """The loss's forward outputs and its whole gradient (into ``out``, a fresh tensor shaped like ``student``) in one
     visit of each row (``csrc/rlsd_fused_rows.h``). ``tokens``: the per-token float64 inputs of

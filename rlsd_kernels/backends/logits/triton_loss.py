@@ -19,6 +19,7 @@ memory when ``grad_output == 1``: the usual case costs one launch and no bytes.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -134,16 +135,19 @@ def _prologue(LABELS, MASK, CU, ADV, AGG, ADV_ROW, SEQ_CNT, ERR,
 
 @triton.jit
 def _loss_rows(
-    S, TCH, GRAD, LABELS, AGG, ADV, OLD, TLP,
+    S, TCH, GRAD, LABELS, AGG, ADV, OLD, TLP, REF, WIS,
     LOGP_S, LOGP_T, WEIGHT, ENT, LSE, COEF, PARTS,
     N, seq_len, t_seq_len, g_seq_len, V,
     s_sb, s_st, s_sv, t_sb, t_st, t_sv, g_sb, g_st, g_sv,
-    inv_temp, ignore_index, lam, eps_w, log_lo, log_hi, clip_dual,
+    inv_temp, ignore_index, lam, eps_w, log_lo, log_hi, clip_dual, kl_coef, entropy_coef,
     TEACHER: tl.constexpr, HAS_OLD: tl.constexpr, WANT_ENT: tl.constexpr, CISPO: tl.constexpr,
     WRITE_GRAD: tl.constexpr, CONTIG: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr,
-    ROW_IN_REGS: tl.constexpr,
+    ROW_IN_REGS: tl.constexpr, KL_TYPE: tl.constexpr, HAS_WIS: tl.constexpr, ENT_GRAD: tl.constexpr,
 ):
-    # TEACHER: 0 none (GRPO), 1 teacher logits (read in the same sweep), 2 teacher log-probs per token
+    # TEACHER: 0 none (GRPO), 1 teacher logits (read in the same sweep), 2 teacher log-probs per token.
+    # KL_TYPE / HAS_WIS / ENT_GRAD: the section 2c token-local terms of the fused rows (triton_rows.py): KL to
+    # REF, the rollout IS weight WIS on the policy term, and the entropy bonus -entropy_coef * a_t * H_t, whose
+    # gradient -p (log p + H) / T the second sweep adds (ENT_GRAD needs WANT_ENT).
     NEG_INF: tl.constexpr = float("-inf")
     cols0 = tl.arange(0, BLOCK_V)
     for program_row in range(tl.program_id(0), N, tl.num_programs(0)):
@@ -175,8 +179,8 @@ def _loss_rows(
 
         # ---- per-row epilogue (docs/math.md sections 2-3)
         lse, coef = row_epilogue(row, N, m_s, d_s, e_s, m_t, d_t, tgt_s, tgt_t, label, agg, V, ignore_index, lam,
-                                 eps_w, log_lo, log_hi, clip_dual, ADV, OLD, TLP, LOGP_S, LOGP_T, WEIGHT, ENT, LSE,
-                                 COEF, PARTS, TEACHER, HAS_OLD, WANT_ENT, CISPO)
+                                 eps_w, log_lo, log_hi, clip_dual, kl_coef, ADV, OLD, TLP, REF, WIS, LOGP_S, LOGP_T,
+                                 WEIGHT, ENT, LSE, COEF, PARTS, TEACHER, HAS_OLD, WANT_ENT, CISPO, KL_TYPE, HAS_WIS)
 
         # ---- sweep 2: the gradient of the row, re-read from L2
         if WRITE_GRAD:
@@ -184,9 +188,20 @@ def _loss_rows(
             scale = coef * inv_temp
             # masked rows and rows of only -inf get exactly 0 (0 * nan would be nan); NaN rows stay NaN
             live = (scale != 0) & (lse != NEG_INF)
+            e_scale = tl.zeros((), tl.float32)
+            H = tl.zeros((), tl.float32)
+            log_d = tl.log(d_s)
+            if ENT_GRAD:  # d loss / d H_t = -entropy_coef * a_t
+                e_scale = tl.where(agg > 0, -entropy_coef * agg, 0.0) * inv_temp
+                H = log_d - e_s / d_s
+                live = ((scale != 0) | (e_scale != 0)) & (lse != NEG_INF)
             if ROW_IN_REGS:
-                p = tl.exp(x_row - lse)
-                grad = tl.where(live, scale * tl.where(cols0 == label, 1.0 - p, -p), 0.0)
+                if ENT_GRAD:
+                    grad = _entropy_row_grad(x_row, m_s, log_d, H, cols0, label, scale, e_scale)
+                else:
+                    p = tl.exp(x_row - lse)
+                    grad = scale * tl.where(cols0 == label, 1.0 - p, -p)
+                grad = tl.where(live, grad, 0.0)
                 tl.store(g_row + col_offsets(cols0, g_sv, CONTIG), grad.to(GRAD.dtype.element_ty), mask=cols0 < V)
             # backwards: the chunks read last in sweep 1 are the likeliest still in L2
             n_chunks = tl.cdiv(V, BLOCK_V)
@@ -198,11 +213,25 @@ def _loss_rows(
                 s_off = col_offsets(cols, s_sv, CONTIG)
                 g_off = col_offsets(cols, g_sv, CONTIG)
                 x = tl.load(s_row + s_off, mask=inb, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
-                p = tl.exp(x * inv_temp - lse)
-                # the target term 1 - p[y] is formed in float32 before the cast (bf16 cancellation near p = 1)
-                grad = tl.where(live, scale * tl.where(cols == label, 1.0 - p, -p), 0.0)
+                if ENT_GRAD:
+                    grad = _entropy_row_grad(x * inv_temp, m_s, log_d, H, cols, label, scale, e_scale)
+                else:
+                    p = tl.exp(x * inv_temp - lse)
+                    # the target term 1 - p[y] is formed in float32 before the cast (bf16 cancellation near p = 1)
+                    grad = scale * tl.where(cols == label, 1.0 - p, -p)
+                grad = tl.where(live, grad, 0.0)
                 # streaming store: the gradient is not re-read, keep L2 for the student rows
                 tl.store(g_row + g_off, grad.to(GRAD.dtype.element_ty), mask=inb, eviction_policy="evict_first")
+
+
+@triton.jit
+def _entropy_row_grad(z, m_s, log_d, H, cols, label, scale, e_scale):
+    """The gradient of one chunk of a row with the entropy bonus, from the logits / T ``z``:
+    ``scale (onehot - p) - e_scale p (log p + H)`` (``e_scale = d loss / d H / T``). ``log p = (z - m) - log d`` keeps
+    the digits that ``z - lse`` loses at |logits| ~ 1e4; ``p = 0`` (-inf logits) contributes 0, never 0 * inf."""
+    lp = (z - m_s) - log_d
+    p = tl.exp(lp)
+    return scale * tl.where(cols == label, 1.0 - p, -p) - e_scale * p * (tl.where(p > 0, lp, 0.0) + H)
 
 
 @triton.jit
@@ -281,8 +310,6 @@ def fused_loss(student, teacher, teacher_logprobs, labels, advantages, adv_per_s
     if n == 0:
         return (loss.zero_(), logp_s, logp_t, weights, ent, metrics.zero_(), errors.zero_(), lse, coef)
     dummy = agg
-    # A row short enough to live in registers is loaded once: exactly 3 passes (2 for GRPO), no L2 re-read.
-    row_in_regs = 0 < triton.next_power_of_2(V) <= LAUNCH["loss_row_in_regs_max"]
     _prologue[(1,)](
         labels, mask if mask is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
         advantages, agg, adv_rows, seq_cnt, errors,
@@ -291,28 +318,8 @@ def fused_loss(student, teacher, teacher_logprobs, labels, advantages, adv_per_s
         ADV_PER_SEQ=adv_per_seq, BLOCK=LAUNCH["prologue_block"], BLOCK_S=16, BLOCK_T=LAUNCH["prologue_tile_t"],
         num_warps=LAUNCH["small_warps"],
     )
-    tch = teacher if teacher is not None else student  # never read without a teacher (TEACHER != 1)
-    out = grad if grad is not None else student  # never written without WRITE_GRAD
-    args = (student, tch, out, labels, agg, adv_rows,
-            old_logprobs if old_logprobs is not None else dummy,
-            teacher_logprobs if teacher_logprobs is not None else dummy,
-            logp_s, logp_t if logp_t is not None else dummy, weights, ent if ent is not None else dummy, lse, coef,
-            parts)
-    scalars = (n, T, tch.shape[1], out.shape[1], V,
-               *student.stride(), *tch.stride(), *out.stride(),
-               1.0 / h.temperature, h.ignore_index, float(h.lam), float(h.eps_w),
-               math.log(1.0 - h.clip_low), math.log(1.0 + h.clip_high), float(h.clip_dual))
-    constexprs = dict(TEACHER=1 if teacher is not None else (2 if teacher_logprobs is not None else 0),
-                      HAS_OLD=old_logprobs is not None, WANT_ENT=want_entropy, CISPO=h.loss_type == "cispo",
-                      WRITE_GRAD=grad is not None, CONTIG=unit_vocab_stride(student, tch, out))
-    if row_in_regs:
-        block, warps, programs = triton.next_power_of_2(V), LAUNCH["loss_row_warps"], n
-    else:
-        block, warps = min(LAUNCH["loss_block_v"], triton.next_power_of_2(V)), LAUNCH["loss_warps"]
-        programs = _programs(dev, n, V * student.element_size())
-    _loss_rows[(programs,)](*args, *scalars, **constexprs, BLOCK_V=block,
-                            PREFETCH=bool(LAUNCH["loss_prefetch"]) and V > block, ROW_IN_REGS=row_in_regs,
-                            num_warps=warps)
+    launch_rows(student, teacher, grad, labels, agg, adv_rows, old_logprobs, teacher_logprobs,
+                (logp_s, logp_t, weights, ent, lse, coef, parts), h)
     _finalize[(1,)](parts, loss, metrics, n, BLOCK=LAUNCH["finalize_block"], K=16, num_warps=LAUNCH["small_warps"])
     return loss, logp_s, logp_t, weights, ent, metrics, errors, lse, coef
 
@@ -332,3 +339,50 @@ def scale_(grad, grad_output) -> None:
         programs = 4
     programs = max(1, min(programs, triton.cdiv(numel, block)))
     _scale_grad[(programs,)](grad, grad_output, numel, BLOCK=block, num_warps=8)
+
+
+class RowTerms(NamedTuple):
+    """The section 2c token-local terms of ``_loss_rows`` (the fused rows, ``triton_rows.py``)."""
+    ref: Optional[torch.Tensor] = None   # [N] reference log-probs (KL term), None: off
+    w_is: Optional[torch.Tensor] = None  # [N] rollout IS weights on the policy term, None: off
+    kl_coef: float = 0.0
+    kl_type: int = 0                     # 0 off, 1 / 2 / 3: k1 / k2 / k3
+    entropy_coef: float = 0.0            # > 0: the entropy bonus in the gradient (needs the entropy)
+
+
+def launch_rows(student, teacher, grad, labels, agg, adv, old, teacher_logprobs, outs, h, terms=RowTerms()):
+    """One launch of ``_loss_rows``: per row the statistics, the epilogue and, with ``grad`` (a ``[B, T, V]`` view,
+    which may be ``student`` itself), the gradient. ``agg``, ``adv``, ``old``, ``teacher_logprobs``: ``[N]`` per row
+    (any float dtype; None where absent); ``outs``: the ``[N]`` float32 outputs ``(logp_s, logp_t | None, weights,
+    entropy | None, lse, coef)`` and the ``[9, N]`` partials."""
+    logp_s, logp_t, weights, ent, lse, coef, parts = outs
+    B, T, V = student.shape
+    n = B * T
+    dummy = coef
+    opt = lambda t: dummy if t is None else t  # noqa: E731  (pointers whose flag is off are never read)
+    # A row short enough to live in registers is loaded once: exactly 3 passes (2 for GRPO), no L2 re-read.
+    row_in_regs = 0 < triton.next_power_of_2(V) <= LAUNCH["loss_row_in_regs_max"]
+    tch = teacher if teacher is not None else student  # never read without a teacher (TEACHER != 1)
+    out = grad if grad is not None else student  # never written without WRITE_GRAD
+    args = (student, tch, out, labels, agg, adv, opt(old), opt(teacher_logprobs), opt(terms.ref), opt(terms.w_is),
+            logp_s, opt(logp_t), weights, opt(ent), lse, coef, parts)
+    scalars = (n, T, tch.shape[1], out.shape[1], V,
+               *student.stride(), *tch.stride(), *out.stride(),
+               1.0 / h.temperature, h.ignore_index, float(h.lam), float(h.eps_w),
+               math.log(1.0 - h.clip_low), math.log(1.0 + h.clip_high), float(h.clip_dual), float(terms.kl_coef),
+               float(terms.entropy_coef))
+    constexprs = dict(TEACHER=1 if teacher is not None else (2 if teacher_logprobs is not None else 0),
+                      HAS_OLD=old is not None, WANT_ENT=ent is not None, CISPO=h.loss_type == "cispo",
+                      WRITE_GRAD=grad is not None, CONTIG=unit_vocab_stride(student, tch, out),
+                      KL_TYPE=int(terms.kl_type), HAS_WIS=terms.w_is is not None,
+                      ENT_GRAD=grad is not None and terms.entropy_coef > 0)
+    if constexprs["ENT_GRAD"] and ent is None:
+        raise ValueError("launch_rows: the entropy bonus needs the entropy output")
+    if row_in_regs:
+        block, warps, programs = triton.next_power_of_2(V), LAUNCH["loss_row_warps"], n
+    else:
+        block, warps = min(LAUNCH["loss_block_v"], triton.next_power_of_2(V)), LAUNCH["loss_warps"]
+        programs = _programs(student.device, n, V * student.element_size())
+    _loss_rows[(programs,)](*args, *scalars, **constexprs, BLOCK_V=block,
+                            PREFETCH=bool(LAUNCH["loss_prefetch"]) and V > block, ROW_IN_REGS=row_in_regs,
+                            num_warps=warps)
