@@ -1,6 +1,6 @@
 """The loss's forward and its whole gradient in one visit of each row: the C++ backend (``csrc/rlsd_fused_rows.h``,
 described here) and the Triton one (``backends/logits/triton_rows.py``: the fused loss kernel with the token-local
-terms in its epilogue; no distillation divergence).
+terms in its epilogue; no JSD).
 
 The two-pass CPU path reads every row twice: the statistics pass, then (after the O(N) algebra has turned the
 per-token log-probs into gradient factors) the gradient sweep, which recomputes every exp. On a CPU both passes are
@@ -39,13 +39,13 @@ _OFF = Terms()
 def serves(student, x: Terms, old_logprobs, inplace: bool) -> bool:
     """Whether this path runs the call: the device's backend has the fused rows (C++, Triton), a gradient is wanted
     and not in place, eager mode, every gradient factor is token-local (see the module docstring), and a
-    distillation divergence only where the backend's fused rows take one (the Triton ones do not)."""
+    distillation divergence only where the backend's fused rows take it (the Triton ones: not JSD)."""
     if inplace or not (torch.is_grad_enabled() and student.requires_grad) or torch.compiler.is_compiling():
         return False
     backend = dispatch.get_backend(student.device)
     if not hasattr(backend, "fused_rows"):
         return False
-    if x.distill_coef > 0 and not backend.FUSED_ROWS_DIVERGENCES:
+    if x.distill_coef > 0 and DIV_MODES[x.distill_divergence] not in backend.FUSED_ROWS_DIV_MODES:
         return False
     return not x.gspo and not (x.rollout_is is not None and old_logprobs is None)
 

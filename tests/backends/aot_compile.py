@@ -91,29 +91,33 @@ def compile_fused_loss():
               if dt == "bf16" or contig]
     # the row-in-registers variant (one 32768-column block per row) for the main combinations
     combos += [("bf16", teacher, True, True, teacher == 1, False, True) for teacher in (0, 1, 2)]
-    off = (0, False, False)  # the section 2c terms (KL_TYPE, HAS_WIS, ENT_GRAD) off: the plain fused loss
+    off = (0, False, False, 0)  # the section 2c terms (KL_TYPE, HAS_WIS, ENT_GRAD, DIV_MODE) off: the plain loss
     combos = [c + (i >= len(combos) - 3, "*fp32", off) for i, c in enumerate(combos)]
     # the fused rows (triton_rows.py): float64 per-token inputs, each term flag's every value at least once
-    combos += [("bf16", 1, True, True, True, False, True, False, "*fp64", (3, True, True)),
-               ("bf16", 0, True, False, False, False, True, False, "*fp64", (1, False, False)),
-               ("fp32", 2, True, True, True, True, True, False, "*fp64", (2, True, True)),
-               ("bf16", 1, True, True, True, False, False, False, "*fp64", (0, False, True)),
-               ("bf16", 1, True, True, True, False, True, True, "*fp64", (3, True, True))]
-    for dt, teacher, write_grad, has_old, want_ent, cispo, contig, in_regs, tok, (kl, wis, ent_grad) in combos:
+    combos += [("bf16", 1, True, True, True, False, True, False, "*fp64", (3, True, True, 0)),
+               ("bf16", 0, True, False, False, False, True, False, "*fp64", (1, False, False, 0)),
+               ("fp32", 2, True, True, True, True, True, False, "*fp64", (2, True, True, 0)),
+               ("bf16", 1, True, True, True, False, False, False, "*fp64", (0, False, True, 1)),
+               ("bf16", 1, True, True, True, False, True, True, "*fp64", (3, True, True, 0)),
+               ("bf16", 1, True, True, False, False, True, False, "*fp64", (0, False, False, 1)),
+               ("fp32", 1, True, False, True, True, True, False, "*fp64", (3, True, True, 2)),
+               ("bf16", 1, True, True, True, False, False, False, "*fp64", (1, False, False, 2))]
+    for dt, teacher, write_grad, has_old, want_ent, cispo, contig, in_regs, tok, (kl, wis, ent_grad, div) in combos:
         sig = {"S": PTR[dt], "TCH": PTR[dt], "GRAD": PTR[dt], "LABELS": "*i64", "AGG": tok, "ADV": tok,
                "OLD": tok, "TLP": tok, "REF": tok, "WIS": tok, "LOGP_S": "*fp32", "LOGP_T": "*fp32",
                "WEIGHT": "*fp32", "ENT": "*fp32", "LSE": "*fp32", "COEF": "*fp32", "PARTS": "*fp32",
+               "LSE_T": "*fp64", "DIV": "*fp32",
                "N": "i64", "seq_len": "i64", "t_seq_len": "i64", "g_seq_len": "i64", "V": "i32",
                "s_sb": "i64", "s_st": "i64", "s_sv": "i64", "t_sb": "i64", "t_st": "i64", "t_sv": "i64",
                "g_sb": "i64", "g_st": "i64", "g_sv": "i64", "inv_temp": "fp32", "ignore_index": "i64",
                "lam": "fp32", "eps_w": "fp32", "log_lo": "fp32", "log_hi": "fp32", "clip_dual": "fp32",
-               "kl_coef": "fp32", "entropy_coef": "fp32"}
+               "kl_coef": "fp32", "entropy_coef": "fp32", "distill_coef": "fp32", "distill_clip": "fp32"}
         compile_one(f"loss_rows[{dt}]", tloss.KERNELS["loss_rows"], sig,
                     {"TEACHER": teacher, "HAS_OLD": has_old, "WANT_ENT": want_ent, "CISPO": cispo,
                      "WRITE_GRAD": write_grad, "CONTIG": contig,
                      "BLOCK_V": 32768 if in_regs else LAUNCH["loss_block_v"],
                      "PREFETCH": (teacher + has_old) % 2 == 1 and not in_regs, "ROW_IN_REGS": in_regs,
-                     "KL_TYPE": kl, "HAS_WIS": wis, "ENT_GRAD": ent_grad},
+                     "KL_TYPE": kl, "HAS_WIS": wis, "ENT_GRAD": ent_grad, "DIV_MODE": div},
                     LAUNCH["loss_row_warps"] if in_regs else LAUNCH["loss_warps"])
     compile_one("loss_finalize", tloss.KERNELS["finalize"],
                 {"PARTS": "*fp32", "LOSS": "*fp32", "METRICS": "*fp32", "N": "i64"},

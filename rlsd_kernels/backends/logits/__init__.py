@@ -23,6 +23,11 @@ div_mode, beta, out)``
     Writes ``[coef (onehot - p) - ent_coef p (log p + H) + div_coef dD/dz] / T`` into ``out``: the gradient with
     the entropy bonus and the distillation term (``ent_coef`` / ``div_coef`` None when off).
 
+``fused_rows(student, teacher, labels, temperature, ignore_index, want_entropy, div_mode, beta, tokens, hyper, out)``
+    Optional (C++: ``csrc/rlsd_fused_rows.h``; Triton: ``triton_rows.py``): ``forward_terms``' outputs and the whole
+    gradient of the loss with its token-local section 2c terms into ``out``, in one visit of each row, from the
+    per-token inputs and scalars of ``ops/fused_rows.py``; ``FUSED_ROWS_DIV_MODES`` lists the divergences it takes.
+
 The whole fused loss (docs/math.md sections 2-3) has a Triton implementation only, ``triton_loss`` (chosen by
 ``dispatch.get_loss_backend``): ``fused_loss(...)`` runs it in three kernels and ``scale_(grad, grad_output)``
 scales the gradient it formed. The CPU backends compose ``forward``/``backward`` with the eager ``loss.py``

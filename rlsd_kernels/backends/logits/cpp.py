@@ -172,7 +172,7 @@ def backward_terms(coef, ent_coef, div_coef, student, teacher, labels, lse, entr
                           float(temperature), int(div_mode), float(beta), out)
 
 
-FUSED_ROWS_DIVERGENCES = True  # fused_rows takes every distillation divergence
+FUSED_ROWS_DIV_MODES = (0, 1, 2, 3)  # fused_rows takes every distillation divergence (DIV_MODES)
 
 
 def fused_rows(student, teacher, labels, temperature, ignore_index, want_entropy, div_mode, beta, tokens, hyper, out):

@@ -136,18 +136,22 @@ def _prologue(LABELS, MASK, CU, ADV, AGG, ADV_ROW, SEQ_CNT, ERR,
 @triton.jit
 def _loss_rows(
     S, TCH, GRAD, LABELS, AGG, ADV, OLD, TLP, REF, WIS,
-    LOGP_S, LOGP_T, WEIGHT, ENT, LSE, COEF, PARTS,
+    LOGP_S, LOGP_T, WEIGHT, ENT, LSE, COEF, PARTS, LSE_T, DIV,
     N, seq_len, t_seq_len, g_seq_len, V,
     s_sb, s_st, s_sv, t_sb, t_st, t_sv, g_sb, g_st, g_sv,
-    inv_temp, ignore_index, lam, eps_w, log_lo, log_hi, clip_dual, kl_coef, entropy_coef,
+    inv_temp, ignore_index, lam, eps_w, log_lo, log_hi, clip_dual, kl_coef, entropy_coef, distill_coef, distill_clip,
     TEACHER: tl.constexpr, HAS_OLD: tl.constexpr, WANT_ENT: tl.constexpr, CISPO: tl.constexpr,
     WRITE_GRAD: tl.constexpr, CONTIG: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr,
     ROW_IN_REGS: tl.constexpr, KL_TYPE: tl.constexpr, HAS_WIS: tl.constexpr, ENT_GRAD: tl.constexpr,
+    DIV_MODE: tl.constexpr,
 ):
     # TEACHER: 0 none (GRPO), 1 teacher logits (read in the same sweep), 2 teacher log-probs per token.
-    # KL_TYPE / HAS_WIS / ENT_GRAD: the section 2c token-local terms of the fused rows (triton_rows.py): KL to
-    # REF, the rollout IS weight WIS on the policy term, and the entropy bonus -entropy_coef * a_t * H_t, whose
-    # gradient -p (log p + H) / T the second sweep adds (ENT_GRAD needs WANT_ENT).
+    # KL_TYPE / HAS_WIS / ENT_GRAD / DIV_MODE: the section 2c token-local terms of the fused rows (triton_rows.py):
+    # KL to REF, the rollout IS weight WIS on the policy term, the entropy bonus -entropy_coef * a_t * H_t, whose
+    # gradient -p (log p + H) / T the second sweep adds (ENT_GRAD needs WANT_ENT), and the distillation term
+    # distill_coef * a_t * D_t (DIV_MODE 1 forward KL, 2 reverse KL; TEACHER 1, not ROW_IN_REGS): its cross sums in
+    # sweep 1 (row_stats), D_t and the teacher's lse into DIV / LSE_T, its gradient in sweep 2, which then re-reads
+    # the teacher chunk too.
     NEG_INF: tl.constexpr = float("-inf")
     cols0 = tl.arange(0, BLOCK_V)
     for program_row in range(tl.program_id(0), N, tl.num_programs(0)):
@@ -173,14 +177,31 @@ def _loss_rows(
             if TEACHER == 1:
                 m_t, t_shift, t_alpha, q = lse_chunk(m_t, d_t, y_row.to(tl.float32) * inv_temp)
                 d_t = tl.sum(q, axis=0)
+            cross = tl.zeros((), tl.float32)  # (no divergence with ROW_IN_REGS)
+            e_t = tl.zeros((), tl.float32)
         else:
-            m_s, d_s, e_s, m_t, d_t, _, _ = row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, TEACHER == 1, WANT_ENT,
-                                                   CONTIG, BLOCK_V, PREFETCH, True, 0)
+            m_s, d_s, e_s, m_t, d_t, cross, e_t = row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, TEACHER == 1,
+                                                         WANT_ENT, CONTIG, BLOCK_V, PREFETCH, True, DIV_MODE)
 
         # ---- per-row epilogue (docs/math.md sections 2-3)
         lse, coef = row_epilogue(row, N, m_s, d_s, e_s, m_t, d_t, tgt_s, tgt_t, label, agg, V, ignore_index, lam,
                                  eps_w, log_lo, log_hi, clip_dual, kl_coef, ADV, OLD, TLP, REF, WIS, LOGP_S, LOGP_T,
                                  WEIGHT, ENT, LSE, COEF, PARTS, TEACHER, HAS_OLD, WANT_ENT, CISPO, KL_TYPE, HAS_WIS)
+
+        log_d = tl.log(d_s)
+        log_dt = tl.log(d_t)
+        D = tl.zeros((), tl.float32)
+        f_scale = tl.zeros((), tl.float32)
+        if DIV_MODE != 0:  # KL(p_w || p_o) = (e_w - c) / d_w - log d_w + log d_o, as triton_terms.py
+            if DIV_MODE == 1:
+                D = (e_t - cross) / d_t - log_dt + log_d
+            else:
+                D = (e_s - cross) / d_s - log_d + log_dt
+            tl.store(LSE_T + row, m_t.to(tl.float64) + log_dt.to(tl.float64))
+            tl.store(DIV + row, D)
+            # d loss / d D_t = distill_coef * a_t; beyond the clip the value is capped and the gradient 0 (NaN passes)
+            f = tl.where(agg > 0, distill_coef * agg, 0.0)
+            f_scale = tl.where((distill_clip < float("inf")) & (D > distill_clip), 0.0, f) * inv_temp
 
         # ---- sweep 2: the gradient of the row, re-read from L2
         if WRITE_GRAD:
@@ -190,14 +211,16 @@ def _loss_rows(
             live = (scale != 0) & (lse != NEG_INF)
             e_scale = tl.zeros((), tl.float32)
             H = tl.zeros((), tl.float32)
-            log_d = tl.log(d_s)
             if ENT_GRAD:  # d loss / d H_t = -entropy_coef * a_t
                 e_scale = tl.where(agg > 0, -entropy_coef * agg, 0.0) * inv_temp
                 H = log_d - e_s / d_s
                 live = ((scale != 0) | (e_scale != 0)) & (lse != NEG_INF)
+            if DIV_MODE != 0:
+                live = ((scale != 0) | (e_scale != 0) | (f_scale != 0)) & (lse != NEG_INF)
             if ROW_IN_REGS:
                 if ENT_GRAD:
-                    grad = _entropy_row_grad(x_row, m_s, log_d, H, cols0, label, scale, e_scale)
+                    grad = _terms_chunk_grad(x_row, x_row, m_s, log_d, H, m_t, log_dt, D, cols0, label, scale,
+                                             e_scale, f_scale, ENT_GRAD, 0)
                 else:
                     p = tl.exp(x_row - lse)
                     grad = scale * tl.where(cols0 == label, 1.0 - p, -p)
@@ -213,8 +236,13 @@ def _loss_rows(
                 s_off = col_offsets(cols, s_sv, CONTIG)
                 g_off = col_offsets(cols, g_sv, CONTIG)
                 x = tl.load(s_row + s_off, mask=inb, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
-                if ENT_GRAD:
-                    grad = _entropy_row_grad(x * inv_temp, m_s, log_d, H, cols, label, scale, e_scale)
+                if ENT_GRAD or DIV_MODE != 0:
+                    y = x
+                    if DIV_MODE != 0:
+                        y = tl.load(t_row + col_offsets(cols, t_sv, CONTIG), mask=inb, other=NEG_INF,
+                                    eviction_policy="evict_first").to(tl.float32)
+                    grad = _terms_chunk_grad(x * inv_temp, y * inv_temp, m_s, log_d, H, m_t, log_dt, D, cols, label,
+                                             scale, e_scale, f_scale, ENT_GRAD, DIV_MODE)
                 else:
                     p = tl.exp(x * inv_temp - lse)
                     # the target term 1 - p[y] is formed in float32 before the cast (bf16 cancellation near p = 1)
@@ -225,13 +253,24 @@ def _loss_rows(
 
 
 @triton.jit
-def _entropy_row_grad(z, m_s, log_d, H, cols, label, scale, e_scale):
-    """The gradient of one chunk of a row with the entropy bonus, from the logits / T ``z``:
-    ``scale (onehot - p) - e_scale p (log p + H)`` (``e_scale = d loss / d H / T``). ``log p = (z - m) - log d`` keeps
-    the digits that ``z - lse`` loses at |logits| ~ 1e4; ``p = 0`` (-inf logits) contributes 0, never 0 * inf."""
+def _terms_chunk_grad(z, zt, m_s, log_d, H, m_t, log_dt, D, cols, label, scale, e_scale, f_scale,
+                      ENT_GRAD: tl.constexpr, DIV_MODE: tl.constexpr):
+    """The gradient of one chunk of a row with the entropy bonus and / or a divergence, from the student and teacher
+    logits / T ``z``, ``zt``: ``scale (onehot - p) - e_scale p (log p + H) + f_scale dD/dz`` with forward KL's
+    ``dD/dz = p - p_T`` and reverse KL's ``p (log p - log p_T - D)`` (``e_scale``, ``f_scale``: d loss / d H and
+    d loss / d D, over T). ``log p = (z - m) - log d`` keeps the digits that ``z - lse`` loses at |logits| ~ 1e4;
+    ``p = 0`` (-inf logits) contributes 0, never 0 * inf."""
     lp = (z - m_s) - log_d
     p = tl.exp(lp)
-    return scale * tl.where(cols == label, 1.0 - p, -p) - e_scale * p * (tl.where(p > 0, lp, 0.0) + H)
+    g = scale * tl.where(cols == label, 1.0 - p, -p)
+    if ENT_GRAD:
+        g -= e_scale * p * (tl.where(p > 0, lp, 0.0) + H)
+    if DIV_MODE == 1:
+        g += f_scale * (p - tl.exp((zt - m_t) - log_dt))
+    if DIV_MODE == 2:
+        lt = (zt - m_t) - log_dt
+        g += f_scale * p * (tl.where(p > 0, lp - lt, 0.0) - D)
+    return g
 
 
 @triton.jit
@@ -348,6 +387,11 @@ class RowTerms(NamedTuple):
     kl_coef: float = 0.0
     kl_type: int = 0                     # 0 off, 1 / 2 / 3: k1 / k2 / k3
     entropy_coef: float = 0.0            # > 0: the entropy bonus in the gradient (needs the entropy)
+    div_mode: int = 0                    # 0 off, 1 / 2: forward / reverse KL distillation (teacher logits)
+    distill_coef: float = 0.0
+    distill_clip: float = math.inf       # D_t beyond it: capped value, no gradient
+    lse_t: Optional[torch.Tensor] = None  # [N] float64 output: the teacher's lse (div_mode)
+    div: Optional[torch.Tensor] = None    # [N] float32 output: D_t, unclipped (div_mode)
 
 
 def launch_rows(student, teacher, grad, labels, agg, adv, old, teacher_logprobs, outs, h, terms=RowTerms()):
@@ -360,22 +404,25 @@ def launch_rows(student, teacher, grad, labels, agg, adv, old, teacher_logprobs,
     n = B * T
     dummy = coef
     opt = lambda t: dummy if t is None else t  # noqa: E731  (pointers whose flag is off are never read)
-    # A row short enough to live in registers is loaded once: exactly 3 passes (2 for GRPO), no L2 re-read.
-    row_in_regs = 0 < triton.next_power_of_2(V) <= LAUNCH["loss_row_in_regs_max"]
+    if terms.div_mode and (teacher is None or terms.lse_t is None or terms.div is None):
+        raise ValueError("launch_rows: a divergence needs the teacher logits and the lse_t / div outputs")
+    # A row short enough to live in registers is loaded once: exactly 3 passes (2 for GRPO), no L2 re-read
+    # (without a divergence, whose cross sums the chunked sweep keeps).
+    row_in_regs = 0 < triton.next_power_of_2(V) <= LAUNCH["loss_row_in_regs_max"] and not terms.div_mode
     tch = teacher if teacher is not None else student  # never read without a teacher (TEACHER != 1)
     out = grad if grad is not None else student  # never written without WRITE_GRAD
     args = (student, tch, out, labels, agg, adv, opt(old), opt(teacher_logprobs), opt(terms.ref), opt(terms.w_is),
-            logp_s, opt(logp_t), weights, opt(ent), lse, coef, parts)
+            logp_s, opt(logp_t), weights, opt(ent), lse, coef, parts, opt(terms.lse_t), opt(terms.div))
     scalars = (n, T, tch.shape[1], out.shape[1], V,
                *student.stride(), *tch.stride(), *out.stride(),
                1.0 / h.temperature, h.ignore_index, float(h.lam), float(h.eps_w),
                math.log(1.0 - h.clip_low), math.log(1.0 + h.clip_high), float(h.clip_dual), float(terms.kl_coef),
-               float(terms.entropy_coef))
+               float(terms.entropy_coef), float(terms.distill_coef), float(terms.distill_clip))
     constexprs = dict(TEACHER=1 if teacher is not None else (2 if teacher_logprobs is not None else 0),
                       HAS_OLD=old is not None, WANT_ENT=ent is not None, CISPO=h.loss_type == "cispo",
                       WRITE_GRAD=grad is not None, CONTIG=unit_vocab_stride(student, tch, out),
                       KL_TYPE=int(terms.kl_type), HAS_WIS=terms.w_is is not None,
-                      ENT_GRAD=grad is not None and terms.entropy_coef > 0)
+                      ENT_GRAD=grad is not None and terms.entropy_coef > 0, DIV_MODE=int(terms.div_mode))
     if constexprs["ENT_GRAD"] and ent is None:
         raise ValueError("launch_rows: the entropy bonus needs the entropy output")
     if row_in_regs:

@@ -1,14 +1,16 @@
 """Triton backend of ``ops/fused_rows.py``: the loss with its section 2c token-local terms (KL to a reference,
-rollout IS with ``old_logprobs``, the entropy bonus) and its whole gradient in one launch of the fused loss kernel
+rollout IS with ``old_logprobs``, the entropy bonus, forward / reverse KL distillation) and its whole gradient in one
+launch of the fused loss kernel
 (``triton_loss._loss_rows``): per row the statistics sweep, the epilogue with the terms' factors, and the gradient
 sweep (3 passes over ``N x V`` for RLSD, 2 for GRPO). The composed path it replaces for these terms runs the scoring
 kernel, the loss algebra under autograd and a separate gradient kernel (4 passes and its autograd's launches).
 
 The per-token inputs come from the Python algebra (``fused_rows.token_inputs``: aggregation weights less rollout
 rejection, the IS weights, advantages, old / teacher / reference log-probs); the loss value and the metrics come
-from the Python algebra on this launch's per-token outputs, as on the C++ backend. The distillation divergences need
-the teacher's cross sums and per-element teacher terms: they keep the row-terms kernels (``triton_terms.py``), so
-``FUSED_ROWS_DIVERGENCES`` is False here.
+from the Python algebra on this launch's per-token outputs, as on the C++ backend. Forward and reverse KL keep their
+cross sums in the statistics sweep and re-read the teacher chunk in the gradient sweep (4 passes, 5 with the
+teacher's re-read); JSD, whose ``log M`` needs one more sweep, keeps the row-terms kernels (``triton_terms.py``):
+``FUSED_ROWS_DIV_MODES`` lists what this path takes.
 """
 from __future__ import annotations
 
@@ -18,30 +20,36 @@ from ..triton_common import check_device
 from . import alloc_row_outputs
 from .triton_loss import N_ROWSTATS, RowTerms, launch_rows
 
-FUSED_ROWS_DIVERGENCES = False
+FUSED_ROWS_DIV_MODES = (0, 1, 2)  # no divergence, forward KL, reverse KL (backends.logits.DIV_MODES)
 
 
 def fused_rows(student, teacher, labels, temperature, ignore_index, want_entropy, div_mode, beta, tokens, hyper, out):
     """``cpp.fused_rows``' contract on the GPU: ``forward_terms``' outputs (``lse_t`` / ``div`` / ``aux`` None) and
     the gradient of the loss into ``out`` (a ``[B, T, V]`` view; may be ``student`` itself). ``tokens`` / ``hyper``:
-    ``ops/fused_rows.token_inputs`` / ``hyper_args``; no divergence (``div_mode`` 0)."""
+    ``ops/fused_rows.token_inputs`` / ``hyper_args``; ``div_mode`` one of ``FUSED_ROWS_DIV_MODES``."""
     check_device(student)
-    if div_mode:
-        raise ValueError("the Triton fused rows do not take a distillation divergence (FUSED_ROWS_DIVERGENCES)")
+    if div_mode not in FUSED_ROWS_DIV_MODES:
+        raise ValueError(f"the Triton fused rows take div_mode in {FUSED_ROWS_DIV_MODES}, got {div_mode}")
     from ...hyper import Hyper
 
     n = labels.numel()
     dev = student.device
     ent_on = bool(want_entropy) or hyper["entropy_coef"] > 0
     logp_s, logp_t, lse_s, ent = alloc_row_outputs(n, dev, teacher is not None, ent_on)
+    lse_t = div = aux = None
+    if div_mode:
+        lse_t = torch.zeros(n, dtype=torch.float64, device=dev)
+        div, aux = (torch.zeros(n, dtype=torch.float32, device=dev) for _ in range(2))  # aux: JSD's only
     if n == 0:
-        return logp_s, logp_t, lse_s, ent, None, None, None
+        return logp_s, logp_t, lse_s, ent, lse_t, div, aux
     scratch = torch.empty(N_ROWSTATS + 2, n, dtype=torch.float32, device=dev)  # weights, coef, partials (unused)
     h = Hyper(hyper["lam"], hyper["eps_w"], hyper["clip_low"], hyper["clip_high"], hyper["clip_dual"],
               "cispo" if hyper["cispo"] else "ppo", "token", None, temperature, ignore_index)
     terms = RowTerms(ref=tokens["ref"] if hyper["kl_coef"] > 0 else None, w_is=tokens["w_is"],
                      kl_coef=hyper["kl_coef"], kl_type=hyper["kl_type"] if hyper["kl_coef"] > 0 else 0,
-                     entropy_coef=hyper["entropy_coef"])
+                     entropy_coef=hyper["entropy_coef"], div_mode=div_mode,
+                     distill_coef=hyper["distill_coef"] if div_mode else 0.0, distill_clip=hyper["distill_clip"],
+                     lse_t=lse_t, div=div)
     launch_rows(student, teacher, out, labels, tokens["agg"], tokens["adv"], tokens["old"], tokens["teacher_lp"],
                 (logp_s, logp_t, scratch[0], ent, lse_s, scratch[1], scratch[2:]), h, terms)
-    return logp_s, logp_t, lse_s, ent, None, None, None
+    return logp_s, logp_t, lse_s, ent, lse_t, div, aux
