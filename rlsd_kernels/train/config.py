@@ -15,9 +15,9 @@ from ..hyper import Hyper
 from ..loss_terms import KL_TYPES
 from ..reference import OPSD_DIVERGENCES
 
-# grpo+opsd: GRPO (lam = 0) plus the distillation term of SPEC 2c (distill_coef > 0).
+# grpo+opsd: GRPO (lam = 0) plus the distillation term of docs/math.md section 2c (distill_coef > 0).
 METHODS = ("grpo", "rlsd", "opsd", "grpo+opsd")
-# grpo+opsd's distillation coefficient when --distill-coef is not given (SPEC 2c: OPSD is distill_coef = 1).
+# grpo+opsd's distillation coefficient when --distill-coef is not given (docs/math.md section 2c: OPSD is distill_coef = 1).
 GRPO_OPSD_DEFAULT_DISTILL_COEF = 1.0
 BACKEND_CHOICES = ("auto", "cpp", "reference", "triton")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -71,7 +71,7 @@ class TrainConfig:
     loss_agg_mode: str = Hyper.loss_agg_mode
     teacher_sync: int = 10  # 0 = the live student is the teacher
     opsd_divergence: str = "forward_kl"
-    # SPEC 2c terms (all off by default). Reference policy of the KL = the warm-start model, frozen.
+    # docs/math.md section 2c terms (all off by default). Reference policy of the KL = the warm-start model, frozen.
     kl_coef: float = 0.0
     kl_type: str = "k3"
     entropy_coef: float = 0.0
@@ -102,7 +102,7 @@ class TrainConfig:
         return GRPO_OPSD_DEFAULT_DISTILL_COEF if self.method == "grpo+opsd" else 0.0
 
     def extra_terms(self) -> Dict[str, Any]:
-        """The SPEC 2c keyword arguments of the loss op that are on for this run (empty = plain section 2 loss)."""
+        """The docs/math.md section 2c keyword arguments of the loss op that are on for this run (empty = plain section 2 loss)."""
         terms: Dict[str, Any] = {}
         if self.kl_coef > 0:
             terms.update(kl_coef=self.kl_coef, kl_type=self.kl_type)
@@ -172,7 +172,7 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def _validate_terms(cfg: TrainConfig) -> None:
-    """The SPEC 2c flags: bounds, names, and the methods / paths that can carry them."""
+    """The docs/math.md section 2c flags: bounds, names, and the methods / paths that can carry them."""
     _need(cfg.kl_type in KL_TYPES, "kl_type", f"must be one of {KL_TYPES}, got {cfg.kl_type!r}")
     _need(cfg.distill_divergence in OPSD_DIVERGENCES, "distill_divergence",
           f"must be one of {OPSD_DIVERGENCES}, got {cfg.distill_divergence!r}")

@@ -1,6 +1,6 @@
 """The one place that calls the loss op of a GRPO / RLSD / GRPO+OPSD trainer step on logits.
 
-The fused ``rlsd_loss`` takes the SPEC section 2c terms (``TrainConfig.extra_terms``) as keyword arguments; with
+The fused ``rlsd_loss`` takes the docs/math.md section 2c terms (``TrainConfig.extra_terms``) as keyword arguments; with
 none of them on it is exactly section 2.
 """
 from __future__ import annotations

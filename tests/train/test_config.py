@@ -127,7 +127,7 @@ def _option_blocks(help_text):
     return {k: " ".join(v.split()) for k, v in blocks.items()}
 
 
-@pytest.mark.parametrize("parser", [cli.train_parser, cli.compare_parser])
+@pytest.mark.parametrize("parser", [cli.train_parser, cli.compare_parser, cli.ablate_parser])
 def test_help_shows_each_default_once(parser):
     blocks = _option_blocks(parser().format_help())
     assert len(blocks) > 10
