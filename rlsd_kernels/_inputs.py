@@ -207,15 +207,11 @@ def prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, ma
                     student_logits.shape[-1])
 
 
-def check_terms_call(x, labels, cu_seqlens, device, teacher_logits, teacher_logprobs, ref_logprobs, rollout_logprobs,
-                     inplace_backward) -> None:
-    """:func:`check_terms` for a logits call (``rlsd_loss`` unsharded or sharded), and the one combination the
-    row terms refuse: ``inplace_backward`` with the entropy or distillation term."""
+def check_terms_call(x, labels, cu_seqlens, device, teacher_logits, teacher_logprobs, ref_logprobs,
+                     rollout_logprobs) -> None:
+    """:func:`check_terms` for a logits call (``rlsd_loss`` unsharded or sharded)."""
     has_seqs = cu_seqlens is not None or labels.dim() >= 2
     check_terms(x, labels.shape, has_seqs, device, teacher_logits, teacher_logprobs, ref_logprobs, rollout_logprobs)
-    if inplace_backward and x.needs_full_distribution:
-        raise ValueError("inplace_backward=True is not supported with entropy_coef > 0 or distill_coef > 0 yet "
-                         "(their gradient is formed by a separate pass over the rows)")
 
 
 def check_terms(x, label_shape, has_seqs: bool, device, teacher_logits, teacher_logprobs, ref_logprobs,

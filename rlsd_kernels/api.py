@@ -147,7 +147,7 @@ def _rlsd_loss_terms(h: Hyper, x: Terms, student_logits, teacher_logits, labels,
     check_loss_inputs(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
                       cu_seqlens, h, values=not torch.compiler.is_compiling())
     check_terms_call(x, labels, cu_seqlens, student_logits.device, teacher_logits, teacher_logprobs, ref_logprobs,
-                     rollout_logprobs, inplace_backward)
+                     rollout_logprobs)
     return loss_with_terms_fused(h, x, student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
                                  teacher_logprobs, cu_seqlens, return_entropy, inplace_backward, ref_logprobs,
                                  rollout_logprobs)

@@ -47,9 +47,9 @@ def rlsd_linear_loss_sharded(h: Hyper, student_hidden, lm_head_weight, lm_head_b
     if terms is not None and terms.distill_coef > 0 and teacher_hidden is None:
         got = "only teacher_logprobs was given" if teacher_logprobs is not None else "no teacher was given"
         raise ValueError(f"distill_coef > 0 needs teacher_hidden (the teacher's full distribution); {got}")
-    # the logits are this op's own temporaries: the gradient may overwrite them, except where the entropy or
-    # divergence backward reads them in a separate sweep
-    inplace = terms is None or not terms.needs_full_distribution
+    # the logits are this op's own temporaries: the gradient overwrites them (every term's sweep reads each element
+    # before it writes it)
+    inplace = True
     hidden = _AllReduceGrad.apply(student_hidden, group) if torch.is_grad_enabled() else student_hidden
     logits = torch.nn.functional.linear(hidden, lm_head_weight, lm_head_bias)
     teacher = None

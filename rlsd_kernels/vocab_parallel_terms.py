@@ -191,8 +191,9 @@ class _ShardedRowTerms(torch.autograd.Function):
     and ``div``; the backward writes this shard's gradient of all three."""
 
     @staticmethod
-    def forward(ctx, student, teacher, flat, shard, temperature, ignore_index, div_mode, beta):
+    def forward(ctx, student, teacher, flat, shard, temperature, ignore_index, div_mode, beta, inplace):
         ctx.forced = dispatch.forced_by_context()
+        ctx.inplace = inplace
         s3 = as_rows3d(student)
         t3 = None if teacher is None else as_rows3d(teacher)
         st = RowTermStats(s3, t3, flat, shard, temperature, div_mode, beta)
@@ -224,8 +225,10 @@ class _ShardedRowTerms(torch.autograd.Function):
         s3 = as_rows3d(student)
         t3 = None if (teacher is None or not mode) else as_rows3d(teacher)
         mode = mode if t3 is not None else 0
-        out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-        o3 = out.view(s3.shape)
+        # in place: the sweep reads each element before it writes it, and the target elements below come from the
+        # global statistics and the teacher, never from the (overwritten) student
+        out = student if ctx.inplace else torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        o3 = s3 if ctx.inplace else out.view(s3.shape)
         f32v = lambda t: None if t is None else t.to(torch.float32).contiguous()  # noqa: E731
         zeros = torch.zeros_like(coef)
         with dispatch.force_backend(name):
@@ -243,7 +246,7 @@ class _ShardedRowTerms(torch.autograd.Function):
             g = _target_grad(coef, e, f, s3, t3, st.local, st, rows, T, mode, beta)
             Tn = o3.shape[1]
             o3[rows // Tn, rows % Tn, st.local[rows]] = g.to(o3.dtype)
-        return (out,) + (None,) * 7
+        return (out,) + (None,) * 8
 
 
 # ------------------------------------------------------------------------------------------------ the loss
@@ -259,13 +262,14 @@ def loss_terms_sharded(h: Hyper, x: Terms, student_logits, teacher_logits, label
     prep = prepare(_stand_in(student_logits, shard.vocab), _stand_in(teacher_logits, shard.vocab), labels,
                    advantages, old_logprobs, mask, teacher_logprobs, cu_seqlens, h, values=True)
     check_terms_call(x, labels, cu_seqlens, student_logits.device, teacher_logits, teacher_logprobs, ref_logprobs,
-                     rollout_logprobs, inplace_backward)
+                     rollout_logprobs)
     teacher = None if teacher_logits is None else teacher_logits.detach()
     T, ii = float(h.temperature), int(h.ignore_index)
     div = None
     if x.needs_full_distribution:
         logp_s, logp_t, ent, div = _ShardedRowTerms.apply(student_logits, teacher, prep.labels, shard, T, ii,
-                                                          terms_div_mode(x), float(x.distill_beta))
+                                                          terms_div_mode(x), float(x.distill_beta),
+                                                          bool(inplace_backward))
     else:
         logp_s, logp_t, ent = _ShardedScores.apply(student_logits, teacher, prep.labels, shard, T, ii,
                                                    bool(return_entropy), bool(inplace_backward))

@@ -207,10 +207,7 @@ def _validation_errors(rank, world, sizes):
                                        vocab_parallel_group=dist.group.WORLD, vocab_start=lo))
     attempt("start", lambda: token_logprobs(x["student"][..., lo:hi], x["labels"],
                                             vocab_parallel_group=dist.group.WORLD, vocab_start=-3))
-    # section 2c: distillation without teacher logits; the in-place backward with a whole-row term
+    # section 2c: distillation without teacher logits
     attempt("distill", lambda: rlsd_loss(x["student"][..., lo:hi], None, x["labels"], x["advantages"],
                                          distill_coef=0.5, vocab_parallel_group=dist.group.WORLD, vocab_start=lo))
-    attempt("inplace", lambda: rlsd_loss(x["student"][..., lo:hi].clone(), None, x["labels"], x["advantages"],
-                                         entropy_coef=0.1, inplace_backward=True,
-                                         vocab_parallel_group=dist.group.WORLD, vocab_start=lo))
     return msgs

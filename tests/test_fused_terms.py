@@ -98,12 +98,32 @@ def test_inplace_backward_with_token_terms(backend, case):
     kw, _ = _kwargs(case, inp, extra)
     inp, kw = _on(backend.device, inp, kw)
     _, want = _fused(inp, kw)
+    torch.testing.assert_close(_inplace_grad(inp, kw), 2.0 * want, rtol=1e-6, atol=1e-7)
+
+
+def _inplace_grad(inp, kw):
+    """The gradient of ``2 * loss`` with ``inplace_backward=True``, written into a non-leaf copy of the logits."""
     s = inp["student_logits"].detach().float().clone().requires_grad_()
     leaf = s.clone()  # the op writes the gradient into this non-leaf's storage
     out = rlsd_kernels.rlsd_loss(**dict(inp, student_logits=leaf, teacher_logits=inp["teacher_logits"].float()),
                                  **kw, inplace_backward=True)
     (2.0 * out.loss).backward()
-    torch.testing.assert_close(s.grad, 2.0 * want, rtol=1e-6, atol=1e-7)
+    assert torch.equal(leaf.detach(), s.grad)  # the gradient was written into the logits buffer
+    return s.grad
+
+
+@pytest.mark.parametrize("case", ["entropy", "forward_kl", "reverse_kl", "jsd", "all"])
+def test_inplace_backward_with_row_terms(backend, case):
+    """The entropy bonus and the divergences in place (their gradient sweep writes into the logits): the float64
+    reference's gradient within section 7's tolerance, and the out-of-place gradient's."""
+    inp, extra = INPUTS[5]
+    kw, _ = _kwargs(case, inp, extra)
+    inp, kw = _on(backend.device, inp, kw)
+    _, want = _fused(inp, kw)
+    _, ref_grad = _truth(inp, kw)
+    got = _inplace_grad(inp, kw)
+    torch.testing.assert_close(got.double(), 2.0 * ref_grad, **TOL)
+    torch.testing.assert_close(got, 2.0 * want, **TOL)
 
 
 @pytest.mark.parametrize("case", ["all_truncate", "entropy", "reverse_kl", "jsd", "gspo"])
@@ -132,12 +152,6 @@ def test_terms_off_is_the_plain_op():
                                   entropy_coef=0.0, distill_coef=0.0))
     assert torch.equal(plain.loss, off.loss) and torch.equal(g_plain, g_off)
     assert set(off.metrics) == set(plain.metrics)
-
-
-def test_inplace_refused_for_row_terms():
-    inp, _ = INPUTS[8]
-    with pytest.raises(ValueError, match="inplace_backward"):
-        _fused(inp, dict(HP, entropy_coef=0.1), inplace_backward=True)
 
 
 @pytest.mark.parametrize("bad,name", BAD, ids=[n + str(i) for i, (_, n) in enumerate(BAD)])

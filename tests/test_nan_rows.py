@@ -43,13 +43,22 @@ def _clean(shape, device):
     return keep
 
 
+@pytest.mark.parametrize("variant", ["plain", "inplace", "terms", "terms_inplace"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("loss_type", ["ppo", "cispo"])
-def test_nan_logit_poisons_only_its_own_valid_row(backend, loss_type, dtype):
+def test_nan_logit_poisons_only_its_own_valid_row(backend, loss_type, dtype, variant):
+    """Also with the section 2c terms (KL, entropy bonus, forward-KL distillation: the one-visit paths) and with the
+    gradient written into the logits (``inplace_backward``)."""
     inputs = _poisoned(backend.device, dtype)
     kw = dict(lam=0.5, loss_type=loss_type)
-    out, g = run_loss(rlsd_loss, inputs, **kw)
+    if variant.startswith("terms"):
+        kw.update(kl_coef=0.1, ref_logprobs=inputs["old_logprobs"] + 0.2, entropy_coef=0.05, distill_coef=0.3)
     ref, g_ref = run_loss(reference.rlsd_loss_eager, as64(inputs), **kw)
+    if variant.endswith("inplace"):  # into a copy: the inputs stay for the checks below
+        out, g = run_loss(rlsd_loss, dict(inputs, student_logits=inputs["student_logits"].clone()),
+                          inplace_backward=True, **kw)
+    else:
+        out, g = run_loss(rlsd_loss, inputs, **kw)
     assert torch.isnan(out.loss)
     for b, r in NAN_STUDENT + NAN_TEACHER:
         # all zeros here means d loss / d logp_S came back 0 for the row (torch.clamp's backward treats a nan input

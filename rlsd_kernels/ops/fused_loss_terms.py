@@ -45,11 +45,13 @@ TERMS_DTYPES = (torch.float32, torch.float32, torch.float64, torch.float32, torc
 
 @torch.library.custom_op("rlsd_kernels::fused_logprobs_terms", mutates_args=())
 def fused_logprobs_terms(student: Tensor, teacher: Optional[Tensor], labels: Tensor, temperature: float,
-                         ignore_index: int, div_mode: int, beta: float, want_entropy: bool = True
+                         ignore_index: int, div_mode: int, beta: float, want_entropy: bool = True,
+                         inplace_backward: bool = False
                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (logp_s, logp_t, lse_s, entropy, lse_t, div, aux), flat ``[N]``, float32 but the float64 log-sum-exps
     (``logp_t`` / ``lse_t`` / ``div`` / ``aux`` empty when not produced, ``entropy`` without ``want_entropy``);
-    differentiable through ``logp_s``, ``entropy`` and ``div``."""
+    differentiable through ``logp_s``, ``entropy`` and ``div``. With ``inplace_backward`` the backward writes the
+    gradient into ``student`` itself (each backend reads every element before it writes it)."""
     backend = get_backend(student.device)
     out = backend.forward_terms(as_rows3d(student), None if teacher is None else as_rows3d(teacher),
                                 labels.reshape(-1).to(torch.int64).contiguous(), temperature, ignore_index,
@@ -61,7 +63,7 @@ def fused_logprobs_terms(student: Tensor, teacher: Optional[Tensor], labels: Ten
 
 
 @fused_logprobs_terms.register_fake
-def _(student, teacher, labels, temperature, ignore_index, div_mode, beta, want_entropy=True):
+def _(student, teacher, labels, temperature, ignore_index, div_mode, beta, want_entropy=True, inplace_backward=False):
     n = (labels.numel(),)
     f32 = lambda shape: student.new_empty(shape, dtype=torch.float32)  # noqa: E731
     t = n if teacher is not None else _EMPTY
@@ -70,20 +72,37 @@ def _(student, teacher, labels, temperature, ignore_index, div_mode, beta, want_
     return f32(n), f32(t), f64(n), f32(n if want_entropy else _EMPTY), f64(d), f32(d), f32(d)
 
 
+def _backward_terms(coef, ent_coef, div_coef, student, teacher, labels, lse, entropy, lse_t, div, aux, temperature,
+                    div_mode, beta, out3) -> None:
+    """The backend's gradient sweep into ``out3`` (a ``[B, T, V]`` view with the rows of ``as_rows3d(student)``)."""
+    get_backend(student.device).backward_terms(
+        coef.contiguous(), None if ent_coef is None else ent_coef.contiguous(),
+        None if div_coef is None else div_coef.contiguous(), as_rows3d(student),
+        None if teacher is None else as_rows3d(teacher), labels.reshape(-1).to(torch.int64).contiguous(), lse,
+        entropy, lse_t, div, aux, temperature, div_mode, beta, out3)
+
+
 @torch.library.custom_op("rlsd_kernels::fused_logprobs_terms_backward", mutates_args=())
 def fused_logprobs_terms_backward(coef: Tensor, ent_coef: Optional[Tensor], div_coef: Optional[Tensor],
                                   student: Tensor, teacher: Optional[Tensor], labels: Tensor, lse: Tensor,
                                   entropy: Tensor, lse_t: Optional[Tensor], div: Optional[Tensor],
                                   aux: Optional[Tensor], temperature: float, div_mode: int, beta: float) -> Tensor:
-    backend = get_backend(student.device)
     out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    s3 = as_rows3d(student)
-    backend.backward_terms(coef.contiguous(), None if ent_coef is None else ent_coef.contiguous(),
-                           None if div_coef is None else div_coef.contiguous(), s3,
-                           None if teacher is None else as_rows3d(teacher),
-                           labels.reshape(-1).to(torch.int64).contiguous(), lse, entropy, lse_t, div, aux,
-                           temperature, div_mode, beta, out.view(s3.shape))
+    _backward_terms(coef, ent_coef, div_coef, student, teacher, labels, lse, entropy, lse_t, div, aux, temperature,
+                    div_mode, beta, out.view(as_rows3d(student).shape))
     return out
+
+
+@torch.library.custom_op("rlsd_kernels::fused_logprobs_terms_backward_inplace_", mutates_args=("student",))
+def fused_logprobs_terms_backward_inplace_(coef: Tensor, ent_coef: Optional[Tensor], div_coef: Optional[Tensor],
+                                           student: Tensor, teacher: Optional[Tensor], labels: Tensor, lse: Tensor,
+                                           entropy: Tensor, lse_t: Optional[Tensor], div: Optional[Tensor],
+                                           aux: Optional[Tensor], temperature: float, div_mode: int,
+                                           beta: float) -> None:
+    """The same gradient written into ``student``: every backend reads each element (chunk, row block) before it
+    writes it, so input and output may alias."""
+    _backward_terms(coef, ent_coef, div_coef, student, teacher, labels, lse, entropy, lse_t, div, aux, temperature,
+                    div_mode, beta, as_rows3d(student))
 
 
 @fused_logprobs_terms_backward.register_fake
@@ -92,11 +111,18 @@ def _(coef, ent_coef, div_coef, student, teacher, labels, lse, entropy, lse_t, d
     return torch.empty_like(student)
 
 
+@fused_logprobs_terms_backward_inplace_.register_fake
+def _(coef, ent_coef, div_coef, student, teacher, labels, lse, entropy, lse_t, div, aux, temperature, div_mode,
+      beta):
+    return None
+
+
 def _setup_context(ctx, inputs, output):
     ctx.forced = dispatch.forced_by_context()
     # unused outputs get None, not zeros: an entropy nobody differentiates costs the CPU backward nothing
     ctx.set_materialize_grads(False)
     student, teacher, labels, temperature, _, div_mode, beta = inputs[:7]
+    ctx.inplace = bool(inputs[8]) if len(inputs) > 8 else False
     ctx.save_for_backward(student, teacher, labels, output[2], output[3], output[4], output[5], output[6])
     ctx.temperature, ctx.div_mode, ctx.beta = temperature, div_mode, beta
     ctx.mark_non_differentiable(output[1], output[2], output[4], output[6])
@@ -113,12 +139,16 @@ def _backward(ctx, g_logp, _g_logp_t, _g_lse, g_ent, _g_lse_t, g_div, _g_aux):
     f = None
     if ctx.div_mode:
         f = zeros() if g_div is None else g_div.to(torch.float32)
+    args = (coef, e, f, student, teacher if ctx.div_mode else None, labels, lse, ent,
+            lse_t if ctx.div_mode else None, div if ctx.div_mode else None, aux if ctx.div_mode else None,
+            ctx.temperature, ctx.div_mode, ctx.beta)
     with dispatch.force_backend(ctx.forced):
-        grad = fused_logprobs_terms_backward(coef, e, f, student, teacher if ctx.div_mode else None, labels, lse,
-                                             ent, lse_t if ctx.div_mode else None, div if ctx.div_mode else None,
-                                             aux if ctx.div_mode else None, ctx.temperature, ctx.div_mode,
-                                             ctx.beta)
-    return grad, None, None, None, None, None, None, None
+        if ctx.inplace:
+            fused_logprobs_terms_backward_inplace_(*args)
+            grad = student
+        else:
+            grad = fused_logprobs_terms_backward(*args)
+    return grad, None, None, None, None, None, None, None, None
 
 
 fused_logprobs_terms.register_autograd(_backward, setup_context=_setup_context)
@@ -163,7 +193,8 @@ def loss_with_terms_fused(h: Hyper, x: Terms, student_logits, teacher_logits, la
         want_ent = x.entropy_coef > 0 or bool(return_entropy) or student_logits.device.type != "cpu"
         logp_s, logp_t, _, ent, _, div, _ = fused_logprobs_terms(student_logits, teacher, labels,
                                                                  float(h.temperature), int(h.ignore_index),
-                                                                 div_mode(x), float(x.distill_beta), want_ent)
+                                                                 div_mode(x), float(x.distill_beta), want_ent,
+                                                                 bool(inplace_backward))
     else:
         logp_s, logp_t, _, ent = fused_logprobs(student_logits, teacher, labels, float(h.temperature),
                                                 int(h.ignore_index), bool(return_entropy),

@@ -2,6 +2,7 @@
 process where TRITON_INTERPRET is unset (under the interpreter @triton.jit yields interpreted functions).
 Prints one line per compiled variant; exits non-zero on the first compile error, 77 when no ptxas is available."""
 import itertools
+import re
 import sys
 
 import triton
@@ -17,7 +18,13 @@ TARGET = GPUTarget("cuda", 90, 32)
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 
-def compile_one(name, fn, signature, constexprs, num_warps):
+# float64 arithmetic in PTX (conversions, compares and the one float64 lse add are scalars per row)
+F64_MATH = re.compile(r"\b(?:mul|fma|div|sub|ex2|lg2|max|min)\.[a-z.]*f64\b")
+
+
+def compile_one(name, fn, signature, constexprs, num_warps, no_f64_math=False):
+    """``no_f64_math``: the kernel must do its per-element work in float32 (float64 per-token inputs are converted
+    on load; a float64 scalar reaching the sweep would promote every element to float64)."""
     src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
     try:
         k = triton.compile(src, target=TARGET, options={"num_warps": num_warps})
@@ -27,6 +34,9 @@ def compile_one(name, fn, signature, constexprs, num_warps):
             sys.exit(77)
         raise
     assert k.asm["ptx"], name
+    if no_f64_math and F64_MATH.search(k.asm["ptx"]):
+        raise AssertionError(f"{name} {constexprs}: float64 arithmetic in the PTX: "
+                             f"{sorted(set(F64_MATH.findall(k.asm['ptx'])))}")
     print(f"ok {name} {constexprs}")
 
 
@@ -118,7 +128,7 @@ def compile_fused_loss():
                      "BLOCK_V": 32768 if in_regs else LAUNCH["loss_block_v"],
                      "PREFETCH": (teacher + has_old) % 2 == 1 and not in_regs, "ROW_IN_REGS": in_regs,
                      "KL_TYPE": kl, "HAS_WIS": wis, "ENT_GRAD": ent_grad, "DIV_MODE": div},
-                    LAUNCH["loss_row_warps"] if in_regs else LAUNCH["loss_warps"])
+                    LAUNCH["loss_row_warps"] if in_regs else LAUNCH["loss_warps"], no_f64_math=True)
     compile_one("loss_finalize", tloss.KERNELS["finalize"],
                 {"PARTS": "*fp32", "LOSS": "*fp32", "METRICS": "*fp32", "N": "i64"},
                 {"BLOCK": LAUNCH["finalize_block"], "K": 16}, LAUNCH["small_warps"])

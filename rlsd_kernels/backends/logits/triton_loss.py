@@ -159,7 +159,9 @@ def _loss_rows(
         s_row = row_pointer(S, row, seq_len, s_sb, s_st)
         t_row = row_pointer(TCH, row, t_seq_len, t_sb, t_st)
         label = tl.load(LABELS + row).to(tl.int64)
-        agg = tl.load(AGG + row)  # a_t > 0 exactly for tokens that take part in the loss
+        # a_t > 0 exactly for tokens that take part in the loss; float32 whatever its dtype (the fused rows pass
+        # float64), so that nothing per element is computed in float64
+        agg = tl.load(AGG + row).to(tl.float32)
         tgt_s, tgt_t = target_logits(s_row, t_row, label, V, s_sv, t_sv, inv_temp, TEACHER == 1)
 
         # ---- sweep 1: online log-sum-exp of student (and teacher), entropy; the student row is kept in L2 (or, with
