@@ -17,10 +17,16 @@ from .hyper import Hyper
 from .loss import agg_weights
 from .loss_terms import hyper_and_terms
 from .ops.fused_linear import fused_linear_logprobs, fused_linear_logprobs_terms, fused_linear_rlsd_loss
+from .backends.linear import chunked
+from .ops import fused_rows
 from .ops.fused_loss_terms import div_mode, terms_output
 from .vocab_parallel_linear import rlsd_linear_loss_sharded
 
 __all__ = ["rlsd_linear_loss", "token_logprobs_linear", "linear_backend"]
+
+# The token-local section 2c terms in one walk over the chunks (``_terms_one_walk``); False: two walks, as GSPO
+# (the A/B switch of ``python -m bench.linear``'s fused_linear_terms rows).
+ONE_WALK_TERMS = True
 
 
 def linear_backend(device) -> str:
@@ -49,8 +55,10 @@ def rlsd_linear_loss(student_hidden, lm_head_weight, labels, advantages, old_log
     given as ``teacher_hidden`` (``[..., H]``, projected with the SAME weight and bias in the same GEMM, never
     differentiated) or as per-token ``teacher_logprobs`` (e.g. from :func:`token_logprobs_linear` with the
     teacher's own LM head); neither is plain GRPO. All other arguments as in ``rlsd_loss`` (docs/math.md section 5),
-    the section 2c terms included (the distillation term needs ``teacher_hidden``). With a term on, the rows are
-    walked twice (statistics, then the gradient in the backward: five or six GEMMs instead of four).
+    the section 2c terms included (the distillation term needs ``teacher_hidden``). The token-local terms take one
+    walk over the rows (four GEMMs, as the plain loss) where the chunk backend has fused rows for them (C++, Triton:
+    all but GSPO, rollout IS without ``old_logprobs`` and, on Triton, JSD); the others are walked twice (statistics,
+    then the gradient in the backward: five or six GEMMs).
 
     ``vocab_parallel_group`` / ``vocab_start``: ``lm_head_weight`` (and bias) hold this rank's vocabulary rows
     (docs/math.md section 2d): ``d hidden`` is all-reduced over the group, ``d weight`` stays local
@@ -73,8 +81,15 @@ def rlsd_linear_loss(student_hidden, lm_head_weight, labels, advantages, old_log
     if x.on or ref_logprobs is not None or rollout_logprobs is not None:
         check_terms(x, prep.label_shape, prep.seq_ids is not None, student_hidden.device,
                     teacher_hidden, teacher_logprobs, ref_logprobs, rollout_logprobs, "teacher_hidden")
+    grad_on = torch.is_grad_enabled()
+    need = [grad_on and x is not None and x.requires_grad for x in (student_hidden, lm_head_weight, lm_head_bias)]
     if x.on:
         th = None if teacher_hidden is None else _rows(teacher_hidden.detach(), H)
+        if (ONE_WALK_TERMS and any(need) and not torch.compiler.is_compiling()
+                and fused_rows.token_local(x, prep.old_logprobs)
+                and chunked.takes_fused_rows(student_hidden.device, x)):
+            return _terms_one_walk(h, x, prep, _rows(student_hidden, H), lm_head_weight, lm_head_bias, th,
+                                   teacher_logprobs, ref_logprobs, rollout_logprobs, return_entropy, need, V)
         logp_s, logp_t, _, ent, _, div, _ = fused_linear_logprobs_terms(
             _rows(student_hidden, H), lm_head_weight, lm_head_bias, th, prep.labels, float(h.temperature),
             int(h.ignore_index), div_mode(x), float(x.distill_beta))
@@ -82,8 +97,6 @@ def rlsd_linear_loss(student_hidden, lm_head_weight, labels, advantages, old_log
                             ref_logprobs, rollout_logprobs, return_entropy, V)
     acc = prep.advantages.dtype
     agg = agg_weights(prep.valid, h, prep.seq_ids, prep.num_seqs, dtype=acc)
-    grad_on = torch.is_grad_enabled()
-    need = [grad_on and x is not None and x.requires_grad for x in (student_hidden, lm_head_weight, lm_head_bias)]
     # teacher and weight enter the op detached where no gradient flows to them (the op returns none for them)
     loss, logp_s, logp_t, g, ent, metrics, _, _, _ = fused_linear_rlsd_loss(
         _rows(student_hidden, H), lm_head_weight, lm_head_bias,
@@ -97,6 +110,28 @@ def rlsd_linear_loss(student_hidden, lm_head_weight, labels, advantages, old_log
                                         else None if teacher_logprobs is None else teacher_logprobs.detach()),
                       weights=g.view(shape), entropy=ent.view(shape) if return_entropy else None,
                       metric_values=metrics)
+
+
+def _terms_one_walk(h, x, prep, hidden, weight, bias, teacher_hidden, teacher_logprobs, ref_logprobs, rollout_logprobs,
+                    return_entropy, need, V):
+    """The section 2c terms whose gradient factors are token-local, in one walk over the row chunks (four GEMMs, as
+    the plain loss): the per-token inputs of the whole batch first (``fused_rows.token_inputs``: aggregation weights
+    less rollout rejection, IS weights, ...), then ``chunked.fused_walk``, then the loss value and metrics from the
+    Python algebra on the walk's per-token outputs. The gradients are complete when the forward ends; the backward
+    scales them by ``grad_output``."""
+    n, acc = prep.labels.numel(), prep.advantages.dtype
+    flat = lambda t: None if t is None else t.detach().reshape(n).to(acc)  # noqa: E731
+    tokens = fused_rows.token_inputs(prep.valid, prep.seq_ids, prep.num_seqs, prep.advantages, prep.old_logprobs,
+                                     prep.teacher_logprobs, h, x, flat(ref_logprobs), flat(rollout_logprobs))
+    chunk = lambda r0, r1: {k: None if t is None else t[r0:r1] for k, t in tokens.items()}  # noqa: E731
+    detached = [None if t is None else t.detach() for t in (hidden, weight, bias)]
+    logp_s, logp_t, ent, div, *grads = chunked.fused_walk(*detached, teacher_hidden, prep.labels, h,
+                                                           bool(return_entropy), *need, chunk, x)
+    with torch.no_grad():
+        out = terms_output(h, x, prep, logp_s, logp_t, ent, div, teacher_logprobs, ref_logprobs, rollout_logprobs,
+                           return_entropy, V)
+    inputs = [t if want else None for t, want in zip((hidden, weight, bias), need)]
+    return out._replace(loss=fused_rows.with_stored_gradients(out.loss, inputs, grads))
 
 
 def token_logprobs_linear(hidden, weight, labels, bias=None, temperature: float = 1.0, return_entropy: bool = False,

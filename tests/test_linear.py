@@ -433,3 +433,43 @@ def test_terms_match_reference(path, case, many_chunks, monkeypatch):
     assert set(names) <= set(out.metrics)
     for k, v in ref.metrics.items():
         assert abs(out.metrics[k] - v) <= 1e-5 + 1e-5 * abs(v), k
+
+
+@pytest.mark.parametrize("case,walks", [("k3", 1), ("is_seq_mask", 1), ("entropy", 1), ("forward_kl", 1),
+                                        ("jsd_clip", 1), ("gspo", 2), ("all", 2)])
+def test_terms_take_one_walk_where_token_local(case, walks, monkeypatch):
+    """The token-local terms run in one walk over the chunks (the fused rows: four GEMMs), GSPO in two; the
+    gradients formed in the forward scale with grad_output and serve one backward only."""
+    from test_reference_terms import _kwargs
+
+    host = linear_params(BACKENDS)[0]
+    if host != "cpp":
+        pytest.skip("the C++ backend could not be built: the chunks run on the reference backend (two walks)")
+    one_walk, gemms = [], []
+    real_walk, real_project = chunked.fused_walk, chunked._project
+    monkeypatch.setattr(chunked, "fused_walk", lambda *a, **k: one_walk.append(1) or real_walk(*a, **k))
+    monkeypatch.setattr(chunked, "_project", lambda *a, **k: gemms.append(1) or real_project(*a, **k))
+    monkeypatch.setattr(chunked, "CHUNK_BUDGET_BYTES", 2 * 5 * V * 4)  # 5 rows per chunk with a teacher: 3 chunks
+    with running_on(host):
+        inp = _inputs(host.device, seed=13)
+        z = inp["h"] @ inp["w"].T + inp["b"]
+        g = torch.Generator().manual_seed(14)
+        lp = reference.token_logprobs_eager(z, inp["labels"])
+        inp["old"] = (lp + randn(B, T, generator=g, dtype=lp.dtype, device=host.device, scale=0.5)).float()
+        extra = dict(ref_logprobs=lp + randn(B, T, generator=g, dtype=lp.dtype, device=host.device),
+                     rollout_tok=inp["old"].double() + 0.1, rollout_seq=inp["old"].double() + 0.05)
+        zt = inp["th"] @ inp["w"].T + inp["b"]
+        kw, _ = _kwargs(case, dict(student_logits=z, teacher_logits=zt, labels=inp["labels"]), extra)
+        ref, ref_g = _truth(inp, **kw)
+        h, w, b = (_leaf(inp[k].float()) for k in ("h", "w", "b"))
+        out = rlsd_linear_loss(h, w, inp["labels"], inp["adv"], inp["old"], inp["mask"],
+                               teacher_hidden=inp["th"].float(), lm_head_bias=b, **kw)
+        (2.5 * out.loss).backward(retain_graph=True)
+    assert len(one_walk) == (walks == 1)
+    if walks == 1:
+        assert len(gemms) == 3  # one per chunk: the student and teacher logits in one GEMM, never recomputed
+        with pytest.raises(RuntimeError, match="one backward only"):
+            out.loss.backward()
+    _close(out.loss, ref.loss)
+    for got, want in zip((h.grad, w.grad, b.grad), ref_g):
+        _close(got, 2.5 * want)

@@ -37,17 +37,25 @@ _OFF = Terms()
 
 
 def serves(student, x: Terms, old_logprobs, inplace: bool) -> bool:
-    """Whether this path runs the call: the device's backend has the fused rows (C++, Triton), a gradient is wanted
-    and not in place, eager mode, every gradient factor is token-local (see the module docstring), and a
-    distillation divergence only where the backend's fused rows take it (the Triton ones: not JSD)."""
+    """Whether this path runs the call: a gradient is wanted and not in place, eager mode, every gradient factor is
+    token-local, and the device's backend takes it (``backend_takes``)."""
     if inplace or not (torch.is_grad_enabled() and student.requires_grad) or torch.compiler.is_compiling():
         return False
-    backend = dispatch.get_backend(student.device)
+    return token_local(x, old_logprobs) and backend_takes(dispatch.get_backend(student.device), x)
+
+
+def token_local(x: Terms, old_logprobs) -> bool:
+    """Whether every gradient factor of the terms ``x`` is token-local (see the module docstring): all but GSPO and
+    rollout IS without ``old_logprobs``."""
+    return not x.gspo and not (x.rollout_is is not None and old_logprobs is None)
+
+
+def backend_takes(backend, x: Optional[Terms] = None) -> bool:
+    """Whether the logits ``backend`` has fused rows (C++, Triton) taking the terms ``x``' divergence (the Triton
+    ones: not JSD); ``x`` None: the plain loss."""
     if not hasattr(backend, "fused_rows"):
         return False
-    if x.distill_coef > 0 and DIV_MODES[x.distill_divergence] not in backend.FUSED_ROWS_DIV_MODES:
-        return False
-    return not x.gspo and not (x.rollout_is is not None and old_logprobs is None)
+    return x is None or x.distill_coef <= 0 or DIV_MODES[x.distill_divergence] in backend.FUSED_ROWS_DIV_MODES
 
 
 def token_inputs(valid, seq_ids, num_seqs, advantages, old, teacher_logprobs, h, x: Terms = _OFF, ref=None,
@@ -96,26 +104,34 @@ def forward_and_grad(student, teacher, flat_labels, h, tokens, want_entropy: boo
     return outs, grad
 
 
-class _StoredGradient(torch.autograd.Function):
-    """``loss`` (a value) made differentiable in ``student`` by the gradient formed in the forward."""
+class _StoredGradients(torch.autograd.Function):
+    """``loss`` (a value) made differentiable in ``inputs`` by their gradients ``grads``, formed in the forward."""
 
     @staticmethod
-    def forward(ctx, loss, student, grad):
-        ctx.grad = grad
+    def forward(ctx, loss, grads, *inputs):
+        ctx.grads = list(grads)
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad = ctx.grad
-        if grad is None:
+        grads = ctx.grads
+        if grads is None:
             raise RuntimeError("rlsd_loss: the gradient was formed in the forward and can be used by one backward "
                                "only; call rlsd_loss again instead of backward(retain_graph=True) twice")
-        ctx.grad = None
+        ctx.grads = None
         from .fused_loss import scale_grad_  # (fused_loss imports this module)
 
-        scale_grad_(grad, grad_loss)
-        return None, grad, None
+        for g in grads:
+            if g is not None:
+                scale_grad_(g, grad_loss)
+        return (None, None) + tuple(grads)
 
 
 def with_stored_gradient(loss, student, grad: Optional[torch.Tensor]):
-    return _StoredGradient.apply(loss.detach(), student, grad)
+    return _StoredGradients.apply(loss.detach(), (grad,), student)
+
+
+def with_stored_gradients(loss, inputs, grads):
+    """``loss`` differentiable in each of ``inputs`` (None entries: no input) by its gradient in ``grads``."""
+    pairs = [(i, g) for i, g in zip(inputs, grads) if i is not None]
+    return _StoredGradients.apply(loss.detach(), tuple(g for _, g in pairs), *(i for i, _ in pairs))

@@ -232,9 +232,11 @@ def test_nan_logit_gives_its_row_a_nan_gradient():
     assert torch.isfinite(grad[rows]).all() and (grad[5] == 0).all()
 
 
-def test_fused_linear_chunks_on_the_triton_fused_rows(monkeypatch):
+@pytest.mark.parametrize("terms", [False, True], ids=["plain", "kl_entropy_forward_kl"])
+def test_fused_linear_chunks_on_the_triton_fused_rows(monkeypatch, terms):
     """The fused linear op's chunks take the fused rows on the Triton backend as on the C++ one (on CUDA; forced here
-    into the interpreter at a small size): each chunk's gradient written into its own logits, against float64."""
+    into the interpreter at a small size): each chunk's gradient written into its own logits, in one walk with the
+    token-local terms too, against float64."""
     from rlsd_kernels.backends.linear import chunked
 
     g = torch.Generator().manual_seed(5)
@@ -246,6 +248,8 @@ def test_fused_linear_chunks_on_the_triton_fused_rows(monkeypatch):
     labels[3] = -100
     adv = torch.randn(N, generator=g)
     kw = dict(lam=0.6, return_entropy=True)
+    if terms:
+        kw.update(kl_coef=0.2, ref_logprobs=torch.randn(N, generator=g) - 5.0, entropy_coef=0.05, distill_coef=0.4)
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
     ref = reference.rlsd_loss_eager(hh @ ww.T, (th @ w.T).detach(), labels, adv.double(), None, None, **kw)
     ref.loss.backward()
@@ -258,8 +262,9 @@ def test_fused_linear_chunks_on_the_triton_fused_rows(monkeypatch):
         calls = []
         real = triton_backend.fused_rows
         monkeypatch.setattr(triton_backend, "fused_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+        kw_dev = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
         out = rlsd_kernels.rlsd_linear_loss(hf, wf, labels.to(dev), adv.to(dev), teacher_hidden=th.float().to(dev),
-                                            **kw)
+                                            **kw_dev)
         out.loss.backward()
     assert len(calls) == 3
     torch.testing.assert_close(out.loss.double().cpu(), ref.loss, **TOL)

@@ -2,9 +2,8 @@
 rows really composed (the Triton fused rows hidden during them), the backend module left as it was."""
 import pytest
 
-from rlsd_kernels import dispatch
-
 from conftest import BACKENDS
+from helpers import running_on
 
 TRITON = next((b for b in BACKENDS if b == "triton"), None)
 pytestmark = pytest.mark.skipif(TRITON is None, reason="no Triton backend on this machine")
@@ -17,7 +16,7 @@ def test_composed_rows_hide_the_fused_rows(monkeypatch):
     served = []
     real = tk.fused_rows
     monkeypatch.setattr(tk, "fused_rows", lambda *a, **k: served.append(1) or real(*a, **k))
-    with dispatch.force_backend("triton"):
+    with running_on(TRITON):
         rows = terms.run("16x300", str(TRITON.device), "float32", 1)
     names = [r["row"] for r in rows if "vs_plain" in r]
     assert names == list(terms.ROWS) + [f"{k}_composed" for k in terms.COMPOSED]

@@ -60,11 +60,12 @@ def _logits_backend(device):
     return dispatch.force_backend(dispatch.chunk_backend(device))
 
 
-def _store(outs, r0: int, r1: int, ls, lt, lse, ent) -> None:
-    """One chunk's ``(logp_s, logp_t, lse_s, entropy)`` rows into the outputs of the whole batch (None: not asked)."""
-    for out, rows in zip(outs, (ls, lt, lse, ent)):
+def _store(outs, r0: int, r1: int, *rows) -> None:
+    """One chunk's rows (``logp_s, logp_t, lse_s, entropy``, ...) into the outputs of the whole batch (None: not
+    asked)."""
+    for out, part in zip(outs, rows):
         if out is not None:
-            out[r0:r1] = rows
+            out[r0:r1] = part
 
 
 def _chunks(n: int, step: int):
@@ -196,54 +197,101 @@ def loss_forward(hidden, weight, bias, teacher_hidden, labels, valid, advantages
     Returns ``(loss, logp_s, logp_t | None, g, entropy | None, metrics, d_hidden | None, d_weight | None,
     d_bias | None)``.
     """
-    from ... import dispatch, ops
+    from ... import ops
     from ...ops import fused_rows
 
+    N, V = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    acc = advantages.dtype
+    any_grad = need_hidden or need_weight or (need_bias and bias is not None)
+    if any_grad and takes_fused_rows(dev):
+        # statistics, gradient factor and gradient in one visit of each row, into the chunk's logits
+        tlp = teacher_logprobs if teacher_hidden is None else None
+        logp_s, logp_t, ent, _, *grads = fused_walk(
+            hidden, weight, bias, teacher_hidden, labels, h, want_entropy, need_hidden, need_weight, need_bias,
+            lambda r0, r1: fused_rows.token_slice(r0, r1, advantages, agg, old, tlp))
+    else:
+        streams = 2 if teacher_hidden is not None else 1
+        step = rows_per_chunk(N, V, streams, hidden.element_size())
+        chunks = list(_chunks(N, step))
+        logp_s, logp_t, lse_s, ent = alloc_row_outputs(N, dev, teacher_hidden is not None, want_entropy)
+        contraction = _Contraction(hidden, weight, bias, len(chunks), need_hidden, need_weight,
+                                   need_bias and bias is not None)
+        scratch = torch.empty((streams * min(step, N), V), dtype=hidden.dtype, device=dev)
+        T = h.temperature
+        with torch.no_grad(), _logits_backend(dev):
+            for r0, r1 in chunks:
+                z_s, z_t = _chunk_logits(hidden, teacher_hidden, weight, bias, scratch, r0, r1)
+                lab = labels[r0:r1]
+                ls, lt, lse, e = ops.fused_logprobs(z_s, z_t, lab, T, h.ignore_index, want_entropy, False)
+                _store((logp_s, logp_t, lse_s, ent), r0, r1, ls, lt, lse, e)
+                if not any_grad:
+                    continue
+                lt_rows = lt if z_t is not None else (None if teacher_logprobs is None else teacher_logprobs[r0:r1])
+                coef = loss_math.token_coef(ls.to(acc), None if lt_rows is None else lt_rows.to(acc),
+                                            advantages[r0:r1], None if old is None else old[r0:r1], valid[r0:r1],
+                                            agg[r0:r1], h)
+                ops.fused_logprobs_backward_inplace(coef.to(torch.float32), z_s, lab, lse, T)  # z_s is now d logits
+                contraction.add(z_s, hidden[r0:r1], r0, r1)
+            del scratch
+        grads = contraction.result()
+    lt_all = logp_t if teacher_hidden is not None else teacher_logprobs
+    loss, _, g, metrics = loss_math.loss_and_coef(logp_s.to(acc), None if lt_all is None else lt_all.to(acc),
+                                                  advantages, old, valid, agg, h)
+    return (loss, logp_s, logp_t, g, ent, metrics) + tuple(grads)
+
+
+def takes_fused_rows(device, x=None) -> bool:
+    """Whether the chunk backend of ``device`` has the fused rows (C++, Triton) for the terms ``x`` (None: the plain
+    loss): ``fused_walk`` then serves the loss."""
+    from ... import dispatch
+    from ...ops import fused_rows
+
+    with _logits_backend(device):
+        return fused_rows.backend_takes(dispatch.get_backend(device), x)
+
+
+def _chunk_logits(hidden, teacher_hidden, weight, bias, scratch, r0: int, r1: int):
+    """Rows ``[r0, r1)``'s student and teacher logits from one GEMM (the hidden blocks stacked: W is read once for
+    both) into the front of ``scratch``."""
+    r = r1 - r0
+    hs = hidden[r0:r1]
+    x = hs if teacher_hidden is None else torch.cat([hs, teacher_hidden[r0:r1]])
+    z = _project(x, weight, bias, scratch[:x.shape[0]])
+    return z[:r], (z[r:] if teacher_hidden is not None else None)
+
+
+def fused_walk(hidden, weight, bias, teacher_hidden, labels, h, want_entropy, need_hidden, need_weight, need_bias,
+               tokens_of, x=None):
+    """One walk over the row chunks: per chunk one GEMM (student and teacher stacked), the backend's fused rows
+    (statistics, each row's gradient factor, and the gradient written into the chunk's logits:
+    ``ops/fused_rows.py``), then ``d hidden`` / ``d weight`` / ``d bias``. Four GEMMs in all, for the plain loss
+    and for its token-local section 2c terms ``x`` alike. ``tokens_of(r0, r1)``: the fused rows' per-token inputs of
+    the chunk. Returns ``(logp_s, logp_t | None, entropy | None, div | None, d_hidden | None, d_weight | None,
+    d_bias | None)``, the per-token outputs flat ``[N]``."""
+    from ...ops import fused_rows
+    from ...loss_terms import Terms
+
+    x = Terms() if x is None else x
     N, V = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     streams = 2 if teacher_hidden is not None else 1
     step = rows_per_chunk(N, V, streams, hidden.element_size())
     chunks = list(_chunks(N, step))
-    acc = advantages.dtype
-    logp_s, logp_t, lse_s, ent = alloc_row_outputs(N, dev, teacher_hidden is not None, want_entropy)
-    need_bias = need_bias and bias is not None
-    any_grad = need_hidden or need_weight or need_bias
-    grads = _Contraction(hidden, weight, bias, len(chunks), need_hidden, need_weight, need_bias)
+    logp_s, logp_t, lse_s, ent = alloc_row_outputs(N, dev, teacher_hidden is not None,
+                                                   bool(want_entropy) or x.entropy_coef > 0)
+    div = torch.empty(N, dtype=torch.float32, device=dev) if x.distill_coef > 0 else None
+    grads = _Contraction(hidden, weight, bias, len(chunks), need_hidden, need_weight, need_bias and bias is not None)
     scratch = torch.empty((streams * min(step, N), V), dtype=hidden.dtype, device=dev)
-    T = h.temperature
     with torch.no_grad(), _logits_backend(dev):
-        # C++: statistics, gradient factor and gradient in one visit of each row, into the chunk's logits
-        fused = any_grad and hasattr(dispatch.get_backend(dev), "fused_rows")
         for r0, r1 in chunks:
-            r = r1 - r0
-            hs = hidden[r0:r1]
-            x = hs if teacher_hidden is None else torch.cat([hs, teacher_hidden[r0:r1]])
-            z = _project(x, weight, bias, scratch[:streams * r])
-            z_s = z[:r]
-            z_t = z[r:] if teacher_hidden is not None else None
-            lab = labels[r0:r1]
-            if fused:
-                tokens = fused_rows.token_slice(r0, r1, advantages, agg, old,
-                                                teacher_logprobs if z_t is None else None)
-                (ls, lt, lse, e, *_), _ = fused_rows.forward_and_grad(z_s, z_t, lab, h, tokens, want_entropy, out=z_s)
-                _store((logp_s, logp_t, lse_s, ent), r0, r1, ls, lt, lse, e)
-                grads.add(z_s, hs, r0, r1)  # z_s is now d logits
-                continue
-            ls, lt, lse, e = ops.fused_logprobs(z_s, z_t, lab, T, h.ignore_index, want_entropy, False)
-            _store((logp_s, logp_t, lse_s, ent), r0, r1, ls, lt, lse, e)
-            if not any_grad:
-                continue
-            lt_rows = lt if z_t is not None else (None if teacher_logprobs is None else teacher_logprobs[r0:r1])
-            coef = loss_math.token_coef(ls.to(acc), None if lt_rows is None else lt_rows.to(acc),
-                                        advantages[r0:r1], None if old is None else old[r0:r1], valid[r0:r1],
-                                        agg[r0:r1], h)
-            ops.fused_logprobs_backward_inplace(coef.to(torch.float32), z_s, lab, lse, T)  # z_s is now d logits
-            grads.add(z_s, hs, r0, r1)
+            z_s, z_t = _chunk_logits(hidden, teacher_hidden, weight, bias, scratch, r0, r1)
+            (ls, lt, lse, e, _, d, _), _ = fused_rows.forward_and_grad(z_s, z_t, labels[r0:r1], h, tokens_of(r0, r1),
+                                                                      want_entropy, x, out=z_s)
+            _store((logp_s, logp_t, lse_s, ent, div), r0, r1, ls, lt, lse, e, d)
+            grads.add(z_s, hidden[r0:r1], r0, r1)  # z_s is now d logits
         del scratch
-    lt_all = logp_t if teacher_hidden is not None else teacher_logprobs
-    loss, _, g, metrics = loss_math.loss_and_coef(logp_s.to(acc), None if lt_all is None else lt_all.to(acc),
-                                                  advantages, old, valid, agg, h)
-    return (loss, logp_s, logp_t, g, ent, metrics) + grads.result()
+    return (logp_s, logp_t, ent, div) + grads.result()
 
 
 # ------------------------------------------------------------------------------- scoring (token_logprobs_linear)

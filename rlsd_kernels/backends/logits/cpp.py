@@ -136,7 +136,7 @@ def forward(student, teacher, labels, temperature, ignore_index, want_entropy, r
     receives each student row's max, sum and running max after each chunk, for ``fused_inplace``."""
     ext = load()
     n = labels.numel()
-    logp_s = torch.empty(n, dtype=torch.float32)
+    logp_s = torch.empty(n, dtype=torch.float32, device=student.device)
     lse_s = torch.empty_like(logp_s)
     logp_t = torch.empty_like(logp_s) if teacher is not None else None
     ent = torch.empty_like(logp_s) if want_entropy else None
@@ -158,8 +158,8 @@ def forward_terms(student, teacher, labels, temperature, ignore_index, want_entr
     logp_s, logp_t, lse_s, ent = alloc_row_outputs(n, student.device, teacher is not None, want_entropy)
     lse_t = div = aux = None
     if div_mode:
-        lse_t = torch.zeros(n, dtype=torch.float64)  # float64: see backends/logits/__init__.py
-        div, aux = (torch.zeros(n, dtype=torch.float32) for _ in range(2))
+        lse_t = torch.zeros(n, dtype=torch.float64, device=student.device)  # float64: see backends/logits/__init__.py
+        div, aux = (torch.zeros(n, dtype=torch.float32, device=student.device) for _ in range(2))
     ext.forward(student, teacher, labels, float(temperature), int(ignore_index), logp_s, logp_t, lse_s, ent,
                 int(div_mode), float(beta), lse_t, div, aux)
     # the terms interface's lse is float64; this backend's backward_terms re-splits rows with |lse| > 32 exactly
@@ -186,8 +186,8 @@ def fused_rows(student, teacher, labels, temperature, ignore_index, want_entropy
     logp_s, logp_t, lse_s, ent = alloc_row_outputs(n, student.device, teacher is not None, ent_on)
     lse_t = div = aux = None
     if div_mode:
-        lse_t = torch.zeros(n, dtype=torch.float64)
-        div, aux = (torch.zeros(n, dtype=torch.float32) for _ in range(2))
+        lse_t = torch.zeros(n, dtype=torch.float64, device=student.device)
+        div, aux = (torch.zeros(n, dtype=torch.float32, device=student.device) for _ in range(2))
     ext.fused(student, teacher, labels, float(temperature), int(ignore_index), bool(want_entropy), int(div_mode),
               float(beta), tokens["adv"], tokens["old"], tokens["teacher_lp"], tokens["ref"], tokens["agg"],
               tokens["w_is"], logp_s=logp_s, logp_t=logp_t, lse_s=lse_s, entropy=ent, lse_t=lse_t, div=div, aux=aux,
