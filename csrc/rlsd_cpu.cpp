@@ -63,42 +63,12 @@ void forward_rows(const View3& s, const View3* t, const int64_t* labels, float i
     if (kDiv == kJSD) jr.emplace(V);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t label = labels[r];
-      const char* srow = s.base + s.row_offset(r);
-      const char* trow = t ? t->base + t->row_offset(r) : nullptr;
-      Stats ss, ts;
-      Cross cross;  // forward KL: weighted by the teacher; reverse KL: by the student
-      float tgt_s = 0.0f, tgt_t = 0.0f;
-      for (int64_t start = 0; start < V; start += kChunk) {
-        const int64_t n = std::min(kChunk, V - start);
-        // the target logit is picked from the chunk buffer: a label is never used to address memory
-        const bool has_tgt = label >= start && label < start + n;
-        float* bs = kDiv == kJSD ? jr->xs + start : cbs;
-        float* bt = kDiv == kJSD ? jr->xt + start : cbt;
-        const float ms = load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, n, inv_temp, bs);
-        if (has_tgt) tgt_s = bs[label - start];
-        float mt = kNegInf;
-        if (t) {  // the teacher chunk first: the reverse KL's cross sum (weighted by the student) needs it
-          mt = load_chunk(trow + start * t->sv * t->esize, t->dt, t->sv, n, inv_temp, bt);
-          if (has_tgt) tgt_t = bt[label - start];
-        }
-        // the cross sums take the other row's values relative to its running max after this chunk
-        const float s_old = finite_shift(ss.m), t_old = finite_shift(ts.m);
-        const float s_new = finite_shift(nan_max(ss.m, ms)), t_new = finite_shift(nan_max(ts.m, mt));
-        constexpr bool kStore = kDiv == kJSD;
-        accumulate<kEntropy || kDiv == kReverseKL, kDiv == kReverseKL, kStore>(
-            ss, bs, n, ms, s.next_chunk(r, start, r1), s.esize, &cross, bt, t_old, t_new,
-            kStore ? jr->us + start : nullptr);
-        if (t) {
-          accumulate<kDiv == kForwardKL, kDiv == kForwardKL, kStore>(
-              ts, bt, n, mt, t->next_chunk(r, start, r1), t->esize, &cross, bs, s_old, s_new,
-              kStore ? jr->ut + start : nullptr);
-        }
-        if (kStore) {
-          jr->cms[start / kChunk] = ss.m;
-          jr->cmt[start / kChunk] = ts.m;
-        }
-        if (row_stats) row_stats[r * row_stats_width(V) + 2 + start / kChunk] = ss.m;  // the running max after it
-      }
+      const RowSweep sw = sweep_row<kEntropy, kDiv, kDiv == kJSD, kDiv == kJSD>(
+          s, t, r, r1, label, inv_temp, kDiv == kJSD ? &*jr : nullptr, cbs, cbt,
+          row_stats ? row_stats + r * row_stats_width(V) + 2 : nullptr);
+      const Stats &ss = sw.ss, &ts = sw.ts;
+      const Cross& cross = sw.cross;
+      const float tgt_s = sw.tgt_s, tgt_t = sw.tgt_t;
       const bool ignored = label == ignore_index;
       const float log_d = std::log(ss.d);
       lse_s[r] = ss.m + log_d;

@@ -48,35 +48,12 @@ void fused_rows(const View3& s, const View3* t, View3& o, const FusedIn& in, con
     alignas(64) float bt[kChunk];
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t label = in.labels[r];
-      const char* srow = s.base + s.row_offset(r);
-      const char* trow = kTeacher ? t->base + t->row_offset(r) : nullptr;
-      Stats ss, ts;
-      Cross cross;
-      float tgt_s = 0.0f, tgt_t = 0.0f;
-      for (int64_t start = 0; start < V; start += kChunk) {  // statistics sweep, as `forward_rows`
-        const int64_t n = std::min(kChunk, V - start);
-        const bool has_tgt = label >= start && label < start + n;
-        float* bs = w.xs + start;
-        float* btt = w.xt + start;
-        const float ms = load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, n, inv_temp, bs);
-        if (has_tgt) tgt_s = bs[label - start];
-        float mt = kNegInf;
-        if (kTeacher) {
-          mt = load_chunk(trow + start * t->sv * t->esize, t->dt, t->sv, n, inv_temp, btt);
-          if (has_tgt) tgt_t = btt[label - start];
-        }
-        const float s_old = finite_shift(ss.m), t_old = finite_shift(ts.m);
-        const float s_new = finite_shift(nan_max(ss.m, ms)), t_new = finite_shift(nan_max(ts.m, mt));
-        accumulate<kEntStat || kDiv == kReverseKL, kDiv == kReverseKL, true>(
-            ss, bs, n, ms, s.next_chunk(r, start, r1), s.esize, &cross, btt, t_old, t_new, w.us + start);
-        if (kTeacher) {
-          accumulate<kDiv == kForwardKL, kDiv == kForwardKL, kStoreT>(
-              ts, btt, n, mt, t->next_chunk(r, start, r1), t->esize, &cross, bs, s_old, s_new,
-              kStoreT ? w.ut + start : nullptr);
-        }
-        w.cms[start / kChunk] = ss.m;
-        w.cmt[start / kChunk] = ts.m;
-      }
+      // statistics sweep (the row kept resident with its exps), as `forward_rows`
+      const RowSweep sw = sweep_row<kEntStat, kDiv, true, kStoreT>(s, kTeacher ? t : nullptr, r, r1, label, inv_temp,
+                                                                   &w, nullptr, nullptr, nullptr);
+      const Stats &ss = sw.ss, &ts = sw.ts;
+      const Cross& cross = sw.cross;
+      const float tgt_s = sw.tgt_s, tgt_t = sw.tgt_t;
       // the row's outputs, exactly as `forward_rows` writes them
       const bool ignored = label == ignore_index;
       const float log_d = std::log(ss.d);

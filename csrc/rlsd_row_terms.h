@@ -63,6 +63,56 @@ struct ResidentRow {
   }
 };
 
+// One row's statistics sweep, shared by `forward_rows` (rlsd_cpu.cpp) and `fused_rows` (rlsd_fused_rows.h): each chunk
+// of the student (and teacher, t non-null) row converted and scaled into a buffer (its place in the ResidentRow `w`,
+// or the reused chunk buffers cbs / cbt without one), the online statistics, a divergence's cross sums (relative to
+// the other row's running max after the chunk), the target logits picked from the buffers (a label never addresses
+// memory), and in `w` the exps u = exp(x - m_c) of the rows kStoreS / kStoreT and each chunk's running maxima.
+// chunk_max (or null) receives the student's running max after each chunk (`forward`'s row_stats).
+struct RowSweep {
+  Stats ss, ts;
+  Cross cross;  // forward KL: weighted by the teacher; reverse KL: by the student
+  float tgt_s = 0.0f, tgt_t = 0.0f;
+};
+
+template <bool kEntStat, int kDiv, bool kStoreS, bool kStoreT>
+inline RowSweep sweep_row(const View3& s, const View3* t, int64_t r, int64_t r_end, int64_t label, float inv_temp,
+                          ResidentRow* w, float* cbs, float* cbt, float* chunk_max) {
+  RowSweep o;
+  const int64_t V = s.V;
+  const char* srow = s.base + s.row_offset(r);
+  const char* trow = t ? t->base + t->row_offset(r) : nullptr;
+  for (int64_t start = 0; start < V; start += kChunk) {
+    const int64_t n = std::min(kChunk, V - start);
+    const bool has_tgt = label >= start && label < start + n;
+    float* bs = w ? w->xs + start : cbs;
+    float* bt = w ? w->xt + start : cbt;
+    const float ms = load_chunk(srow + start * s.sv * s.esize, s.dt, s.sv, n, inv_temp, bs);
+    if (has_tgt) o.tgt_s = bs[label - start];
+    float mt = kNegInf;
+    if (t) {  // the teacher chunk first: the reverse KL's cross sum (weighted by the student) needs it
+      mt = load_chunk(trow + start * t->sv * t->esize, t->dt, t->sv, n, inv_temp, bt);
+      if (has_tgt) o.tgt_t = bt[label - start];
+    }
+    const float s_old = finite_shift(o.ss.m), t_old = finite_shift(o.ts.m);
+    const float s_new = finite_shift(nan_max(o.ss.m, ms)), t_new = finite_shift(nan_max(o.ts.m, mt));
+    accumulate<kEntStat || kDiv == kReverseKL, kDiv == kReverseKL, kStoreS>(
+        o.ss, bs, n, ms, s.next_chunk(r, start, r_end), s.esize, &o.cross, bt, t_old, t_new,
+        kStoreS ? w->us + start : nullptr);
+    if (t) {
+      accumulate<kDiv == kForwardKL, kDiv == kForwardKL, kStoreT>(
+          o.ts, bt, n, mt, t->next_chunk(r, start, r_end), t->esize, &o.cross, bs, s_old, s_new,
+          kStoreT ? w->ut + start : nullptr);
+    }
+    if (w) {
+      w->cms[start / kChunk] = o.ss.m;
+      w->cmt[start / kChunk] = o.ts.m;
+    }
+    if (chunk_max) chunk_max[start / kChunk] = o.ss.m;
+  }
+  return o;
+}
+
 // The JSD sweep over a ResidentRow: its only transcendental is log M (the re-reading sweep above costs two exps
 // more and reads both rows again). Rows with finite maxima only.
 // keep (optional, [V padded]): receives log p_S - log M per element, for a gradient sweep after this one.

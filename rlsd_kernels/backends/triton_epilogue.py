@@ -1,4 +1,5 @@
-"""The per-row epilogue of the fused loss kernel: docs/math.md sections 2 and 3 on scalars, in float32.
+"""The per-row epilogue of the fused loss kernel: docs/math.md sections 2 and 3 on scalars, in float32; and the
+per-element gradient of the section 2c row terms (``terms_chunk_grad``: entropy bonus, forward / reverse KL).
 
 A line-by-line transcription of ``rlsd_kernels/loss.py`` (``token_terms``), which is what tests check it against;
 keep the two in step. NaN stays NaN (``clamp_nan`` and ``where`` orderings that keep the NaN operand), like torch.
@@ -130,3 +131,24 @@ def row_epilogue(row, N, m_s, d_s, e_s, m_t, d_t, tgt_s, tgt_t, label, agg, V, i
     tl.store(PARTS + 7 * N + row, tl.where(valid, g, 0.0))
     tl.store(PARTS + 8 * N + row, vf)
     return lse, coef
+
+
+@triton.jit
+def terms_chunk_grad(z, zt, m_s, log_d, H, m_t, log_dt, D, cols, label, scale, e_scale, f_scale,
+                      ENT_GRAD: tl.constexpr, DIV_MODE: tl.constexpr):
+    """The gradient of one chunk of a row with the entropy bonus and / or a divergence, from the student and teacher
+    logits / T ``z``, ``zt``: ``scale (onehot - p) - e_scale p (log p + H) + f_scale dD/dz`` with forward KL's
+    ``dD/dz = p - p_T`` and reverse KL's ``p (log p - log p_T - D)`` (``e_scale``, ``f_scale``: d loss / d H and
+    d loss / d D, over T). ``log p = (z - m) - log d`` keeps the digits that ``z - lse`` loses at |logits| ~ 1e4;
+    ``p = 0`` (-inf logits) contributes 0, never 0 * inf."""
+    lp = (z - m_s) - log_d
+    p = tl.exp(lp)
+    g = scale * tl.where(cols == label, 1.0 - p, -p)
+    if ENT_GRAD:
+        g -= e_scale * p * (tl.where(p > 0, lp, 0.0) + H)
+    if DIV_MODE == 1:
+        g += f_scale * (p - tl.exp((zt - m_t) - log_dt))
+    if DIV_MODE == 2:
+        lt = (zt - m_t) - log_dt
+        g += f_scale * p * (tl.where(p > 0, lp - lt, 0.0) - D)
+    return g
