@@ -41,7 +41,7 @@ TARGET = {"distill_jsd": 1.6}
 # On the Triton backend these rows run once more, with its fused rows hidden ("<row>_composed": the scoring kernel, the
 # algebra under autograd and a gradient kernel, which the fused rows replaced for them): the fused rows' own gain.
 COMPOSED = ("kl_k3", "rollout_is_token", "rollout_is_sequence_mask", "entropy", "distill_forward_kl",
-            "distill_reverse_kl")
+            "distill_reverse_kl", "distill_jsd")
 DEFAULT_TARGET = 1.15
 # OPSD alone (JSD, beta 0.5, token mean, no mask) three ways: the fused opsd_loss, the eager reference, and on CUDA
 # log_softmax + Liger-Kernel's LigerJSD where it is installed; their ratio is to the eager row.

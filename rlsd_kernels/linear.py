@@ -57,7 +57,7 @@ def rlsd_linear_loss(student_hidden, lm_head_weight, labels, advantages, old_log
     teacher's own LM head); neither is plain GRPO. All other arguments as in ``rlsd_loss`` (docs/math.md section 5),
     the section 2c terms included (the distillation term needs ``teacher_hidden``). The token-local terms take one
     walk over the rows (four GEMMs, as the plain loss) where the chunk backend has fused rows for them (C++, Triton:
-    all but GSPO, rollout IS without ``old_logprobs`` and, on Triton, JSD); the others are walked twice (statistics,
+    all but GSPO and rollout IS without ``old_logprobs``); those two are walked twice (statistics,
     then the gradient in the backward: five or six GEMMs).
 
     ``vocab_parallel_group`` / ``vocab_start``: ``lm_head_weight`` (and bias) hold this rank's vocabulary rows

@@ -125,6 +125,39 @@ def row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, HAS_T: tl.constexpr, WANT_E
 
 
 @triton.jit
+def log_mixture(lt, ls, beta):
+    """``log(beta p_T + (1 - beta) p_S)`` from the log-probabilities, in log space: forming the mixture from
+    ``exp(lt)`` and ``exp(ls)`` underflows to 0 where both are below ~1e-38 (|logit gaps| of ~90), and a token with
+    ``p_T > 0`` then gets ``p_T * (lt - log 0) = inf``. -inf where both are -inf (terms there are masked out)."""
+    a = lt + tl.log(beta)
+    b = ls + tl.log(1.0 - beta)
+    mx = tl.maximum(a, b)
+    shift = tl.where(mx == float("-inf"), 0.0, mx)
+    return shift + tl.log(tl.exp(a - shift) + tl.exp(b - shift))
+
+
+@triton.jit
+def jsd_sums(s_row, t_row, V, s_sv, t_sv, inv_temp, m_s, log_d, m_t, log_dt, beta, CONTIG: tl.constexpr,
+             BLOCK_V: tl.constexpr):
+    """JSD's second sweep over a row once both log-sum-exps are known: ``(beta a + (1 - beta) b, b)`` with
+    ``a = sum p_T (log p_T - log M)``, ``b = sum p_S (log p_S - log M)``, ``M = beta p_T + (1 - beta) p_S``
+    (``log p = (z - m) - log d``: no digit lost at |logits| ~ 1e4)."""
+    a = tl.zeros((), tl.float32)
+    b = tl.zeros((), tl.float32)
+    cols0 = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        x, y = load_chunk(s_row, t_row, start, cols0, V, s_sv, t_sv, True, CONTIG, False)
+        ls = (x.to(tl.float32) * inv_temp - m_s) - log_d
+        lt = (y.to(tl.float32) * inv_temp - m_t) - log_dt
+        ps = tl.exp(ls)
+        pt = tl.exp(lt)
+        lm = log_mixture(lt, ls, beta)
+        a += tl.sum(tl.where(pt > 0, pt * (lt - lm), 0.0), axis=0)
+        b += tl.sum(tl.where(ps > 0, ps * (ls - lm), 0.0), axis=0)
+    return beta * a + (1.0 - beta) * b, b
+
+
+@triton.jit
 def clamp_nan(x, low, high):
     """``clamp`` that keeps NaN (``tl.minimum``/``maximum`` return the bound for NaN, torch.clamp keeps NaN)."""
     return tl.where(x < low, low, tl.where(x > high, high, x))

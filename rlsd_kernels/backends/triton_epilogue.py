@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import clamp_nan
+from .triton_common import clamp_nan, log_mixture
 
 
 @triton.jit
@@ -134,12 +134,12 @@ def row_epilogue(row, N, m_s, d_s, e_s, m_t, d_t, tgt_s, tgt_t, label, agg, V, i
 
 
 @triton.jit
-def terms_chunk_grad(z, zt, m_s, log_d, H, m_t, log_dt, D, cols, label, scale, e_scale, f_scale,
-                      ENT_GRAD: tl.constexpr, DIV_MODE: tl.constexpr):
+def terms_chunk_grad(z, zt, m_s, log_d, H, m_t, log_dt, D, aux, beta, cols, label, scale, e_scale, f_scale,
+                     ENT_GRAD: tl.constexpr, DIV_MODE: tl.constexpr):
     """The gradient of one chunk of a row with the entropy bonus and / or a divergence, from the student and teacher
     logits / T ``z``, ``zt``: ``scale (onehot - p) - e_scale p (log p + H) + f_scale dD/dz`` with forward KL's
-    ``dD/dz = p - p_T`` and reverse KL's ``p (log p - log p_T - D)`` (``e_scale``, ``f_scale``: d loss / d H and
-    d loss / d D, over T). ``log p = (z - m) - log d`` keeps the digits that ``z - lse`` loses at |logits| ~ 1e4;
+    ``dD/dz = p - p_T``, reverse KL's ``p (log p - log p_T - D)`` and JSD's ``(1 - beta) p (log p - log M - aux)``
+    (``aux = KL(p_S || M)``; ``e_scale``, ``f_scale``: d loss / d H and d loss / d D, over T). ``log p = (z - m) - log d`` keeps the digits that ``z - lse`` loses at |logits| ~ 1e4;
     ``p = 0`` (-inf logits) contributes 0, never 0 * inf."""
     lp = (z - m_s) - log_d
     p = tl.exp(lp)
@@ -151,4 +151,7 @@ def terms_chunk_grad(z, zt, m_s, log_d, H, m_t, log_dt, D, cols, label, scale, e
     if DIV_MODE == 2:
         lt = (zt - m_t) - log_dt
         g += f_scale * p * (tl.where(p > 0, lp - lt, 0.0) - D)
+    if DIV_MODE == 3:
+        lm = log_mixture((zt - m_t) - log_dt, lp, beta)
+        g += f_scale * (1.0 - beta) * p * (tl.where(p > 0, lp - lm, 0.0) - aux)
     return g

@@ -3,9 +3,8 @@ distillation), on every backend.
 
 With every term off ``rlsd_loss`` never comes here (``fused_loss.py`` runs, bit for bit as before). With terms on and
 a gradient wanted (not in place, not under torch.compile), the backends with fused rows (``ops/fused_rows.py``: C++
-for every token-local term, Triton for all but JSD) form the loss's forward and its whole gradient in one visit of
-each row. Otherwise (GSPO, rollout IS without ``old_logprobs``, in place, compiled, the reference backend, and JSD on
-Triton) the composed path:
+and Triton) form the loss's forward and its whole gradient in one visit of each row for every token-local term.
+Otherwise (GSPO, rollout IS without ``old_logprobs``, in place, compiled, the reference backend) the composed path:
 
 - the scoring op ``rlsd_kernels::fused_logprobs`` of the device's backend runs its vocabulary statistics pass (one
   read of the student and teacher logits), differentiable through the student log-probs;

@@ -1,6 +1,6 @@
 """The loss's forward and its whole gradient in one visit of each row: the C++ backend (``csrc/rlsd_fused_rows.h``,
 described here) and the Triton one (``backends/logits/triton_rows.py``: the fused loss kernel with the token-local
-terms in its epilogue; no JSD).
+terms in its epilogue).
 
 The two-pass CPU path reads every row twice: the statistics pass, then (after the O(N) algebra has turned the
 per-token log-probs into gradient factors) the gradient sweep, which recomputes every exp. On a CPU both passes are
@@ -51,8 +51,8 @@ def token_local(x: Terms, old_logprobs) -> bool:
 
 
 def backend_takes(backend, x: Optional[Terms] = None) -> bool:
-    """Whether the logits ``backend`` has fused rows (C++, Triton) taking the terms ``x``' divergence (the Triton
-    ones: not JSD); ``x`` None: the plain loss."""
+    """Whether the logits ``backend`` has fused rows (C++, Triton) taking the terms ``x``' divergence
+    (``FUSED_ROWS_DIV_MODES``); ``x`` None: the plain loss."""
     if not hasattr(backend, "fused_rows"):
         return False
     return x is None or x.distill_coef <= 0 or DIV_MODES[x.distill_divergence] in backend.FUSED_ROWS_DIV_MODES

@@ -62,7 +62,7 @@ def compile_terms():
     """The row-term kernels (triton_terms.py): every divergence mode with and without the entropy term, both
     vocabulary layouts, bf16 and fp32."""
     fwd_sig = {"LABELS": "*i64", "LOGP_S": "*fp32", "LOGP_T": "*fp32", "LSE_S": "*fp64", "ENT": "*fp32",
-               "LSE_T": "*fp64", "DIV": "*fp32", "AUX": "*fp32", "seq_len": "i64", "t_seq_len": "i64", "V": "i32",
+               "LSE_T": "*fp64", "DIV": "*fp32", "AUX": "*fp32", "AUX": "*fp32", "seq_len": "i64", "t_seq_len": "i64", "V": "i32",
                "s_sb": "i64", "s_st": "i64", "s_sv": "i64", "t_sb": "i64", "t_st": "i64", "t_sv": "i64",
                "inv_temp": "fp32", "ignore_index": "i64", "beta": "fp32"}
     for dt, (teacher, mode), contig in itertools.product(
@@ -71,7 +71,7 @@ def compile_terms():
                     {"HAS_TEACHER": teacher, "DIV_MODE": mode, "CONTIG": contig, "BLOCK_V": LAUNCH["fwd_block_v"]},
                     LAUNCH["fwd_warps"])
     bwd_sig = {"COEF": "*fp32", "ECOEF": "*fp32", "FCOEF": "*fp32", "LABELS": "*i64", "LSE": "*fp64", "ENT": "*fp32",
-               "LSE_T": "*fp64", "DIV": "*fp32", "AUX": "*fp32", "seq_len": "i64", "t_seq_len": "i64", "V": "i32",
+               "LSE_T": "*fp64", "DIV": "*fp32", "AUX": "*fp32", "AUX": "*fp32", "seq_len": "i64", "t_seq_len": "i64", "V": "i32",
                "s_sb": "i64", "s_st": "i64", "s_sv": "i64", "t_sb": "i64", "t_st": "i64", "t_sv": "i64",
                "o_sb": "i64", "o_st": "i64", "o_sv": "i64", "inv_temp": "fp32", "beta": "fp32"}
     variants = [(ent, mode, True) for ent in (True, False) for mode in range(4)] + [(True, 1, False)]
@@ -111,17 +111,20 @@ def compile_fused_loss():
                ("bf16", 1, True, True, True, False, True, True, "*fp64", (3, True, True, 0)),
                ("bf16", 1, True, True, False, False, True, False, "*fp64", (0, False, False, 1)),
                ("fp32", 1, True, False, True, True, True, False, "*fp64", (3, True, True, 2)),
-               ("bf16", 1, True, True, True, False, False, False, "*fp64", (1, False, False, 2))]
+               ("bf16", 1, True, True, True, False, False, False, "*fp64", (1, False, False, 2)),
+               ("bf16", 1, True, True, True, False, True, False, "*fp64", (3, True, True, 3)),
+               ("fp32", 1, True, False, False, True, False, False, "*fp64", (0, False, False, 3))]
     for dt, teacher, write_grad, has_old, want_ent, cispo, contig, in_regs, tok, (kl, wis, ent_grad, div) in combos:
         sig = {"S": PTR[dt], "TCH": PTR[dt], "GRAD": PTR[dt], "LABELS": "*i64", "AGG": tok, "ADV": tok,
                "OLD": tok, "TLP": tok, "REF": tok, "WIS": tok, "LOGP_S": "*fp32", "LOGP_T": "*fp32",
                "WEIGHT": "*fp32", "ENT": "*fp32", "LSE": "*fp32", "COEF": "*fp32", "PARTS": "*fp32",
-               "LSE_T": "*fp64", "DIV": "*fp32",
+               "LSE_T": "*fp64", "DIV": "*fp32", "AUX": "*fp32",
                "N": "i64", "seq_len": "i64", "t_seq_len": "i64", "g_seq_len": "i64", "V": "i32",
                "s_sb": "i64", "s_st": "i64", "s_sv": "i64", "t_sb": "i64", "t_st": "i64", "t_sv": "i64",
                "g_sb": "i64", "g_st": "i64", "g_sv": "i64", "inv_temp": "fp32", "ignore_index": "i64",
                "lam": "fp32", "eps_w": "fp32", "log_lo": "fp32", "log_hi": "fp32", "clip_dual": "fp32",
-               "kl_coef": "fp32", "entropy_coef": "fp32", "distill_coef": "fp32", "distill_clip": "fp32"}
+               "kl_coef": "fp32", "entropy_coef": "fp32", "distill_coef": "fp32", "distill_clip": "fp32",
+               "beta": "fp32"}
         compile_one(f"loss_rows[{dt}]", tloss.KERNELS["loss_rows"], sig,
                     {"TEACHER": teacher, "HAS_OLD": has_old, "WANT_ENT": want_ent, "CISPO": cispo,
                      "WRITE_GRAD": write_grad, "CONTIG": contig,

@@ -1,6 +1,6 @@
 """The Triton backend's fused rows (``ops/fused_rows.py``, ``backends/logits/triton_rows.py``): the loss with its
-token-local section 2c terms (KL to a reference, rollout IS with ``old_logprobs``, the entropy bonus, forward and
-reverse KL distillation) and its whole gradient in one launch of the fused loss kernel, the terms' factors in the
+token-local section 2c terms (KL to a reference, rollout IS with ``old_logprobs``, the entropy bonus, every
+distillation divergence) and its whole gradient in one launch of the fused loss kernel, the terms' factors in the
 kernel's epilogue.
 
 Under the interpreter on CPU tensors here, on CUDA on a GPU machine. The vocabulary is walked in chunks of 128
@@ -38,6 +38,8 @@ CASES = {
     "forward_kl": dict(distill_coef=0.7),
     "reverse_kl": dict(distill_coef=0.7, distill_divergence="reverse_kl"),
     "forward_kl_clip": dict(distill_coef=0.7, distill_clip=0.5),
+    "jsd": dict(distill_coef=0.7, distill_divergence="jsd", distill_beta=0.3),
+    "jsd_clip": dict(distill_coef=0.7, distill_divergence="jsd", distill_clip=0.2),
     "all": dict(kl_coef=0.2, kl_type="k3", rollout_is="token", rollout_is_threshold=1.5, entropy_coef=0.05,
                 distill_coef=0.5, distill_divergence="reverse_kl", loss_type="cispo"),
 }
@@ -174,7 +176,7 @@ def test_fused_rows_agree_with_the_composed_path(case, monkeypatch):
     (dict(loss_type="gspo"), 0),  # a sequence ratio of the log-probs: not token-local
     (dict(rollout_is="token", _no_old=True), 0),  # the IS ratio is then the log-probs' own
     (dict(distill_coef=0.5), 1),
-    (dict(distill_coef=0.5, distill_divergence="jsd"), 0),  # JSD's second sweep: the row-terms kernels
+    (dict(distill_coef=0.5, distill_divergence="jsd"), 1),
     (dict(kl_coef=0.1, inplace_backward=True), 0),  # in place: the composed path writes into the logits
     (dict(kl_coef=0.1, _no_grad=True), 0),
 ])

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import (check_device, col_offsets, load_chunk, lse_chunk, row_pointer, row_stats,
+from ..triton_common import (check_device, col_offsets, jsd_sums, load_chunk, lse_chunk, row_pointer, row_stats,
                              target_logits, unit_vocab_stride)
 from ..triton_epilogue import row_epilogue, terms_chunk_grad
 from .triton_prologue import prologue as _prologue
@@ -38,10 +38,11 @@ N_ROWSTATS = 9  # loss, clipped, dual, -log_ratio, w_low, w_high, delta, g, vali
 @triton.jit
 def _loss_rows(
     S, TCH, GRAD, LABELS, AGG, ADV, OLD, TLP, REF, WIS,
-    LOGP_S, LOGP_T, WEIGHT, ENT, LSE, COEF, PARTS, LSE_T, DIV,
+    LOGP_S, LOGP_T, WEIGHT, ENT, LSE, COEF, PARTS, LSE_T, DIV, AUX,
     N, seq_len, t_seq_len, g_seq_len, V,
     s_sb, s_st, s_sv, t_sb, t_st, t_sv, g_sb, g_st, g_sv,
     inv_temp, ignore_index, lam, eps_w, log_lo, log_hi, clip_dual, kl_coef, entropy_coef, distill_coef, distill_clip,
+    beta,
     TEACHER: tl.constexpr, HAS_OLD: tl.constexpr, WANT_ENT: tl.constexpr, CISPO: tl.constexpr,
     WRITE_GRAD: tl.constexpr, CONTIG: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr,
     ROW_IN_REGS: tl.constexpr, KL_TYPE: tl.constexpr, HAS_WIS: tl.constexpr, ENT_GRAD: tl.constexpr,
@@ -51,9 +52,10 @@ def _loss_rows(
     # KL_TYPE / HAS_WIS / ENT_GRAD / DIV_MODE: the section 2c token-local terms of the fused rows (triton_rows.py):
     # KL to REF, the rollout IS weight WIS on the policy term, the entropy bonus -entropy_coef * a_t * H_t, whose
     # gradient -p (log p + H) / T the second sweep adds (ENT_GRAD needs WANT_ENT), and the distillation term
-    # distill_coef * a_t * D_t (DIV_MODE 1 forward KL, 2 reverse KL; TEACHER 1, not ROW_IN_REGS): its cross sums in
-    # sweep 1 (row_stats), D_t and the teacher's lse into DIV / LSE_T, its gradient in sweep 2, which then re-reads
-    # the teacher chunk too.
+    # distill_coef * a_t * D_t (DIV_MODE 1 forward KL, 2 reverse KL, 3 JSD with weight beta; TEACHER 1, not
+    # ROW_IN_REGS): the KLs' cross sums in sweep 1 (row_stats), JSD's sums in a sweep of their own once both
+    # log-sum-exps are known (jsd_sums), D_t, the teacher's lse and JSD's KL(p_S || M) into DIV / LSE_T / AUX, the
+    # gradient in sweep 2, which then re-reads the teacher chunk too.
     NEG_INF: tl.constexpr = float("-inf")
     cols0 = tl.arange(0, BLOCK_V)
     for program_row in range(tl.program_id(0), N, tl.num_programs(0)):
@@ -95,12 +97,17 @@ def _loss_rows(
         log_d = tl.log(d_s)
         log_dt = tl.log(d_t)
         D = tl.zeros((), tl.float32)
+        aux = tl.zeros((), tl.float32)
         f_scale = tl.zeros((), tl.float32)
         if DIV_MODE != 0:  # KL(p_w || p_o) = (e_w - c) / d_w - log d_w + log d_o, as triton_terms.py
             if DIV_MODE == 1:
                 D = (e_t - cross) / d_t - log_dt + log_d
-            else:
+            elif DIV_MODE == 2:
                 D = (e_s - cross) / d_s - log_d + log_dt
+            else:
+                D, aux = jsd_sums(s_row, t_row, V, s_sv, t_sv, inv_temp, m_s, log_d, m_t, log_dt, beta, CONTIG,
+                                  BLOCK_V)
+                tl.store(AUX + row, aux)
             tl.store(LSE_T + row, m_t.to(tl.float64) + log_dt.to(tl.float64))
             tl.store(DIV + row, D)
             # d loss / d D_t = distill_coef * a_t; beyond the clip the value is capped and the gradient 0 (NaN passes)
@@ -123,8 +130,8 @@ def _loss_rows(
                 live = ((scale != 0) | (e_scale != 0) | (f_scale != 0)) & (lse != NEG_INF)
             if ROW_IN_REGS:
                 if ENT_GRAD:
-                    grad = terms_chunk_grad(x_row, x_row, m_s, log_d, H, m_t, log_dt, D, cols0, label, scale,
-                                             e_scale, f_scale, ENT_GRAD, 0)
+                    grad = terms_chunk_grad(x_row, x_row, m_s, log_d, H, m_t, log_dt, D, aux, beta, cols0, label,
+                                            scale, e_scale, f_scale, ENT_GRAD, 0)
                 else:
                     p = tl.exp(x_row - lse)
                     grad = scale * tl.where(cols0 == label, 1.0 - p, -p)
@@ -145,8 +152,8 @@ def _loss_rows(
                     if DIV_MODE != 0:
                         y = tl.load(t_row + col_offsets(cols, t_sv, CONTIG), mask=inb, other=NEG_INF,
                                     eviction_policy="evict_first").to(tl.float32)
-                    grad = terms_chunk_grad(x * inv_temp, y * inv_temp, m_s, log_d, H, m_t, log_dt, D, cols, label,
-                                             scale, e_scale, f_scale, ENT_GRAD, DIV_MODE)
+                    grad = terms_chunk_grad(x * inv_temp, y * inv_temp, m_s, log_d, H, m_t, log_dt, D, aux, beta, cols,
+                                            label, scale, e_scale, f_scale, ENT_GRAD, DIV_MODE)
                 else:
                     p = tl.exp(x * inv_temp - lse)
                     # the target term 1 - p[y] is formed in float32 before the cast (bf16 cancellation near p = 1)
@@ -270,11 +277,13 @@ class RowTerms(NamedTuple):
     kl_coef: float = 0.0
     kl_type: int = 0                     # 0 off, 1 / 2 / 3: k1 / k2 / k3
     entropy_coef: float = 0.0            # > 0: the entropy bonus in the gradient (needs the entropy)
-    div_mode: int = 0                    # 0 off, 1 / 2: forward / reverse KL distillation (teacher logits)
+    div_mode: int = 0                    # 0 off, 1 / 2 / 3: forward KL / reverse KL / JSD distillation (teacher logits)
     distill_coef: float = 0.0
+    beta: float = 0.5                    # JSD's mixture weight
     distill_clip: float = math.inf       # D_t beyond it: capped value, no gradient
     lse_t: Optional[torch.Tensor] = None  # [N] float64 output: the teacher's lse (div_mode)
     div: Optional[torch.Tensor] = None    # [N] float32 output: D_t, unclipped (div_mode)
+    aux: Optional[torch.Tensor] = None    # [N] float32 output: JSD's KL(p_S || M) (div_mode 3)
 
 
 def launch_rows(student, teacher, grad, labels, agg, adv, old, teacher_logprobs, outs, h, terms=RowTerms()):
@@ -287,20 +296,22 @@ def launch_rows(student, teacher, grad, labels, agg, adv, old, teacher_logprobs,
     n = B * T
     dummy = coef
     opt = lambda t: dummy if t is None else t  # noqa: E731  (pointers whose flag is off are never read)
-    if terms.div_mode and (teacher is None or terms.lse_t is None or terms.div is None):
-        raise ValueError("launch_rows: a divergence needs the teacher logits and the lse_t / div outputs")
+    if terms.div_mode and (teacher is None or terms.lse_t is None or terms.div is None
+                           or (terms.div_mode == 3 and terms.aux is None)):
+        raise ValueError("launch_rows: a divergence needs the teacher logits and the lse_t / div (JSD: aux) outputs")
     # A row short enough to live in registers is loaded once: exactly 3 passes (2 for GRPO), no L2 re-read
     # (without a divergence, whose cross sums the chunked sweep keeps).
     row_in_regs = 0 < triton.next_power_of_2(V) <= LAUNCH["loss_row_in_regs_max"] and not terms.div_mode
     tch = teacher if teacher is not None else student  # never read without a teacher (TEACHER != 1)
     out = grad if grad is not None else student  # never written without WRITE_GRAD
     args = (student, tch, out, labels, agg, adv, opt(old), opt(teacher_logprobs), opt(terms.ref), opt(terms.w_is),
-            logp_s, opt(logp_t), weights, opt(ent), lse, coef, parts, opt(terms.lse_t), opt(terms.div))
+            logp_s, opt(logp_t), weights, opt(ent), lse, coef, parts, opt(terms.lse_t), opt(terms.div),
+            opt(terms.aux))
     scalars = (n, T, tch.shape[1], out.shape[1], V,
                *student.stride(), *tch.stride(), *out.stride(),
                1.0 / h.temperature, h.ignore_index, float(h.lam), float(h.eps_w),
                math.log(1.0 - h.clip_low), math.log(1.0 + h.clip_high), float(h.clip_dual), float(terms.kl_coef),
-               float(terms.entropy_coef), float(terms.distill_coef), float(terms.distill_clip))
+               float(terms.entropy_coef), float(terms.distill_coef), float(terms.distill_clip), float(terms.beta))
     constexprs = dict(TEACHER=1 if teacher is not None else (2 if teacher_logprobs is not None else 0),
                       HAS_OLD=old is not None, WANT_ENT=ent is not None, CISPO=h.loss_type == "cispo",
                       WRITE_GRAD=grad is not None, CONTIG=unit_vocab_stride(student, tch, out),

@@ -1,16 +1,15 @@
 """Triton backend of ``ops/fused_rows.py``: the loss with its section 2c token-local terms (KL to a reference,
-rollout IS with ``old_logprobs``, the entropy bonus, forward / reverse KL distillation) and its whole gradient in one
-launch of the fused loss kernel
-(``triton_loss._loss_rows``): per row the statistics sweep, the epilogue with the terms' factors, and the gradient
-sweep (3 passes over ``N x V`` for RLSD, 2 for GRPO). The composed path it replaces for these terms runs the scoring
-kernel, the loss algebra under autograd and a separate gradient kernel (4 passes and its autograd's launches).
+rollout IS with ``old_logprobs``, the entropy bonus, every distillation divergence) and its whole gradient in one
+launch of the fused loss kernel (``triton_loss._loss_rows``): per row the statistics sweep, the epilogue with the
+terms' factors, and the gradient sweep (3 passes over ``N x V`` for RLSD, 2 for GRPO). The composed path it replaces
+for these terms runs the scoring kernel, the loss algebra under autograd and a separate gradient kernel (4 passes and
+its autograd's launches).
 
 The per-token inputs come from the Python algebra (``fused_rows.token_inputs``: aggregation weights less rollout
 rejection, the IS weights, advantages, old / teacher / reference log-probs); the loss value and the metrics come
 from the Python algebra on this launch's per-token outputs, as on the C++ backend. Forward and reverse KL keep their
-cross sums in the statistics sweep and re-read the teacher chunk in the gradient sweep (4 passes, 5 with the
-teacher's re-read); JSD, whose ``log M`` needs one more sweep, keeps the row-terms kernels (``triton_terms.py``):
-``FUSED_ROWS_DIV_MODES`` lists what this path takes.
+cross sums in the statistics sweep; JSD sums ``p log(p / M)`` in a sweep of its own once both log-sum-exps are known;
+a divergence's gradient sweep re-reads the teacher chunk.
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ from ..triton_common import check_device
 from . import alloc_row_outputs
 from .triton_loss import N_ROWSTATS, RowTerms, launch_rows
 
-FUSED_ROWS_DIV_MODES = (0, 1, 2)  # no divergence, forward KL, reverse KL (backends.logits.DIV_MODES)
+FUSED_ROWS_DIV_MODES = (0, 1, 2, 3)  # every distillation divergence (backends.logits.DIV_MODES)
 
 
 def fused_rows(student, teacher, labels, temperature, ignore_index, want_entropy, div_mode, beta, tokens, hyper, out):
@@ -39,7 +38,7 @@ def fused_rows(student, teacher, labels, temperature, ignore_index, want_entropy
     lse_t = div = aux = None
     if div_mode:
         lse_t = torch.zeros(n, dtype=torch.float64, device=dev)
-        div, aux = (torch.zeros(n, dtype=torch.float32, device=dev) for _ in range(2))  # aux: JSD's only
+        div, aux = (torch.zeros(n, dtype=torch.float32, device=dev) for _ in range(2))  # aux: JSD's KL(p_S || M)
     if n == 0:
         return logp_s, logp_t, lse_s, ent, lse_t, div, aux
     scratch = torch.empty(N_ROWSTATS + 2, n, dtype=torch.float32, device=dev)  # weights, coef, partials (unused)
@@ -49,7 +48,7 @@ def fused_rows(student, teacher, labels, temperature, ignore_index, want_entropy
                      kl_coef=hyper["kl_coef"], kl_type=hyper["kl_type"] if hyper["kl_coef"] > 0 else 0,
                      entropy_coef=hyper["entropy_coef"], div_mode=div_mode,
                      distill_coef=hyper["distill_coef"] if div_mode else 0.0, distill_clip=hyper["distill_clip"],
-                     lse_t=lse_t, div=div)
+                     beta=float(beta), lse_t=lse_t, div=div, aux=aux)
     launch_rows(student, teacher, out, labels, tokens["agg"], tokens["adv"], tokens["old"], tokens["teacher_lp"],
                 (logp_s, logp_t, scratch[0], ent, lse_s, scratch[1], scratch[2:]), h, terms)
     return logp_s, logp_t, lse_s, ent, lse_t, div, aux

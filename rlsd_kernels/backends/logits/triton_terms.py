@@ -16,23 +16,11 @@ import triton
 import triton.language as tl
 
 from . import alloc_row_outputs
-from ..triton_common import (check_device, col_offsets, load_chunk, row_pointer, row_stats, target_logits,
-                             unit_vocab_stride)
+from ..triton_common import (check_device, col_offsets, jsd_sums, log_mixture, row_pointer, row_stats,
+                             target_logits, unit_vocab_stride)
 from ..triton_launch import LAUNCH
 
 FORWARD_KL, REVERSE_KL, JSD = 1, 2, 3  # backends.logits.DIV_MODES
-
-
-@triton.jit
-def _log_mixture(lt, ls, beta):
-    """``log(beta p_T + (1 - beta) p_S)`` from the log-probabilities, in log space: forming the mixture from
-    ``exp(lt)`` and ``exp(ls)`` underflows to 0 where both are below ~1e-38 (|logit gaps| of ~90), and a token with
-    ``p_T > 0`` then gets ``p_T * (lt - log 0) = inf``. -inf where both are -inf (terms there are masked out)."""
-    a = lt + tl.log(beta)
-    b = ls + tl.log(1.0 - beta)
-    mx = tl.maximum(a, b)
-    shift = tl.where(mx == float("-inf"), 0.0, mx)
-    return shift + tl.log(tl.exp(a - shift) + tl.exp(b - shift))
 
 
 @triton.jit
@@ -52,7 +40,6 @@ def _terms_fwd(
     m_s, d_s, e_s, m_t, d_t, c, e_t = row_stats(s_row, t_row, V, s_sv, t_sv, inv_temp, HAS_TEACHER, True, CONTIG, BLOCK_V,
                                            False, False, DIV_MODE)
     log_d = tl.log(d_s)
-    lse_s = m_s + log_d
     ignored = label == ignore_index
     tl.store(LSE_S + row, m_s.to(tl.float64) + log_d.to(tl.float64))
     tl.store(LOGP_S + row, tl.where(ignored, 0.0, (tgt_s - m_s) - log_d))
@@ -68,20 +55,10 @@ def _terms_fwd(
             if DIV_MODE == 2:
                 tl.store(DIV + row, (e_s - c) / d_s - log_d + log_dt)
             if DIV_MODE == 3:  # second sweep: sum p_T (log p_T - log M) and sum p_S (log p_S - log M)
-                a = tl.zeros((), tl.float32)
-                b = tl.zeros((), tl.float32)
-                cols0 = tl.arange(0, BLOCK_V)
-                for start in range(0, V, BLOCK_V):
-                    x, y = load_chunk(s_row, t_row, start, cols0, V, s_sv, t_sv, True, CONTIG, False)
-                    ls = (x.to(tl.float32) * inv_temp - m_s) - log_d
-                    lt = (y.to(tl.float32) * inv_temp - m_t) - log_dt
-                    ps = tl.exp(ls)
-                    pt = tl.exp(lt)
-                    lm = _log_mixture(lt, ls, beta)
-                    a += tl.sum(tl.where(pt > 0, pt * (lt - lm), 0.0), axis=0)
-                    b += tl.sum(tl.where(ps > 0, ps * (ls - lm), 0.0), axis=0)
-                tl.store(DIV + row, beta * a + (1.0 - beta) * b)
-                tl.store(AUX + row, b)
+                jsd, aux = jsd_sums(s_row, t_row, V, s_sv, t_sv, inv_temp, m_s, log_d, m_t, log_dt, beta, CONTIG,
+                                    BLOCK_V)
+                tl.store(DIV + row, jsd)
+                tl.store(AUX + row, aux)
 
 
 @triton.jit
@@ -124,7 +101,7 @@ def _terms_bwd(
         if DIV_MODE == 2:
             g += f * tl.where(p > 0, p * (lp - lt - tl.load(DIV + row)), 0.0)
         if DIV_MODE == 3:
-            lm = _log_mixture(lt, lp, beta)
+            lm = log_mixture(lt, lp, beta)
             g += f * (1.0 - beta) * tl.where(p > 0, p * (lp - lm - tl.load(AUX + row)), 0.0)
         live = live | (f != 0)
     # rows with nothing to contribute (masked, ignore_index: they may hold garbage) or of only -inf logits get 0
