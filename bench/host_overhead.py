@@ -14,7 +14,9 @@ benchmark isolates that host cost on any machine:
 
 Cases (the bench contenders' own calls, ``bench/contenders.py``, GPU-check workload: per-sequence advantages, old
 log-probs, ``lam = 0.5``): ``rlsd`` (``rlsd[triton]``: with teacher logits), ``grpo`` (``grpo[triton]``: no teacher),
-and ``token_logprobs`` (scoring: forward + ``autograd.grad`` of the log-probs). ``aten ops``: the aten ops
+``token_logprobs`` (scoring: forward + ``autograd.grad`` of the log-probs), and ``rlsd_kl_entropy`` /
+``rlsd_kl_entropy_composed``: ``rlsd_loss`` with a KL penalty (k3) and the entropy bonus through the Triton fused
+rows (``backends/logits/triton_rows.py``) and, with them hidden, through the composed path they replaced. ``aten ops``: the aten ops
 dispatched in one forward+backward (outermost ``aten::`` events of ``torch.profiler``, those run inside the
 custom ops included).
 
@@ -32,7 +34,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CASES = ("rlsd", "grpo", "token_logprobs")
+CASES = ("rlsd", "grpo", "token_logprobs", "rlsd_kl_entropy", "rlsd_kl_entropy_composed")
 
 
 def _stub_kernels():
@@ -49,7 +51,8 @@ def _stub_kernels():
     def _noop(*args, **kwargs):
         return None
 
-    for name in ("rlsd_kernels.backends.logits.triton_loss", "rlsd_kernels.backends.logits.triton"):
+    for name in ("rlsd_kernels.backends.logits.triton_loss", "rlsd_kernels.backends.logits.triton",
+                 "rlsd_kernels.backends.logits.triton_terms"):
         mod = importlib.import_module(name)
         kernels = getattr(mod, "KERNELS", {})
         for attr, obj in list(vars(mod).items()):
@@ -81,6 +84,23 @@ def _runners(device, N: int, V: int, dtype):
         return torch.autograd.grad(logp, z, ones)
 
     steps["token_logprobs"] = score
+
+    import rlsd_kernels
+    from bench.terms import fused_rows_hidden
+
+    ref = (inp.old_logprobs + 0.1).detach()
+    adv = inp.advantages
+
+    def terms_step(composed: bool):
+        x = inp.student.detach().requires_grad_(True)
+        with force_backend("triton"), fused_rows_hidden(composed):
+            out = rlsd_kernels.rlsd_loss(x, inp.teacher, inp.labels, adv, inp.old_logprobs, lam=0.5,
+                                         ref_logprobs=ref, kl_coef=0.1, entropy_coef=0.01)
+            out.loss.backward()
+        return out
+
+    steps["rlsd_kl_entropy"] = lambda: terms_step(False)
+    steps["rlsd_kl_entropy_composed"] = lambda: terms_step(True)
     return steps
 
 
