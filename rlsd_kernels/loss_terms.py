@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .hyper import LOSS_TYPES, Hyper, check_real
-from .loss import (TokenTerms, _clamp, _inside, _output, _weights_or_grpo, aggregate, masked_inputs, metric_values,
+from .loss import (TokenTerms, _clamp, _inside, _output, aggregate, masked_inputs, metric_values, weights_or_grpo,
                    token_terms)
 from ._output import RLSDOutput
 
@@ -151,7 +151,7 @@ def gspo_terms(logp_s, logp_t, advantages, old_logp, valid, seq_ids, num_seqs: i
     """GSPO (section 2c, verl's definition): the sequence-level ratio ``exp(mean_t m_t (logp_s - old))`` with a
     per-token gradient path, PPO clip without dual clip. Masked positions must already hold finite values."""
     ls = logp_s.detach()
-    g, w, delta = _weights_or_grpo(ls, logp_t, advantages, h)
+    g, w, delta = weights_or_grpo(ls, logp_t, advantages, h)
     a_hat = advantages * g
     old = ls if old_logp is None else old_logp
     with torch.no_grad():
@@ -176,7 +176,7 @@ def gspo_terms(logp_s, logp_t, advantages, old_logp, valid, seq_ids, num_seqs: i
     return TokenTerms(loss_t, coef, g, w, delta, clipped, dual, log_ratio)
 
 
-def _masked_mean(x, valid):
+def masked_mean(x, valid):
     return torch.where(valid, x.detach().to(torch.float32), 0.0).sum() / valid.to(torch.float32).sum().clamp(min=1.0)
 
 
@@ -197,8 +197,8 @@ def loss_with_terms(logp_s, logp_t, prep, h: Hyper, x: Terms, *, ref=None, rollo
     w_is = None
     if x.rollout_is is not None:
         ris = rollout_is_of(x, ls.detach() if old is None else old, rollout, valid, prep.seq_ids, prep.num_seqs)
-        extra["rollout_is_mean"] = _masked_mean(ris.rho, valid)
-        extra["rollout_is_clipfrac"] = _masked_mean(ris.flagged, valid)
+        extra["rollout_is_mean"] = masked_mean(ris.rho, valid)
+        extra["rollout_is_clipfrac"] = masked_mean(ris.flagged, valid)
         valid, w_is = ris.keep, ris.weight
     if x.gspo:
         terms = gspo_terms(ls, lt, prep.advantages, old, valid, prep.seq_ids, prep.num_seqs, h)
@@ -208,15 +208,15 @@ def loss_with_terms(logp_s, logp_t, prep, h: Hyper, x: Terms, *, ref=None, rollo
     if x.kl_coef > 0:
         kl_t = kl_penalty(ls, torch.where(prep.valid, ref.detach().to(ls.dtype), 0.0), x.kl_type)
         per_t = per_t + x.kl_coef * kl_t
-        extra["kl_mean"] = _masked_mean(kl_t, valid)
+        extra["kl_mean"] = masked_mean(kl_t, valid)
     if x.entropy_coef > 0:
         ent_t = torch.where(prep.valid, entropy_t.to(ls.dtype), 0.0)
         per_t = per_t - x.entropy_coef * ent_t
-        extra["entropy_mean"] = _masked_mean(ent_t, valid)
+        extra["entropy_mean"] = masked_mean(ent_t, valid)
     if x.distill_coef > 0:
         d_t = torch.where(prep.valid, distill_t.to(ls.dtype), 0.0)
         per_t = per_t + x.distill_coef * d_t
-        extra["distill_mean"] = _masked_mean(d_t, valid)
+        extra["distill_mean"] = masked_mean(d_t, valid)
     loss = aggregate(per_t, valid, h, prep.seq_ids, prep.num_seqs)
     names = tuple(n for n in EXTRA_METRIC_NAMES if n in extra)
     values = metric_values(terms, valid, h)
@@ -227,4 +227,4 @@ def loss_with_terms(logp_s, logp_t, prep, h: Hyper, x: Terms, *, ref=None, rollo
 
 __all__ = ["KL_TYPES", "ROLLOUT_IS_LEVELS", "ROLLOUT_IS_MODES", "DIVERGENCES", "EXTRA_METRIC_NAMES",
            "check_divergence", "Terms", "hyper_and_terms", "kl_penalty", "seq_sum", "RolloutIS", "rollout_is_weights",
-           "rollout_is_of", "gspo_terms", "loss_with_terms"]
+           "rollout_is_of", "gspo_terms", "masked_mean", "loss_with_terms"]

@@ -71,6 +71,20 @@ def kl_grad(ls, ref, KL_TYPE: tl.constexpr):
 
 
 @triton.jit
+def kl_value(ls, ref, KL_TYPE: tl.constexpr):
+    """verl's per-token KL estimators (loss_terms.py ``kl_penalty``): k1 ``ls - ref``, k2 ``(ls - ref)^2 / 2``, k3
+    ``exp(r) - r - 1`` with ``r = ref - ls`` clamped to [-20, 20] and the value to [-10, 10]."""
+    if KL_TYPE == 1:
+        return ls - ref
+    elif KL_TYPE == 2:
+        d = ls - ref
+        return 0.5 * d * d
+    else:
+        r = clamp_nan(ref - ls, -20.0, 20.0)
+        return clamp_nan(tl.exp(r) - r - 1.0, -10.0, 10.0)
+
+
+@triton.jit
 def row_epilogue(row, N, m_s, d_s, e_s, m_t, d_t, tgt_s, tgt_t, label, agg, V, ignore_index, lam, eps_w, log_lo,
                  log_hi, clip_dual, kl_coef, ADV, OLD, TLP, REF, WIS, LOGP_S, LOGP_T, WEIGHT, ENT, LSE, COEF, PARTS,
                  TEACHER: tl.constexpr, HAS_OLD: tl.constexpr, WANT_ENT: tl.constexpr, CISPO: tl.constexpr,
@@ -79,12 +93,13 @@ def row_epilogue(row, N, m_s, d_s, e_s, m_t, d_t, tgt_s, tgt_t, label, agg, V, i
     weight, policy loss and its derivative, the row's partials of the loss and metrics (``PARTS``, ``[9, N]``).
     ``(m_s, d_s, e_s)``: the student's running max, sum and entropy sum (``row_stats``); ``(m_t, d_t)`` the
     teacher's; ``tgt_s, tgt_t``: the target logits / T. ``agg``: the row's aggregation weight (> 0 exactly for rows
-    in the loss). Returns ``(lse, coef)`` with ``coef = a_t * d loss_t / d logp_s`` (0 for rows out of the loss).
+    in the loss). Returns ``(lse, coef, part, kl_t)``: ``coef = a_t * d loss_t / d logp_s`` (0 for rows out of the
+    loss), the row's loss partial ``a_t * loss_t`` for row 0 of ``PARTS`` (stored by the caller) and its KL value.
 
     The section 2c token-local terms (the fused rows of ``backends/logits/triton_rows.py``): ``HAS_WIS`` scales the
     policy term by the rollout IS weight ``WIS[row]``, ``KL_TYPE`` (0 off) adds ``kl_coef * d kl_t / d logp_s``
-    against ``REF[row]`` to the factor, as ``loss_terms.loss_with_terms`` does. ``PARTS`` then holds the policy
-    term's partials only (that path takes its loss and metrics from the Python algebra)."""
+    against ``REF[row]`` to the factor, as ``loss_terms.loss_with_terms`` does; the loss partial includes both, the
+    metric partials of ``PARTS`` are the policy term's."""
     valid = agg > 0
     has_tgt = (label >= 0) & (label < V)
     log_d = tl.log(d_s)
@@ -114,14 +129,19 @@ def row_epilogue(row, N, m_s, d_s, e_s, m_t, d_t, tgt_s, tgt_t, label, agg, V, i
         g, w, delta = evidence_weight(ls, tl.where(valid, logp_t, 0.0), adv, lam, eps_w)
     tl.store(WEIGHT + row, g)
     loss_t, c, clipped, dual = policy_terms(ls, old, adv * g, log_lo, log_hi, clip_dual, CISPO)
+    kl_t = tl.zeros((), tl.float32)
     if HAS_WIS:
-        c = c * tl.load(WIS + row).to(tl.float32)
+        w_is = tl.load(WIS + row).to(tl.float32)
+        c = c * w_is
+        loss_t = w_is * loss_t
     if KL_TYPE != 0:
-        c = c + kl_coef * kl_grad(ls, tl.load(REF + row).to(tl.float32), KL_TYPE)
+        ref = tl.where(valid, tl.load(REF + row).to(tl.float32), 0.0)
+        c = c + kl_coef * kl_grad(ls, ref, KL_TYPE)
+        kl_t = kl_value(ls, ref, KL_TYPE)
+        loss_t = loss_t + kl_coef * kl_t
     coef = tl.where(valid, agg * c, 0.0)
     tl.store(COEF + row, coef)
     vf = valid.to(tl.float32)
-    tl.store(PARTS + row, tl.where(valid, agg * loss_t, 0.0))
     tl.store(PARTS + N + row, vf * clipped.to(tl.float32))
     tl.store(PARTS + 2 * N + row, vf * dual.to(tl.float32))
     tl.store(PARTS + 3 * N + row, tl.where(valid, old - ls, 0.0))
@@ -130,7 +150,8 @@ def row_epilogue(row, N, m_s, d_s, e_s, m_t, d_t, tgt_s, tgt_t, label, agg, V, i
     tl.store(PARTS + 6 * N + row, tl.where(valid, delta, 0.0))
     tl.store(PARTS + 7 * N + row, tl.where(valid, g, 0.0))
     tl.store(PARTS + 8 * N + row, vf)
-    return lse, coef
+    # the loss partial (row 0 of PARTS) is the caller's to store: the row terms add to it
+    return lse, coef, tl.where(valid, agg * loss_t, 0.0), tl.where(valid, kl_t, 0.0)
 
 
 @triton.jit
@@ -139,8 +160,9 @@ def terms_chunk_grad(z, zt, m_s, log_d, H, m_t, log_dt, D, aux, beta, cols, labe
     """The gradient of one chunk of a row with the entropy bonus and / or a divergence, from the student and teacher
     logits / T ``z``, ``zt``: ``scale (onehot - p) - e_scale p (log p + H) + f_scale dD/dz`` with forward KL's
     ``dD/dz = p - p_T``, reverse KL's ``p (log p - log p_T - D)`` and JSD's ``(1 - beta) p (log p - log M - aux)``
-    (``aux = KL(p_S || M)``; ``e_scale``, ``f_scale``: d loss / d H and d loss / d D, over T). ``log p = (z - m) - log d`` keeps the digits that ``z - lse`` loses at |logits| ~ 1e4;
-    ``p = 0`` (-inf logits) contributes 0, never 0 * inf."""
+    (``aux = KL(p_S || M)``; ``e_scale``, ``f_scale``: d loss / d H and d loss / d D, over T). ``log p = (z - m) -
+    log d`` keeps the digits that ``z - lse`` loses at |logits| ~ 1e4; ``p = 0`` (-inf logits) contributes 0, never
+    0 * inf."""
     lp = (z - m_s) - log_d
     p = tl.exp(lp)
     g = scale * tl.where(cols == label, 1.0 - p, -p)

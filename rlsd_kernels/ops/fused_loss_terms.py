@@ -33,7 +33,9 @@ from .._layout import as_rows3d
 from ..backends.logits import DIV_MODES
 from ..dispatch import get_backend
 from ..hyper import Hyper
-from ..loss_terms import Terms, loss_with_terms
+from .._output import RLSDOutput
+from ..loss import masked_inputs, weights_or_grpo
+from ..loss_terms import EXTRA_METRIC_NAMES, Terms, loss_with_terms, masked_mean
 from . import fused_rows
 from .fused_logprobs import fused_logprobs
 
@@ -206,19 +208,61 @@ def loss_with_terms_fused(h: Hyper, x: Terms, student_logits, teacher_logits, la
 
 def _terms_fused_rows(h: Hyper, x: Terms, student_logits, teacher, labels, advantages, old_logprobs, mask,
                       teacher_logprobs, cu_seqlens, return_entropy, ref_logprobs, rollout_logprobs):
-    """The C++ and Triton backends: forward and gradient in one visit of each row (``ops/fused_rows.py``)."""
+    """The C++ and Triton backends: forward and gradient in one visit of each row (``ops/fused_rows.py``); the loss
+    and the metrics summed on the device where the backend does (Triton), else by the Python algebra."""
     prep = prepare(student_logits, teacher, labels, advantages, old_logprobs, mask, teacher_logprobs, cu_seqlens, h,
                    values=False)
     n, acc = prep.labels.numel(), prep.advantages.dtype
     flat = lambda t: None if t is None else t.detach().reshape(n).to(acc)  # noqa: E731
-    tokens = fused_rows.token_inputs(prep.valid, prep.seq_ids, prep.num_seqs, prep.advantages, prep.old_logprobs,
-                                     prep.teacher_logprobs, h, x, flat(ref_logprobs), flat(rollout_logprobs))
-    (logp_s, logp_t, _, ent, _, div, _), grad = fused_rows.forward_and_grad(
-        student_logits.detach(), teacher, prep.labels, h, tokens, bool(return_entropy), x)
+    tokens, ris = fused_rows.token_inputs(prep.valid, prep.seq_ids, prep.num_seqs, prep.advantages, prep.old_logprobs,
+                                          prep.teacher_logprobs, h, x, flat(ref_logprobs), flat(rollout_logprobs),
+                                          with_ris=True)
+    on_device = fused_rows.sums_on_device(get_backend(student_logits.device))
+    outs, grad = fused_rows.forward_and_grad(student_logits.detach(), teacher, prep.labels, h, tokens,
+                                             bool(return_entropy), x, with_loss=on_device)
+    logp_s, logp_t, _, ent, _, div, _ = outs[:7]
     with torch.no_grad():
-        out = terms_output(h, x, prep, logp_s, logp_t, ent, div, teacher_logprobs, ref_logprobs, rollout_logprobs,
-                           return_entropy, student_logits.shape[-1])
+        if on_device:
+            out = _summed_output(h, x, prep, logp_s, logp_t, ent, *outs[7:], ris, teacher_logprobs, return_entropy,
+                                 student_logits.shape[-1])
+        else:
+            out = terms_output(h, x, prep, logp_s, logp_t, ent, div, teacher_logprobs, ref_logprobs,
+                               rollout_logprobs, return_entropy, student_logits.shape[-1])
     return out._replace(loss=fused_rows.with_stored_gradient(out.loss, student_logits, grad))
+
+
+def _summed_output(h: Hyper, x: Terms, prep, logp_s, logp_t, ent, loss, weights, metrics, ris, teacher_logprobs,
+                   return_entropy, vocab: int) -> RLSDOutput:
+    """The output from the kernel's sums (``triton_rows.fused_rows(with_loss=True)``: ``metrics`` holds
+    ``METRIC_NAMES``' 7 means, then the KL, entropy and clipped-divergence means), as ``loss_with_terms`` builds it;
+    the rollout IS metrics (over the section 2 mask, before rejection) from ``ris``."""
+    shape = prep.label_shape
+    extra = {}
+    if x.kl_coef > 0:
+        extra["kl_mean"] = metrics[7]
+    if x.entropy_coef > 0:
+        extra["entropy_mean"] = metrics[8]
+    if ris is not None:
+        extra["rollout_is_mean"] = masked_mean(ris.rho, prep.valid)
+        extra["rollout_is_clipfrac"] = masked_mean(ris.flagged, prep.valid)
+    if x.distill_coef > 0:
+        extra["distill_mean"] = metrics[9]
+    if ris is not None and x.rollout_is_mode == "mask":
+        # the kernel masks its inputs with a_t > 0, which rejection clears: the weights of the rejected tokens are
+        # those of the section 2 mask, as loss_with_terms reports them
+        n, acc = prep.labels.numel(), prep.advantages.dtype
+        lt = logp_t.reshape(n).to(acc) if logp_t is not None else prep.teacher_logprobs
+        ls, lt, _ = masked_inputs(logp_s.reshape(n).to(acc), lt, None, prep.valid)
+        weights = weights_or_grpo(ls, lt, prep.advantages, h)[0].to(torch.float32)
+    names = tuple(k for k in EXTRA_METRIC_NAMES if k in extra)
+    values = metrics[:7]
+    if names:
+        values = torch.cat([values, torch.stack([extra[k].to(torch.float32) for k in names])])
+    return RLSDOutput(loss=loss, logprobs=logp_s.reshape(shape),
+                      teacher_logprobs=(logp_t.reshape(shape) if logp_t is not None
+                                        else None if teacher_logprobs is None else teacher_logprobs.detach()),
+                      weights=weights.reshape(shape), entropy=ent.reshape(shape) if return_entropy else None,
+                      metric_values=values, extra_metric_names=names, vocab=vocab, ignore_index=h.ignore_index)
 
 
 def div_mode(x: Terms) -> int:

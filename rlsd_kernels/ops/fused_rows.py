@@ -59,10 +59,10 @@ def backend_takes(backend, x: Optional[Terms] = None) -> bool:
 
 
 def token_inputs(valid, seq_ids, num_seqs, advantages, old, teacher_logprobs, h, x: Terms = _OFF, ref=None,
-                 rollout=None):
+                 rollout=None, with_ris: bool = False):
     """The per-token float64 inputs of the kernel (flat ``[N]`` tensors in; ``valid`` the section 2 mask): each is
     computed as ``loss_with_terms`` computes it, in the same dtype (the advantages' ``acc``), so that the gradient
-    and the loss value see the same mask and weights."""
+    and the loss value see the same mask and weights. ``with_ris``: ``(tokens, rollout IS weights | None)``."""
     acc = advantages.dtype
     f64 = lambda t: None if t is None else t.detach().to(torch.float64).contiguous()  # noqa: E731
     w_is = None
@@ -70,8 +70,9 @@ def token_inputs(valid, seq_ids, num_seqs, advantages, old, teacher_logprobs, h,
         ris = rollout_is_of(x, torch.where(valid, old, 0.0), rollout, valid, seq_ids, num_seqs)
         valid, w_is = ris.keep, ris.weight
     agg = agg_weights(valid, h, seq_ids, num_seqs, dtype=acc)
-    return dict(adv=f64(advantages), agg=f64(agg), old=f64(old), teacher_lp=f64(teacher_logprobs),
-                ref=f64(ref) if x.kl_coef > 0 else None, w_is=f64(w_is))
+    tokens = dict(adv=f64(advantages), agg=f64(agg), old=f64(old), teacher_lp=f64(teacher_logprobs),
+                  ref=f64(ref) if x.kl_coef > 0 else None, w_is=f64(w_is))
+    return (tokens, ris if x.rollout_is is not None else None) if with_ris else tokens
 
 
 def token_slice(r0: int, r1: int, advantages, agg, old, teacher_logprobs) -> dict:
@@ -90,9 +91,17 @@ def hyper_args(h, x: Terms = _OFF) -> dict:
                 distill_clip=math.inf if x.distill_clip is None else float(x.distill_clip))
 
 
-def forward_and_grad(student, teacher, flat_labels, h, tokens, want_entropy: bool, x: Terms = _OFF, out=None):
-    """``forward_terms``' outputs (flat ``[N]``; ``lse_t`` / ``div`` / ``aux`` None without a divergence) and the
-    gradient of the loss: a new tensor shaped like ``student``, or ``out`` (which may be ``student`` itself: each
+def sums_on_device(backend) -> bool:
+    """Whether the backend's fused rows also sum the loss and the metrics (Triton: ``with_loss``); the C++ ones leave
+    them to the Python algebra (``fused_loss_terms.terms_output``)."""
+    return getattr(backend, "FUSED_ROWS_LOSS", False)
+
+
+def forward_and_grad(student, teacher, flat_labels, h, tokens, want_entropy: bool, x: Terms = _OFF, out=None,
+                     with_loss: bool = False):
+    """``forward_terms``' outputs (flat ``[N]``; ``lse_t`` / ``div`` / ``aux`` None without a divergence), with
+    ``with_loss`` (``sums_on_device`` backends) also the loss, weights and metrics of ``triton_rows.fused_rows``, and
+    the gradient of the loss: a new tensor shaped like ``student``, or ``out`` (which may be ``student`` itself: each
     row is read whole before its gradient is written)."""
     backend = dispatch.get_backend(student.device)
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if out is None else out
@@ -100,7 +109,7 @@ def forward_and_grad(student, teacher, flat_labels, h, tokens, want_entropy: boo
     div_mode = DIV_MODES[x.distill_divergence] if x.distill_coef > 0 else 0
     outs = backend.fused_rows(s3, None if teacher is None else as_rows3d(teacher), flat_labels.contiguous(),
                               h.temperature, h.ignore_index, want_entropy, div_mode, x.distill_beta, tokens,
-                              hyper_args(h, x), grad.view(s3.shape))
+                              hyper_args(h, x), grad.view(s3.shape), **({"with_loss": True} if with_loss else {}))
     return outs, grad
 
 

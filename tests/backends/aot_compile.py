@@ -130,11 +130,13 @@ def compile_fused_loss():
                      "WRITE_GRAD": write_grad, "CONTIG": contig,
                      "BLOCK_V": 32768 if in_regs else LAUNCH["loss_block_v"],
                      "PREFETCH": (teacher + has_old) % 2 == 1 and not in_regs, "ROW_IN_REGS": in_regs,
-                     "KL_TYPE": kl, "HAS_WIS": wis, "ENT_GRAD": ent_grad, "DIV_MODE": div},
+                     "KL_TYPE": kl, "HAS_WIS": wis, "ENT_GRAD": ent_grad, "DIV_MODE": div,
+                     "TERM_PARTS": tok == "*fp64" and (kl or wis or ent_grad or div) != 0},
                     LAUNCH["loss_row_warps"] if in_regs else LAUNCH["loss_warps"], no_f64_math=True)
-    compile_one("loss_finalize", tloss.KERNELS["finalize"],
-                {"PARTS": "*fp32", "LOSS": "*fp32", "METRICS": "*fp32", "N": "i64"},
-                {"BLOCK": LAUNCH["finalize_block"], "K": 16}, LAUNCH["small_warps"])
+    for n_parts in (tloss.N_ROWSTATS, tloss.N_TERM_PARTS):  # the plain loss; the fused rows' terms
+        compile_one("loss_finalize", tloss.KERNELS["finalize"],
+                    {"PARTS": "*fp32", "LOSS": "*fp32", "METRICS": "*fp32", "N": "i64"},
+                    {"BLOCK": LAUNCH["finalize_block"], "K": 16, "N_PARTS": n_parts}, LAUNCH["small_warps"])
     for dt in ("bf16", "fp32"):
         compile_one(f"scale_grad[{dt}]", tloss.KERNELS["scale_grad"],
                     {"GRAD": PTR[dt], "GOUT": "*fp32", "numel": "i64"},

@@ -127,4 +127,4 @@ KERNELS = {"fused_logprobs_fwd": _fused_logprobs_fwd, "fused_logprobs_bwd": _fus
 # The row terms (entropy bonus, distillation divergence: docs/math.md sections 2b/2c): triton_terms.py.
 from .triton_terms import backward_terms, forward_terms  # noqa: E402,F401
 # The loss with its token-local terms and its gradient in one launch (ops/fused_rows.py): triton_rows.py.
-from .triton_rows import FUSED_ROWS_DIV_MODES, fused_rows  # noqa: E402,F401
+from .triton_rows import FUSED_ROWS_DIV_MODES, FUSED_ROWS_LOSS, fused_rows  # noqa: E402,F401

@@ -33,6 +33,7 @@ from ..triton_launch import LAUNCH
 
 AGG_CODES = {"token": 0, "seq": 1, "sum": 2}
 N_ROWSTATS = 9  # loss, clipped, dual, -log_ratio, w_low, w_high, delta, g, valid (rows of the partials buffer)
+N_TERM_PARTS = 12  # the fused rows' (triton_rows.py): and the per-token KL, entropy and divergence of their metrics
 
 
 @triton.jit
@@ -46,7 +47,7 @@ def _loss_rows(
     TEACHER: tl.constexpr, HAS_OLD: tl.constexpr, WANT_ENT: tl.constexpr, CISPO: tl.constexpr,
     WRITE_GRAD: tl.constexpr, CONTIG: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr,
     ROW_IN_REGS: tl.constexpr, KL_TYPE: tl.constexpr, HAS_WIS: tl.constexpr, ENT_GRAD: tl.constexpr,
-    DIV_MODE: tl.constexpr,
+    DIV_MODE: tl.constexpr, TERM_PARTS: tl.constexpr,
 ):
     # TEACHER: 0 none (GRPO), 1 teacher logits (read in the same sweep), 2 teacher log-probs per token.
     # KL_TYPE / HAS_WIS / ENT_GRAD / DIV_MODE: the section 2c token-local terms of the fused rows (triton_rows.py):
@@ -55,7 +56,8 @@ def _loss_rows(
     # distill_coef * a_t * D_t (DIV_MODE 1 forward KL, 2 reverse KL, 3 JSD with weight beta; TEACHER 1, not
     # ROW_IN_REGS): the KLs' cross sums in sweep 1 (row_stats), JSD's sums in a sweep of their own once both
     # log-sum-exps are known (jsd_sums), D_t, the teacher's lse and JSD's KL(p_S || M) into DIV / LSE_T / AUX, the
-    # gradient in sweep 2, which then re-reads the teacher chunk too.
+    # gradient in sweep 2, which then re-reads the teacher chunk too. TERM_PARTS: PARTS has 12 rows, the loss partial
+    # (row 0) holds every term, and rows 9-11 the per-token KL, entropy and (clipped) divergence for their metrics.
     NEG_INF: tl.constexpr = float("-inf")
     cols0 = tl.arange(0, BLOCK_V)
     for program_row in range(tl.program_id(0), N, tl.num_programs(0)):
@@ -90,9 +92,10 @@ def _loss_rows(
                                                          WANT_ENT, CONTIG, BLOCK_V, PREFETCH, True, DIV_MODE)
 
         # ---- per-row epilogue (docs/math.md sections 2-3)
-        lse, coef = row_epilogue(row, N, m_s, d_s, e_s, m_t, d_t, tgt_s, tgt_t, label, agg, V, ignore_index, lam,
-                                 eps_w, log_lo, log_hi, clip_dual, kl_coef, ADV, OLD, TLP, REF, WIS, LOGP_S, LOGP_T,
-                                 WEIGHT, ENT, LSE, COEF, PARTS, TEACHER, HAS_OLD, WANT_ENT, CISPO, KL_TYPE, HAS_WIS)
+        lse, coef, part, kl_t = row_epilogue(row, N, m_s, d_s, e_s, m_t, d_t, tgt_s, tgt_t, label, agg, V,
+                                             ignore_index, lam, eps_w, log_lo, log_hi, clip_dual, kl_coef, ADV, OLD,
+                                             TLP, REF, WIS, LOGP_S, LOGP_T, WEIGHT, ENT, LSE, COEF, PARTS, TEACHER,
+                                             HAS_OLD, WANT_ENT, CISPO, KL_TYPE, HAS_WIS)
 
         log_d = tl.log(d_s)
         log_dt = tl.log(d_t)
@@ -113,6 +116,20 @@ def _loss_rows(
             # d loss / d D_t = distill_coef * a_t; beyond the clip the value is capped and the gradient 0 (NaN passes)
             f = tl.where(agg > 0, distill_coef * agg, 0.0)
             f_scale = tl.where((distill_clip < float("inf")) & (D > distill_clip), 0.0, f) * inv_temp
+        if TERM_PARTS:  # the row terms' share of the loss, and the per-token values of their metrics
+            in_loss = agg > 0
+            H_t = tl.zeros((), tl.float32)
+            if ENT_GRAD:
+                H_t = tl.where(in_loss, log_d - e_s / d_s, 0.0)
+                part += tl.where(in_loss, -entropy_coef * agg * H_t, 0.0)
+            D_t = tl.zeros((), tl.float32)
+            if DIV_MODE != 0:  # capped at the clip (torch.clamp's max: NaN stays NaN)
+                D_t = tl.where(in_loss, tl.where(D > distill_clip, distill_clip, D), 0.0)
+                part += tl.where(in_loss, distill_coef * agg * D_t, 0.0)
+            tl.store(PARTS + 9 * N + row, kl_t)
+            tl.store(PARTS + 10 * N + row, H_t)
+            tl.store(PARTS + 11 * N + row, D_t)
+        tl.store(PARTS + row, part)
 
         # ---- sweep 2: the gradient of the row, re-read from L2
         if WRITE_GRAD:
@@ -164,18 +181,21 @@ def _loss_rows(
 
 
 @triton.jit
-def _finalize(PARTS, LOSS, METRICS, N, BLOCK: tl.constexpr, K: tl.constexpr):
-    """Fixed-order sums of the per-row partials: loss = sum a_t * loss_t; metrics = masked means."""
+def _finalize(PARTS, LOSS, METRICS, N, BLOCK: tl.constexpr, K: tl.constexpr, N_PARTS: tl.constexpr):
+    """Fixed-order sums of the per-row partials: loss = sum a_t * loss_t; metrics = masked means (the 7 of rows 1-7,
+    and with N_PARTS = 12 the row terms' 3 of rows 9-11)."""
     k = tl.arange(0, K)[:, None]
     acc = tl.zeros((K, BLOCK), tl.float32)
     for start in range(0, N, BLOCK):
         r = start + tl.arange(0, BLOCK)[None, :]
-        acc += tl.load(PARTS + k.to(tl.int64) * N + r, mask=(k < 9) & (r < N), other=0.0)
+        acc += tl.load(PARTS + k.to(tl.int64) * N + r, mask=(k < N_PARTS) & (r < N), other=0.0)
     sums = tl.sum(acc, axis=1)
     kk = tl.arange(0, K)
     count = tl.maximum(tl.sum(tl.where(kk == 8, sums, 0.0), axis=0), 1.0)
     tl.store(LOSS, tl.sum(tl.where(kk == 0, sums, 0.0), axis=0))
     tl.store(METRICS + kk - 1, sums / count, mask=(kk >= 1) & (kk <= 7))
+    if N_PARTS > 9:
+        tl.store(METRICS + kk - 2, sums / count, mask=(kk >= 9) & (kk < N_PARTS))
 
 
 @triton.jit
@@ -249,8 +269,14 @@ def fused_loss(student, teacher, teacher_logprobs, labels, advantages, adv_per_s
     )
     launch_rows(student, teacher, grad, labels, agg, adv_rows, old_logprobs, teacher_logprobs,
                 (logp_s, logp_t, weights, ent, lse, coef, parts), h)
-    _finalize[(1,)](parts, loss, metrics, n, BLOCK=LAUNCH["finalize_block"], K=16, num_warps=LAUNCH["small_warps"])
+    finalize(parts, loss, metrics)
     return loss, logp_s, logp_t, weights, ent, metrics, errors, lse, coef
+
+
+def finalize(parts, loss, metrics) -> None:
+    """The loss and the metrics from the ``[9 or 12, N]`` per-row partials (one program, fixed order)."""
+    _finalize[(1,)](parts, loss, metrics, parts.shape[1], BLOCK=LAUNCH["finalize_block"], K=16,
+                    N_PARTS=parts.shape[0], num_warps=LAUNCH["small_warps"])
 
 
 def scale_(grad, grad_output) -> None:
@@ -290,7 +316,8 @@ def launch_rows(student, teacher, grad, labels, agg, adv, old, teacher_logprobs,
     """One launch of ``_loss_rows``: per row the statistics, the epilogue and, with ``grad`` (a ``[B, T, V]`` view,
     which may be ``student`` itself), the gradient. ``agg``, ``adv``, ``old``, ``teacher_logprobs``: ``[N]`` per row
     (any float dtype; None where absent); ``outs``: the ``[N]`` float32 outputs ``(logp_s, logp_t | None, weights,
-    entropy | None, lse, coef)`` and the ``[9, N]`` partials."""
+    entropy | None, lse, coef)`` and the ``[9, N]`` partials (``[12, N]``: the row terms' share of the loss in row 0
+    and their metrics' per-token values in rows 9-11, for ``finalize``)."""
     logp_s, logp_t, weights, ent, lse, coef, parts = outs
     B, T, V = student.shape
     n = B * T
@@ -316,7 +343,8 @@ def launch_rows(student, teacher, grad, labels, agg, adv, old, teacher_logprobs,
                       HAS_OLD=old is not None, WANT_ENT=ent is not None, CISPO=h.loss_type == "cispo",
                       WRITE_GRAD=grad is not None, CONTIG=unit_vocab_stride(student, tch, out),
                       KL_TYPE=int(terms.kl_type), HAS_WIS=terms.w_is is not None,
-                      ENT_GRAD=grad is not None and terms.entropy_coef > 0, DIV_MODE=int(terms.div_mode))
+                      ENT_GRAD=grad is not None and terms.entropy_coef > 0, DIV_MODE=int(terms.div_mode),
+                      TERM_PARTS=parts.shape[0] > N_ROWSTATS)
     if constexprs["ENT_GRAD"] and ent is None:
         raise ValueError("launch_rows: the entropy bonus needs the entropy output")
     if row_in_regs:
