@@ -113,7 +113,8 @@ def token_seq_ids(lead_shape, cu_seqlens, n: int, device):
     if cu_seqlens is not None:
         pos = torch.arange(n, device=device)
         ids = torch.searchsorted(cu_seqlens[1:].to(torch.int64), pos, right=True)
-        return ids, cu_seqlens.numel() - 1
+        # within [0, num_seqs) whatever the contents (checked on the host, or flagged on the device: device_input_errors)
+        return ids.clamp_(max=cu_seqlens.numel() - 2), cu_seqlens.numel() - 1
     if len(lead_shape) < 2:
         return None, 0
     T = lead_shape[-1]
@@ -201,10 +202,29 @@ def prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, ma
         teacher_logprobs = teacher_logprobs.detach().reshape(n).to(acc)
     flat_labels = labels.reshape(n).to(torch.int64)
     valid = flat_labels != h.ignore_index
+    if not values:  # labels out of range are left out of the loss (the caller reports them: device_input_errors)
+        valid = valid & (flat_labels >= 0) & (flat_labels < student_logits.shape[-1])
     if mask is not None:
         valid = valid & (mask.reshape(n) != 0)
     return Prepared(flat_labels, valid, adv, old_logprobs, teacher_logprobs, seq_ids, num_seqs, labels.shape,
                     student_logits.shape[-1])
+
+
+def device_input_errors(flat_labels, vocab: int, ignore_index: int, cu_seqlens) -> torch.Tensor:
+    """The value checks of ``check_labels`` / ``_check_cu_seqlens`` as device tensors, without a host sync: int64
+    ``[3]`` = (labels outside ``[0, vocab)`` and not ``ignore_index``, the first of them (0 if none), 1 if
+    ``cu_seqlens`` is malformed), the ``RLSDOutput.input_errors`` of the Triton backend (read with the metrics)."""
+    zero = torch.zeros((), dtype=torch.int64, device=flat_labels.device)
+    bad = ((flat_labels < 0) | (flat_labels >= vocab)) & (flat_labels != ignore_index)
+    n_bad = bad.sum()
+    first = zero
+    if flat_labels.numel():  # (gather, not [tensor] indexing: that would read the index on the host)
+        first = torch.where(n_bad > 0, flat_labels.gather(0, torch.argmax(bad.to(torch.int8)).reshape(1))[0], 0)
+    cu_bad = zero
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(torch.int64)
+        cu_bad = ((cu[0] != 0) | (cu[-1] != flat_labels.numel()) | (cu[1:] < cu[:-1]).any()).to(torch.int64)
+    return torch.stack([n_bad.to(torch.int64), first.to(torch.int64), cu_bad])
 
 
 def check_terms_call(x, labels, cu_seqlens, device, teacher_logits, teacher_logprobs, ref_logprobs,

@@ -15,7 +15,7 @@ from .hyper import LOSS_TYPES, Hyper
 from .loss_terms import Terms, check_divergence, hyper_and_terms
 from .ops.fused_logprobs import fused_logprobs_autograd
 from .ops.fused_loss import fused_rlsd_loss_autograd
-from .ops.fused_loss_terms import loss_with_terms_fused
+from .ops.fused_loss_terms import loss_with_terms_fused, values_on_device
 from . import vocab_parallel
 
 
@@ -40,7 +40,9 @@ def rlsd_loss(student_logits, teacher_logits, labels, advantages, old_logprobs=N
 
     The docs/math.md section 2c terms (``ref_logprobs``/``kl_coef``/``kl_type``, ``rollout_logprobs``/``rollout_is``
     and its threshold and mode, ``loss_type="gspo"``, ``entropy_coef``, ``distill_*``) are all off by default; with
-    all of them off the op is exactly section 2. With any on, the values of the inputs are checked on the host.
+    all of them off the op is exactly section 2. With any on, the values of the inputs are checked on the host, except
+    where the Triton fused rows run (a gradient wanted, not in place, every term token-local): there on the device,
+    as above.
 
     ``vocab_parallel_group`` (a ``torch.distributed`` group): the logits are this rank's vocabulary shard
     ``[..., V_local]`` starting at global id ``vocab_start`` (default ``rank * V_local``); labels are global ids
@@ -142,10 +144,12 @@ def _rlsd_loss(h: Hyper, student_logits, teacher_logits, labels, advantages, old
 def _rlsd_loss_terms(h: Hyper, x: Terms, student_logits, teacher_logits, labels, advantages, old_logprobs, mask,
                      teacher_logprobs, cu_seqlens, return_entropy, inplace_backward, ref_logprobs,
                      rollout_logprobs) -> RLSDOutput:
-    """``rlsd_loss`` with section 2c terms on: validation (values on the host), then ``ops/fused_loss_terms.py``."""
+    """``rlsd_loss`` with section 2c terms on: validation (the label / ``cu_seqlens`` values on the host, or on the
+    device where the Triton fused rows run: no host sync), then ``ops/fused_loss_terms.py``."""
     check_logits("student_logits", student_logits)
+    on_device = values_on_device(student_logits, x, old_logprobs, inplace_backward)
     check_loss_inputs(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
-                      cu_seqlens, h, values=not torch.compiler.is_compiling())
+                      cu_seqlens, h, values=not torch.compiler.is_compiling() and not on_device)
     check_terms_call(x, labels, cu_seqlens, student_logits.device, teacher_logits, teacher_logprobs, ref_logprobs,
                      rollout_logprobs)
     return loss_with_terms_fused(h, x, student_logits, teacher_logits, labels, advantages, old_logprobs, mask,

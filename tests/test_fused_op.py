@@ -1,6 +1,8 @@
 """Structural properties of the fused loss op (issue: the whole loss in a couple of launches, no host sync):
 dispatched aten ops per forward+backward, no ``.item()``, the gradient formed in the forward and scaled by
 ``grad_output`` in the backward, and (on CUDA) capture in a CUDA graph."""
+import traceback
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -15,12 +17,18 @@ SYNC_OPS = ("_local_scalar_dense", "item", "is_nonzero", "equal")
 
 
 class OpLog(TorchDispatchMode):
-    def __init__(self):
+    """The aten ops dispatched inside the block; ``skip_interpreter``: not those Triton's interpreter dispatches
+    around a launch on CPU tensors (a GPU has none of them)."""
+
+    def __init__(self, skip_interpreter: bool = False):
         super().__init__()
         self.ops = []
+        self.skip_interpreter = skip_interpreter
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket.__name__))
+        if not (self.skip_interpreter and any("triton" in f.filename and "runtime" in f.filename
+                                              for f in traceback.extract_stack())):
+            self.ops.append(str(func.overloadpacket.__name__))
         return func(*args, **(kwargs or {}))
 
 
@@ -40,6 +48,29 @@ def test_forward_backward_is_a_handful_of_ops_and_never_syncs(kw):
         ops, out, s = _step(inputs, **kw)
     assert not [op for op in ops if op in SYNC_OPS], ops
     assert len(ops) <= 12, ops
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("kw", [dict(kl_coef=0.1), dict(entropy_coef=0.01), dict(distill_coef=0.5),
+                                dict(distill_coef=0.5, distill_divergence="jsd"), dict(rollout_is="sequence")],
+                         ids=["kl", "entropy", "forward_kl", "jsd", "rollout_is"])
+def test_terms_on_the_fused_rows_never_sync(kw):
+    """The section 2c terms through the Triton fused rows (``backends/logits/triton_rows.py``): the loss, metrics and
+    gradient summed on the device, the label values checked there (``RLSDOutput.input_errors``): no host sync in a
+    forward+backward, and the O(N) work a bounded number of small ops (the composed path dispatched ~250)."""
+    inputs = make_inputs(B=3, T=5, V=97, device=DEVICE)
+    if "kl_coef" in kw:
+        kw = dict(kw, ref_logprobs=inputs["old_logprobs"] + 0.1)
+    if "rollout_is" in kw:
+        kw = dict(kw, rollout_logprobs=inputs["old_logprobs"] + 0.05)
+    with running_on(Backend("triton", DEVICE)):
+        s = inputs["student_logits"].detach().clone().requires_grad_(True)
+        with OpLog(skip_interpreter=True) as log:
+            out = rlsd_loss(**dict(inputs, student_logits=s), lam=0.5, **kw)
+            out.loss.backward()
+    assert not [op for op in log.ops if op in SYNC_OPS], log.ops
+    assert len(log.ops) <= 130, log.ops  # 72-112 on 2026-11-27 (the composed path: ~250)
     assert s.grad is not None and torch.isfinite(s.grad).all()
 
 

@@ -93,29 +93,64 @@ def test_no_kernel_runs_on_bad_input(inputs, monkeypatch):
         _raises(rlsd_loss, "labels", **dict(inputs, labels=torch.full_like(inputs["labels"], 99)))
 
 
-def test_device_side_label_check_leaves_bad_tokens_out():
-    """Triton backend: no host sync for the label range; bad tokens are left out of the loss (as masked) and the
-    ValueError names labels (and the first bad value) when the metrics are read."""
-    from helpers import Backend, running_on
+def _triton_device():
     from rlsd_kernels.dispatch import interpreter_on
 
     pytest.importorskip("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not interpreter_on():
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    return device
+
+
+@pytest.mark.parametrize("terms", [{}, dict(kl_coef=0.1, entropy_coef=0.05, distill_coef=0.3)],
+                         ids=["plain", "terms"])
+def test_device_side_label_check_leaves_bad_tokens_out(terms):
+    """Triton backend (the plain op, and the section 2c terms on its fused rows): no host sync for the label range;
+    bad tokens are left out of the loss and its gradient (as masked) and the ValueError names labels (and the first
+    bad value) when the metrics are read."""
+    from helpers import Backend, running_on
+
+    device = _triton_device()
     inputs = make_inputs(B=2, T=3, V=11, seed=0, device=device)
+    if "kl_coef" in terms:
+        terms = dict(terms, ref_logprobs=inputs["old_logprobs"] + 0.1)
     lab = inputs["labels"].clone()
     lab[0, 1] = 99
+    masked = inputs["mask"].clone()
+    masked[0, 1] = False
+    grads = []
     with running_on(Backend("triton", device)):
-        out = rlsd_loss(**dict(inputs, labels=lab))
-        masked = inputs["mask"].clone()
-        masked[0, 1] = False
-        ref = rlsd_loss(**dict(inputs, labels=lab.clamp(max=10), mask=masked))
+        outs = []
+        for labels, mask in ((lab, inputs["mask"]), (lab.clamp(max=10), masked)):
+            s = inputs["student_logits"].detach().clone().requires_grad_()
+            outs.append(rlsd_loss(**dict(inputs, student_logits=s, labels=labels, mask=mask), **terms))
+            outs[-1].loss.backward()
+            grads.append(s.grad)
+    out, ref = outs
     torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(grads[0], grads[1])
     with pytest.raises(ValueError, match="labels holds 99"):
         out.metrics
     with pytest.raises(ValueError, match="labels holds 99"):
         out.check_inputs()
+
+
+def test_device_side_cu_seqlens_check_with_terms():
+    """The terms on the Triton fused rows with malformed ``cu_seqlens`` (not non-decreasing; not ending at nnz): no
+    host sync, no out-of-range index, and the ValueError names cu_seqlens when the metrics are read."""
+    from helpers import Backend, running_on
+
+    device = _triton_device()
+    inputs = make_inputs(B=1, T=6, V=11, seed=1, device=device)
+    for cu in ([0, 4, 2, 6], [0, 3, 5]):
+        with running_on(Backend("triton", device)):
+            s = inputs["student_logits"].detach().clone().requires_grad_()
+            out = rlsd_loss(**dict(inputs, student_logits=s), entropy_coef=0.05, loss_agg_mode="seq",
+                            cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device))
+            out.loss.backward()
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            out.check_inputs()
 
 
 def test_token_logprobs_and_module_validate(inputs):

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from .._inputs import prepare
+from .._inputs import device_input_errors, prepare
 from .._layout import as_rows3d
 from ..backends.logits import DIV_MODES
 from ..dispatch import get_backend
@@ -209,7 +209,8 @@ def loss_with_terms_fused(h: Hyper, x: Terms, student_logits, teacher_logits, la
 def _terms_fused_rows(h: Hyper, x: Terms, student_logits, teacher, labels, advantages, old_logprobs, mask,
                       teacher_logprobs, cu_seqlens, return_entropy, ref_logprobs, rollout_logprobs):
     """The C++ and Triton backends: forward and gradient in one visit of each row (``ops/fused_rows.py``); the loss
-    and the metrics summed on the device where the backend does (Triton), else by the Python algebra."""
+    and the metrics summed on the device where the backend does (Triton: ``values_on_device``), else by the Python
+    algebra."""
     prep = prepare(student_logits, teacher, labels, advantages, old_logprobs, mask, teacher_logprobs, cu_seqlens, h,
                    values=False)
     n, acc = prep.labels.numel(), prep.advantages.dtype
@@ -222,9 +223,11 @@ def _terms_fused_rows(h: Hyper, x: Terms, student_logits, teacher, labels, advan
                                              bool(return_entropy), x, with_loss=on_device)
     logp_s, logp_t, _, ent, _, div, _ = outs[:7]
     with torch.no_grad():
-        if on_device:
+        if on_device:  # (the caller left the label / cu_seqlens values to the device: no host sync)
             out = _summed_output(h, x, prep, logp_s, logp_t, ent, *outs[7:], ris, teacher_logprobs, return_entropy,
                                  student_logits.shape[-1])
+            out = out._replace(input_errors=device_input_errors(prep.labels, student_logits.shape[-1],
+                                                                h.ignore_index, cu_seqlens))
         else:
             out = terms_output(h, x, prep, logp_s, logp_t, ent, div, teacher_logprobs, ref_logprobs,
                                rollout_logprobs, return_entropy, student_logits.shape[-1])
@@ -263,6 +266,13 @@ def _summed_output(h: Hyper, x: Terms, prep, logp_s, logp_t, ent, loss, weights,
                                         else None if teacher_logprobs is None else teacher_logprobs.detach()),
                       weights=weights.reshape(shape), entropy=ent.reshape(shape) if return_entropy else None,
                       metric_values=values, extra_metric_names=names, vocab=vocab, ignore_index=h.ignore_index)
+
+
+def values_on_device(student_logits, x: Terms, old_logprobs, inplace_backward) -> bool:
+    """Whether this call takes the fused rows of a backend that sums on the device (Triton): its label and
+    ``cu_seqlens`` values are then checked on the device (``RLSDOutput.input_errors``), with no host sync."""
+    return (fused_rows.serves(student_logits, x, old_logprobs, inplace_backward)
+            and fused_rows.sums_on_device(get_backend(student_logits.device)))
 
 
 def div_mode(x: Terms) -> int:
