@@ -99,6 +99,9 @@ def _loss_rows(
 
         log_d = tl.log(d_s)
         log_dt = tl.log(d_t)
+        H = tl.zeros((), tl.float32)
+        if ENT_GRAD:  # the entropy of the row, for the bonus' loss share and gradient
+            H = log_d - e_s / d_s
         D = tl.zeros((), tl.float32)
         aux = tl.zeros((), tl.float32)
         f_scale = tl.zeros((), tl.float32)
@@ -118,9 +121,8 @@ def _loss_rows(
             f_scale = tl.where((distill_clip < float("inf")) & (D > distill_clip), 0.0, f) * inv_temp
         if TERM_PARTS:  # the row terms' share of the loss, and the per-token values of their metrics
             in_loss = agg > 0
-            H_t = tl.zeros((), tl.float32)
+            H_t = tl.where(in_loss, H, 0.0)
             if ENT_GRAD:
-                H_t = tl.where(in_loss, log_d - e_s / d_s, 0.0)
                 part += tl.where(in_loss, -entropy_coef * agg * H_t, 0.0)
             D_t = tl.zeros((), tl.float32)
             if DIV_MODE != 0:  # capped at the clip (torch.clamp's max: NaN stays NaN)
@@ -138,10 +140,8 @@ def _loss_rows(
             # masked rows and rows of only -inf get exactly 0 (0 * nan would be nan); NaN rows stay NaN
             live = (scale != 0) & (lse != NEG_INF)
             e_scale = tl.zeros((), tl.float32)
-            H = tl.zeros((), tl.float32)
             if ENT_GRAD:  # d loss / d H_t = -entropy_coef * a_t
                 e_scale = tl.where(agg > 0, -entropy_coef * agg, 0.0) * inv_temp
-                H = log_d - e_s / d_s
                 live = ((scale != 0) | (e_scale != 0)) & (lse != NEG_INF)
             if DIV_MODE != 0:
                 live = ((scale != 0) | (e_scale != 0) | (f_scale != 0)) & (lse != NEG_INF)
