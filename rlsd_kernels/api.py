@@ -40,9 +40,8 @@ def rlsd_loss(student_logits, teacher_logits, labels, advantages, old_logprobs=N
 
     The docs/math.md section 2c terms (``ref_logprobs``/``kl_coef``/``kl_type``, ``rollout_logprobs``/``rollout_is``
     and its threshold and mode, ``loss_type="gspo"``, ``entropy_coef``, ``distill_*``) are all off by default; with
-    all of them off the op is exactly section 2. With any on, the values of the inputs are checked on the host, except
-    where the Triton fused rows run (a gradient wanted, not in place, every term token-local): there on the device,
-    as above.
+    all of them off the op is exactly section 2; on the Triton backend their values are checked on the device too, as
+    above (on the CPU backends on the host).
 
     ``vocab_parallel_group`` (a ``torch.distributed`` group): the logits are this rank's vocabulary shard
     ``[..., V_local]`` starting at global id ``vocab_start`` (default ``rank * V_local``); labels are global ids
@@ -147,7 +146,7 @@ def _rlsd_loss_terms(h: Hyper, x: Terms, student_logits, teacher_logits, labels,
     """``rlsd_loss`` with section 2c terms on: validation (the label / ``cu_seqlens`` values on the host, or on the
     device where the Triton fused rows run: no host sync), then ``ops/fused_loss_terms.py``."""
     check_logits("student_logits", student_logits)
-    on_device = values_on_device(student_logits, x, old_logprobs, inplace_backward)
+    on_device = values_on_device(student_logits)
     check_loss_inputs(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
                       cu_seqlens, h, values=not torch.compiler.is_compiling() and not on_device)
     check_terms_call(x, labels, cu_seqlens, student_logits.device, teacher_logits, teacher_logprobs, ref_logprobs,

@@ -53,12 +53,14 @@ def test_forward_backward_is_a_handful_of_ops_and_never_syncs(kw):
 
 @needs_triton
 @pytest.mark.parametrize("kw", [dict(kl_coef=0.1), dict(entropy_coef=0.01), dict(distill_coef=0.5),
-                                dict(distill_coef=0.5, distill_divergence="jsd"), dict(rollout_is="sequence")],
-                         ids=["kl", "entropy", "forward_kl", "jsd", "rollout_is"])
-def test_terms_on_the_fused_rows_never_sync(kw):
-    """The section 2c terms through the Triton fused rows (``backends/logits/triton_rows.py``): the loss, metrics and
-    gradient summed on the device, the label values checked there (``RLSDOutput.input_errors``): no host sync in a
-    forward+backward, and the O(N) work a bounded number of small ops (the composed path dispatched ~250)."""
+                                dict(distill_coef=0.5, distill_divergence="jsd"), dict(rollout_is="sequence"),
+                                dict(loss_type="gspo"), dict(entropy_coef=0.01, inplace_backward=True)],
+                         ids=["kl", "entropy", "forward_kl", "jsd", "rollout_is", "gspo", "entropy_inplace"])
+def test_terms_never_sync(kw):
+    """The section 2c terms on the Triton backend: the label values checked on the device (``RLSDOutput.input_errors``)
+    so that no forward+backward syncs with the host; through the fused rows (``backends/logits/triton_rows.py``:
+    loss, metrics and gradient summed on the device) the O(N) work is also a bounded number of small ops (the
+    composed path that GSPO and the in-place backward take dispatches ~200)."""
     inputs = make_inputs(B=3, T=5, V=97, device=DEVICE)
     if "kl_coef" in kw:
         kw = dict(kw, ref_logprobs=inputs["old_logprobs"] + 0.1)
@@ -70,7 +72,8 @@ def test_terms_on_the_fused_rows_never_sync(kw):
             out = rlsd_loss(**dict(inputs, student_logits=s), lam=0.5, **kw)
             out.loss.backward()
     assert not [op for op in log.ops if op in SYNC_OPS], log.ops
-    assert len(log.ops) <= 130, log.ops  # 72-112 on 2026-11-27 (the composed path: ~250)
+    if kw.get("loss_type") != "gspo" and not kw.get("inplace_backward"):
+        assert len(log.ops) <= 130, log.ops  # 72-112 on 2026-11-27 (the composed path: ~200-250)
     assert s.grad is not None and torch.isfinite(s.grad).all()
 
 

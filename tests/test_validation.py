@@ -103,12 +103,12 @@ def _triton_device():
     return device
 
 
-@pytest.mark.parametrize("terms", [{}, dict(kl_coef=0.1, entropy_coef=0.05, distill_coef=0.3)],
-                         ids=["plain", "terms"])
+@pytest.mark.parametrize("terms", [{}, dict(kl_coef=0.1, entropy_coef=0.05, distill_coef=0.3),
+                                   dict(loss_type="gspo", entropy_coef=0.05)], ids=["plain", "terms", "gspo"])
 def test_device_side_label_check_leaves_bad_tokens_out(terms):
-    """Triton backend (the plain op, and the section 2c terms on its fused rows): no host sync for the label range;
-    bad tokens are left out of the loss and its gradient (as masked) and the ValueError names labels (and the first
-    bad value) when the metrics are read."""
+    """Triton backend (the plain op, and the section 2c terms, on the fused rows or composed): no host sync for the
+    label range; bad tokens are left out of the loss and its gradient (as masked) and the ValueError names labels
+    (and the first bad value) when the metrics are read."""
     from helpers import Backend, running_on
 
     device = _triton_device()

@@ -202,15 +202,25 @@ def loss_with_terms_fused(h: Hyper, x: Terms, student_logits, teacher_logits, la
                                                 bool(inplace_backward))
     prep = prepare(student_logits, teacher_logits, labels, advantages, old_logprobs, mask, teacher_logprobs,
                    cu_seqlens, h, values=False)
-    return terms_output(h, x, prep, logp_s, logp_t if teacher_logits is not None else None, ent, div,
-                        teacher_logprobs, ref_logprobs, rollout_logprobs, return_entropy, student_logits.shape[-1])
+    out = terms_output(h, x, prep, logp_s, logp_t if teacher_logits is not None else None, ent, div,
+                       teacher_logprobs, ref_logprobs, rollout_logprobs, return_entropy, student_logits.shape[-1])
+    return _with_device_checks(out, student_logits, prep, h, cu_seqlens)
+
+
+def _with_device_checks(out, student_logits, prep, h: Hyper, cu_seqlens):
+    """``out`` with the label / ``cu_seqlens`` value checks as device flags where the caller left them to the device
+    (``values_on_device``): bad tokens are already out of ``prep.valid``; reading the metrics raises."""
+    if not values_on_device(student_logits):
+        return out
+    with torch.no_grad():
+        errors = device_input_errors(prep.labels, student_logits.shape[-1], h.ignore_index, cu_seqlens)
+    return out._replace(input_errors=errors)
 
 
 def _terms_fused_rows(h: Hyper, x: Terms, student_logits, teacher, labels, advantages, old_logprobs, mask,
                       teacher_logprobs, cu_seqlens, return_entropy, ref_logprobs, rollout_logprobs):
     """The C++ and Triton backends: forward and gradient in one visit of each row (``ops/fused_rows.py``); the loss
-    and the metrics summed on the device where the backend does (Triton: ``values_on_device``), else by the Python
-    algebra."""
+    and the metrics summed on the device where the backend does (Triton), else by the Python algebra."""
     prep = prepare(student_logits, teacher, labels, advantages, old_logprobs, mask, teacher_logprobs, cu_seqlens, h,
                    values=False)
     n, acc = prep.labels.numel(), prep.advantages.dtype
@@ -223,14 +233,13 @@ def _terms_fused_rows(h: Hyper, x: Terms, student_logits, teacher, labels, advan
                                              bool(return_entropy), x, with_loss=on_device)
     logp_s, logp_t, _, ent, _, div, _ = outs[:7]
     with torch.no_grad():
-        if on_device:  # (the caller left the label / cu_seqlens values to the device: no host sync)
+        if on_device:
             out = _summed_output(h, x, prep, logp_s, logp_t, ent, *outs[7:], ris, teacher_logprobs, return_entropy,
                                  student_logits.shape[-1])
-            out = out._replace(input_errors=device_input_errors(prep.labels, student_logits.shape[-1],
-                                                                h.ignore_index, cu_seqlens))
         else:
             out = terms_output(h, x, prep, logp_s, logp_t, ent, div, teacher_logprobs, ref_logprobs,
                                rollout_logprobs, return_entropy, student_logits.shape[-1])
+    out = _with_device_checks(out, student_logits, prep, h, cu_seqlens)
     return out._replace(loss=fused_rows.with_stored_gradient(out.loss, student_logits, grad))
 
 
@@ -268,11 +277,12 @@ def _summed_output(h: Hyper, x: Terms, prep, logp_s, logp_t, ent, loss, weights,
                       metric_values=values, extra_metric_names=names, vocab=vocab, ignore_index=h.ignore_index)
 
 
-def values_on_device(student_logits, x: Terms, old_logprobs, inplace_backward) -> bool:
-    """Whether this call takes the fused rows of a backend that sums on the device (Triton): its label and
-    ``cu_seqlens`` values are then checked on the device (``RLSDOutput.input_errors``), with no host sync."""
-    return (fused_rows.serves(student_logits, x, old_logprobs, inplace_backward)
-            and fused_rows.sums_on_device(get_backend(student_logits.device)))
+def values_on_device(student_logits) -> bool:
+    """Whether the label and ``cu_seqlens`` values of a call are checked on the device (``RLSDOutput.input_errors``,
+    no host sync) rather than on the host before it: on the Triton backend, as for the plain op. Every kernel there
+    masks an out-of-range label (``triton_common.target_logits``) and ``prepare(values=False)`` leaves it out of the
+    loss."""
+    return dispatch.select_backend(student_logits.device) == "triton"
 
 
 def div_mode(x: Terms) -> int:
