@@ -264,3 +264,23 @@ def test_opcheck_terms_op():
     for mode in range(4):
         torch.library.opcheck(torch.ops.rlsd_kernels.fused_logprobs_terms.default,
                               (s, t if mode else None, inp["labels"], 0.9, -100, mode, 0.3))
+
+
+@pytest.mark.parametrize("case", ["k3", "entropy", "forward_kl", "gspo"])
+def test_compile_fullgraph_with_terms(case):
+    """``torch.compile(fullgraph=True)`` of ``rlsd_loss`` with a section 2c term (default device and backend, as users
+    call it): the loss and gradient of the eager call."""
+    inp, extra = INPUTS[3]
+    kw, _ = _kwargs(case, inp, extra)
+    inp = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in inp.items()}
+
+    def f(s):
+        return rlsd_kernels.rlsd_loss(**dict(inp, student_logits=s), **kw).loss
+
+    compiled = torch.compile(f, fullgraph=True)
+    s = inp["student_logits"].float().clone().requires_grad_()
+    (g,) = torch.autograd.grad(loss := compiled(s), s)
+    s2 = inp["student_logits"].float().clone().requires_grad_()
+    (g2,) = torch.autograd.grad(loss2 := f(s2), s2)
+    torch.testing.assert_close(loss, loss2)
+    torch.testing.assert_close(g, g2, **TOL)

@@ -281,8 +281,8 @@ def values_on_device(student_logits) -> bool:
     """Whether the label and ``cu_seqlens`` values of a call are checked on the device (``RLSDOutput.input_errors``,
     no host sync) rather than on the host before it: on the Triton backend, as for the plain op. Every kernel there
     masks an out-of-range label (``triton_common.target_logits``) and ``prepare(values=False)`` leaves it out of the
-    loss."""
-    return dispatch.select_backend(student_logits.device) == "triton"
+    loss. Never while ``torch.compile`` traces (values are not checked then, and the backend is chosen at run time)."""
+    return not torch.compiler.is_compiling() and dispatch.select_backend(student_logits.device) == "triton"
 
 
 def div_mode(x: Terms) -> int:
