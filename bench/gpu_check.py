@@ -61,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=480.0, help="whole check, install included (default 8 min)")
     p.add_argument("--reserve-s", type=float, default=20.0, help="kept free at the end for files and summary")
     p.add_argument("--tests", default="tests", help='pytest targets, or "none" (default: tests)')
-    p.add_argument("--tests-timeout", type=float, default=240.0)
+    # 300 s: the suite grew to ~1060 tests (2026-11-27), and the Triton fused rows' variants each compile once
+    p.add_argument("--tests-timeout", type=float, default=300.0)
     p.add_argument("--tests-workers", type=int, default=12, help="pytest-xdist workers (serial without xdist)")
     p.add_argument("--shapes", default=None,
                    help="NxV,... in run order (default: the docs/math.md section 8 grid, N=16384 first)")
