@@ -54,7 +54,7 @@ def _inside(x, low, high):
     return (~((x < low) | (x > high))).to(x.dtype)
 
 
-def weights_or_grpo(ls, logp_t, advantages, h: Hyper):
+def _weights_or_grpo(ls, logp_t, advantages, h: Hyper):
     """``(g, w, delta)`` of section 2; no teacher (``logp_t`` None) gives GRPO: g = w = 1, delta = 0."""
     if logp_t is not None:
         return token_weights(ls, logp_t.detach().to(ls.dtype), advantages, h.lam, h.eps_w)
@@ -68,7 +68,7 @@ def token_terms(logp_s, logp_t, advantages, old_logp, h: Hyper) -> TokenTerms:
     Masked positions must already hold finite values (the caller zeroes them).
     """
     ls = logp_s.detach()
-    g, w, delta = weights_or_grpo(ls, logp_t, advantages, h)
+    g, w, delta = _weights_or_grpo(ls, logp_t, advantages, h)
     a_hat = advantages * g
     old = ls if old_logp is None else old_logp
     log_ratio = logp_s - old
@@ -206,5 +206,5 @@ def loss_and_coef_of_batch(logp_s, logp_t, labels_shape, advantages, adv_per_seq
     return loss_and_coef(logp_s, lt, adv, old, valid, agg, h)
 
 
-__all__ = ["TokenTerms", "token_weights", "weights_or_grpo", "token_terms", "agg_weights", "aggregate", "metric_values",
+__all__ = ["TokenTerms", "token_weights", "token_terms", "agg_weights", "aggregate", "metric_values",
            "masked_inputs", "loss_from_logprobs", "loss_and_coef", "loss_and_coef_of_batch", "token_coef"]

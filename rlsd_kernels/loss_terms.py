@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .hyper import LOSS_TYPES, Hyper, check_real
-from .loss import (TokenTerms, _clamp, _inside, _output, aggregate, masked_inputs, metric_values, weights_or_grpo,
+from .loss import (TokenTerms, _clamp, _inside, _output, _weights_or_grpo, aggregate, masked_inputs, metric_values,
                    token_terms)
 from ._output import RLSDOutput
 
@@ -151,7 +151,7 @@ def gspo_terms(logp_s, logp_t, advantages, old_logp, valid, seq_ids, num_seqs: i
     """GSPO (section 2c, verl's definition): the sequence-level ratio ``exp(mean_t m_t (logp_s - old))`` with a
     per-token gradient path, PPO clip without dual clip. Masked positions must already hold finite values."""
     ls = logp_s.detach()
-    g, w, delta = weights_or_grpo(ls, logp_t, advantages, h)
+    g, w, delta = _weights_or_grpo(ls, logp_t, advantages, h)
     a_hat = advantages * g
     old = ls if old_logp is None else old_logp
     with torch.no_grad():

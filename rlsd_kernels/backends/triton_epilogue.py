@@ -86,9 +86,9 @@ def kl_value(ls, ref, KL_TYPE: tl.constexpr):
 
 @triton.jit
 def row_epilogue(row, N, m_s, d_s, e_s, m_t, d_t, tgt_s, tgt_t, label, agg, V, ignore_index, lam, eps_w, log_lo,
-                 log_hi, clip_dual, kl_coef, ADV, OLD, TLP, REF, WIS, LOGP_S, LOGP_T, WEIGHT, ENT, LSE, COEF, PARTS,
-                 TEACHER: tl.constexpr, HAS_OLD: tl.constexpr, WANT_ENT: tl.constexpr, CISPO: tl.constexpr,
-                 KL_TYPE: tl.constexpr, HAS_WIS: tl.constexpr):
+                 log_hi, clip_dual, kl_coef, ADV, OLD, TLP, REF, WIS, INMASK, LOGP_S, LOGP_T, WEIGHT, ENT, LSE, COEF,
+                 PARTS, TEACHER: tl.constexpr, HAS_OLD: tl.constexpr, WANT_ENT: tl.constexpr, CISPO: tl.constexpr,
+                 KL_TYPE: tl.constexpr, HAS_WIS: tl.constexpr, HAS_INMASK: tl.constexpr):
     """Everything the fused loss needs of one row once its statistics are known: log-probs, lse, entropy, evidence
     weight, policy loss and its derivative, the row's partials of the loss and metrics (``PARTS``, ``[9, N]``).
     ``(m_s, d_s, e_s)``: the student's running max, sum and entropy sum (``row_stats``); ``(m_t, d_t)`` the
@@ -111,9 +111,14 @@ def row_epilogue(row, N, m_s, d_s, e_s, m_t, d_t, tgt_s, tgt_t, label, agg, V, i
     if WANT_ENT:
         tl.store(ENT + row, log_d - e_s / d_s)
     adv = tl.load(ADV + row).to(tl.float32)
-    ls = tl.where(valid, logp_s, 0.0)
+    # the mask of the inputs: the rows in the loss, or with HAS_INMASK the section 2 mask INMASK[row], which also
+    # holds the tokens rollout rejection left out of the loss (their weights are reported as loss.py computes them)
+    m_in = valid
+    if HAS_INMASK:
+        m_in = tl.load(INMASK + row) != 0
+    ls = tl.where(m_in, logp_s, 0.0)
     if HAS_OLD:
-        old = tl.where(valid, tl.load(OLD + row).to(tl.float32), 0.0)
+        old = tl.where(m_in, tl.load(OLD + row).to(tl.float32), 0.0)
     else:
         old = ls
     if TEACHER == 0:
@@ -126,7 +131,7 @@ def row_epilogue(row, N, m_s, d_s, e_s, m_t, d_t, tgt_s, tgt_t, label, agg, V, i
             tl.store(LOGP_T + row, logp_t)
         else:
             logp_t = tl.load(TLP + row).to(tl.float32)
-        g, w, delta = evidence_weight(ls, tl.where(valid, logp_t, 0.0), adv, lam, eps_w)
+        g, w, delta = evidence_weight(ls, tl.where(m_in, logp_t, 0.0), adv, lam, eps_w)
     tl.store(WEIGHT + row, g)
     loss_t, c, clipped, dual = policy_terms(ls, old, adv * g, log_lo, log_hi, clip_dual, CISPO)
     kl_t = tl.zeros((), tl.float32)

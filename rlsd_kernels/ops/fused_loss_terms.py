@@ -34,7 +34,6 @@ from ..backends.logits import DIV_MODES
 from ..dispatch import get_backend
 from ..hyper import Hyper
 from .._output import RLSDOutput
-from ..loss import masked_inputs, weights_or_grpo
 from ..loss_terms import EXTRA_METRIC_NAMES, Terms, loss_with_terms, masked_mean
 from . import fused_rows
 from .fused_logprobs import fused_logprobs
@@ -259,13 +258,6 @@ def _summed_output(h: Hyper, x: Terms, prep, logp_s, logp_t, ent, loss, weights,
         extra["rollout_is_clipfrac"] = masked_mean(ris.flagged, prep.valid)
     if x.distill_coef > 0:
         extra["distill_mean"] = metrics[9]
-    if ris is not None and x.rollout_is_mode == "mask":
-        # the kernel masks its inputs with a_t > 0, which rejection clears: the weights of the rejected tokens are
-        # those of the section 2 mask, as loss_with_terms reports them
-        n, acc = prep.labels.numel(), prep.advantages.dtype
-        lt = logp_t.reshape(n).to(acc) if logp_t is not None else prep.teacher_logprobs
-        ls, lt, _ = masked_inputs(logp_s.reshape(n).to(acc), lt, None, prep.valid)
-        weights = weights_or_grpo(ls, lt, prep.advantages, h)[0].to(torch.float32)
     names = tuple(k for k in EXTRA_METRIC_NAMES if k in extra)
     values = metrics[:7]
     if names:

@@ -65,13 +65,17 @@ def token_inputs(valid, seq_ids, num_seqs, advantages, old, teacher_logprobs, h,
     and the loss value see the same mask and weights. ``with_ris``: ``(tokens, rollout IS weights | None)``."""
     acc = advantages.dtype
     f64 = lambda t: None if t is None else t.detach().to(torch.float64).contiguous()  # noqa: E731
-    w_is = None
+    w_is = in_mask = None
     if x.rollout_is is not None:
         ris = rollout_is_of(x, torch.where(valid, old, 0.0), rollout, valid, seq_ids, num_seqs)
+        if x.rollout_is_mode == "mask":  # the inputs stay masked with the section 2 mask (Triton: INMASK)
+            in_mask = valid
         valid, w_is = ris.keep, ris.weight
     agg = agg_weights(valid, h, seq_ids, num_seqs, dtype=acc)
     tokens = dict(adv=f64(advantages), agg=f64(agg), old=f64(old), teacher_lp=f64(teacher_logprobs),
                   ref=f64(ref) if x.kl_coef > 0 else None, w_is=f64(w_is))
+    if in_mask is not None:
+        tokens["in_mask"] = in_mask.contiguous()
     return (tokens, ris if x.rollout_is is not None else None) if with_ris else tokens
 
 

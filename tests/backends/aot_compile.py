@@ -116,7 +116,7 @@ def compile_fused_loss():
                ("fp32", 1, True, False, False, True, False, False, "*fp64", (0, False, False, 3))]
     for dt, teacher, write_grad, has_old, want_ent, cispo, contig, in_regs, tok, (kl, wis, ent_grad, div) in combos:
         sig = {"S": PTR[dt], "TCH": PTR[dt], "GRAD": PTR[dt], "LABELS": "*i64", "AGG": tok, "ADV": tok,
-               "OLD": tok, "TLP": tok, "REF": tok, "WIS": tok, "LOGP_S": "*fp32", "LOGP_T": "*fp32",
+               "OLD": tok, "TLP": tok, "REF": tok, "WIS": tok, "INMASK": "*i1", "LOGP_S": "*fp32", "LOGP_T": "*fp32",
                "WEIGHT": "*fp32", "ENT": "*fp32", "LSE": "*fp32", "COEF": "*fp32", "PARTS": "*fp32",
                "LSE_T": "*fp64", "DIV": "*fp32", "AUX": "*fp32",
                "N": "i64", "seq_len": "i64", "t_seq_len": "i64", "g_seq_len": "i64", "V": "i32",
@@ -131,7 +131,8 @@ def compile_fused_loss():
                      "BLOCK_V": 32768 if in_regs else LAUNCH["loss_block_v"],
                      "PREFETCH": (teacher + has_old) % 2 == 1 and not in_regs, "ROW_IN_REGS": in_regs,
                      "KL_TYPE": kl, "HAS_WIS": wis, "ENT_GRAD": ent_grad, "DIV_MODE": div,
-                     "TERM_PARTS": tok == "*fp64" and (kl or wis or ent_grad or div) != 0},
+                     "TERM_PARTS": tok == "*fp64" and (kl or wis or ent_grad or div) != 0,
+                     "HAS_INMASK": tok == "*fp64" and wis},
                     LAUNCH["loss_row_warps"] if in_regs else LAUNCH["loss_warps"], no_f64_math=True)
     for n_parts in (tloss.N_ROWSTATS, tloss.N_TERM_PARTS):  # the plain loss; the fused rows' terms
         compile_one("loss_finalize", tloss.KERNELS["finalize"],

@@ -38,7 +38,7 @@ N_TERM_PARTS = 12  # the fused rows' (triton_rows.py): and the per-token KL, ent
 
 @triton.jit
 def _loss_rows(
-    S, TCH, GRAD, LABELS, AGG, ADV, OLD, TLP, REF, WIS,
+    S, TCH, GRAD, LABELS, AGG, ADV, OLD, TLP, REF, WIS, INMASK,
     LOGP_S, LOGP_T, WEIGHT, ENT, LSE, COEF, PARTS, LSE_T, DIV, AUX,
     N, seq_len, t_seq_len, g_seq_len, V,
     s_sb, s_st, s_sv, t_sb, t_st, t_sv, g_sb, g_st, g_sv,
@@ -47,7 +47,7 @@ def _loss_rows(
     TEACHER: tl.constexpr, HAS_OLD: tl.constexpr, WANT_ENT: tl.constexpr, CISPO: tl.constexpr,
     WRITE_GRAD: tl.constexpr, CONTIG: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr,
     ROW_IN_REGS: tl.constexpr, KL_TYPE: tl.constexpr, HAS_WIS: tl.constexpr, ENT_GRAD: tl.constexpr,
-    DIV_MODE: tl.constexpr, TERM_PARTS: tl.constexpr,
+    DIV_MODE: tl.constexpr, TERM_PARTS: tl.constexpr, HAS_INMASK: tl.constexpr,
 ):
     # TEACHER: 0 none (GRPO), 1 teacher logits (read in the same sweep), 2 teacher log-probs per token.
     # KL_TYPE / HAS_WIS / ENT_GRAD / DIV_MODE: the section 2c token-local terms of the fused rows (triton_rows.py):
@@ -58,6 +58,7 @@ def _loss_rows(
     # log-sum-exps are known (jsd_sums), D_t, the teacher's lse and JSD's KL(p_S || M) into DIV / LSE_T / AUX, the
     # gradient in sweep 2, which then re-reads the teacher chunk too. TERM_PARTS: PARTS has 12 rows, the loss partial
     # (row 0) holds every term, and rows 9-11 the per-token KL, entropy and (clipped) divergence for their metrics.
+    # HAS_INMASK: INMASK is the section 2 mask that the inputs are masked with (rollout rejection: AGG is 0 on more).
     NEG_INF: tl.constexpr = float("-inf")
     cols0 = tl.arange(0, BLOCK_V)
     for program_row in range(tl.program_id(0), N, tl.num_programs(0)):
@@ -94,8 +95,8 @@ def _loss_rows(
         # ---- per-row epilogue (docs/math.md sections 2-3)
         lse, coef, part, kl_t = row_epilogue(row, N, m_s, d_s, e_s, m_t, d_t, tgt_s, tgt_t, label, agg, V,
                                              ignore_index, lam, eps_w, log_lo, log_hi, clip_dual, kl_coef, ADV, OLD,
-                                             TLP, REF, WIS, LOGP_S, LOGP_T, WEIGHT, ENT, LSE, COEF, PARTS, TEACHER,
-                                             HAS_OLD, WANT_ENT, CISPO, KL_TYPE, HAS_WIS)
+                                             TLP, REF, WIS, INMASK, LOGP_S, LOGP_T, WEIGHT, ENT, LSE, COEF, PARTS,
+                                             TEACHER, HAS_OLD, WANT_ENT, CISPO, KL_TYPE, HAS_WIS, HAS_INMASK)
 
         log_d = tl.log(d_s)
         log_dt = tl.log(d_t)
@@ -310,6 +311,7 @@ class RowTerms(NamedTuple):
     lse_t: Optional[torch.Tensor] = None  # [N] float64 output: the teacher's lse (div_mode)
     div: Optional[torch.Tensor] = None    # [N] float32 output: D_t, unclipped (div_mode)
     aux: Optional[torch.Tensor] = None    # [N] float32 output: JSD's KL(p_S || M) (div_mode 3)
+    in_mask: Optional[torch.Tensor] = None  # [N] bool: the section 2 mask, where rollout rejection narrows agg > 0
 
 
 def launch_rows(student, teacher, grad, labels, agg, adv, old, teacher_logprobs, outs, h, terms=RowTerms()):
@@ -332,7 +334,7 @@ def launch_rows(student, teacher, grad, labels, agg, adv, old, teacher_logprobs,
     tch = teacher if teacher is not None else student  # never read without a teacher (TEACHER != 1)
     out = grad if grad is not None else student  # never written without WRITE_GRAD
     args = (student, tch, out, labels, agg, adv, opt(old), opt(teacher_logprobs), opt(terms.ref), opt(terms.w_is),
-            logp_s, opt(logp_t), weights, opt(ent), lse, coef, parts, opt(terms.lse_t), opt(terms.div),
+            opt(terms.in_mask), logp_s, opt(logp_t), weights, opt(ent), lse, coef, parts, opt(terms.lse_t), opt(terms.div),
             opt(terms.aux))
     scalars = (n, T, tch.shape[1], out.shape[1], V,
                *student.stride(), *tch.stride(), *out.stride(),
@@ -344,7 +346,7 @@ def launch_rows(student, teacher, grad, labels, agg, adv, old, teacher_logprobs,
                       WRITE_GRAD=grad is not None, CONTIG=unit_vocab_stride(student, tch, out),
                       KL_TYPE=int(terms.kl_type), HAS_WIS=terms.w_is is not None,
                       ENT_GRAD=grad is not None and terms.entropy_coef > 0, DIV_MODE=int(terms.div_mode),
-                      TERM_PARTS=parts.shape[0] > N_ROWSTATS)
+                      TERM_PARTS=parts.shape[0] > N_ROWSTATS, HAS_INMASK=terms.in_mask is not None)
     if constexprs["ENT_GRAD"] and ent is None:
         raise ValueError("launch_rows: the entropy bonus needs the entropy output")
     if row_in_regs:

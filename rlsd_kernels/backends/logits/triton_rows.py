@@ -59,7 +59,7 @@ def fused_rows(student, teacher, labels, temperature, ignore_index, want_entropy
                      kl_coef=hyper["kl_coef"], kl_type=hyper["kl_type"] if hyper["kl_coef"] > 0 else 0,
                      entropy_coef=hyper["entropy_coef"], div_mode=div_mode,
                      distill_coef=hyper["distill_coef"] if div_mode else 0.0, distill_clip=hyper["distill_clip"],
-                     beta=float(beta), lse_t=lse_t, div=div, aux=aux)
+                     beta=float(beta), lse_t=lse_t, div=div, aux=aux, in_mask=tokens.get("in_mask"))
     launch_rows(student, teacher, out, labels, tokens["agg"], tokens["adv"], tokens["old"], tokens["teacher_lp"],
                 (logp_s, logp_t, scratch[0], ent, lse_s, scratch[1], scratch[2:]), h, terms)
     if with_loss:
