@@ -138,14 +138,12 @@ def _loss_rows(
         if WRITE_GRAD:
             g_row = row_pointer(GRAD, row, g_seq_len, g_sb, g_st)
             scale = coef * inv_temp
-            # masked rows and rows of only -inf get exactly 0 (0 * nan would be nan); NaN rows stay NaN
-            live = (scale != 0) & (lse != NEG_INF)
             e_scale = tl.zeros((), tl.float32)
             if ENT_GRAD:  # d loss / d H_t = -entropy_coef * a_t
                 e_scale = tl.where(agg > 0, -entropy_coef * agg, 0.0) * inv_temp
-                live = ((scale != 0) | (e_scale != 0)) & (lse != NEG_INF)
-            if DIV_MODE != 0:
-                live = ((scale != 0) | (e_scale != 0) | (f_scale != 0)) & (lse != NEG_INF)
+            # rows with no factor (masked) and rows of only -inf get exactly 0 (0 * nan would be nan); NaN rows stay
+            # NaN (e_scale / f_scale are the constant 0 when their term is off)
+            live = ((scale != 0) | (e_scale != 0) | (f_scale != 0)) & (lse != NEG_INF)
             if ROW_IN_REGS:
                 if ENT_GRAD:
                     grad = terms_chunk_grad(x_row, x_row, m_s, log_d, H, m_t, log_dt, D, aux, beta, cols0, label,
