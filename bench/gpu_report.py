@@ -224,16 +224,18 @@ def gpu_markdown(res: dict) -> str:
 
         ratio = lambda r, k: f"{r[k]:.2f}" if k in r else "-"  # noqa: E731
         out += _md_table(["shape", "row", "status", "fwd ms", "fwd+bwd ms", "vs logits_op (target <= 1.15)",
-                          "GEMM floor", "vs liger", "peak MiB above inputs", "backends"],
+                          "GEMM floor", "vs liger", "vs A/B", "peak MiB above inputs", "backends"],
                          [[r["shape"], r["row"], r.get("status", "?"),
                            fmt_num(r["fwd_ms"]) if "fwd_ms" in r else "-",
                            fmt_num(r["fwd_bwd_ms"]) if "fwd_bwd_ms" in r else (r.get("error") or "")[:80],
                            ratio(r, "vs_logits_op"),
                            f"{100 * r['gemm_floor_frac']:.0f}%" if "gemm_floor_frac" in r else "-",
-                           ratio(r, "vs_liger"),
+                           ratio(r, "vs_liger"), ratio(r, "vs_ab"),
                            fmt_num(r["peak_mem_mib"]) if "peak_mem_mib" in r else "-",
                            f"logits={r.get('logits_backend')}, linear chunks={r.get('linear_backend')}"
                            if "logits_backend" in r else "-"] for r in derived(res["linear"])])
+        out += ["", "vs A/B: fused_linear over fused_linear_stacked (each chunk's student and teacher rows in one "
+                "GEMM instead of the teacher's walk first), fused_linear_terms over fused_linear_terms_2walk."]
     if res.get("terms"):
         out += ["", "## Loss terms (section 2c) over plain RLSD, and OPSD alone", ""]
         out += _md_table(["shape", "row", "fwd+bwd ms", "vs plain", "vs eager (OPSD rows)"],

@@ -7,7 +7,10 @@ Rows, each on the same inputs (student + teacher hidden states, one LM-head weig
 - ``eager``:       ``z = h @ W.T`` (student, with grad) and ``th @ W.T`` (teacher), then the eager reference loss
                    (``rlsd_kernels.reference.rlsd_loss_eager``: full-vocabulary log_softmax, gather, PPO, autograd);
 - ``logits_op``:   the same explicit matmuls, then our fused logits-level op ``rlsd_kernels.rlsd_loss``;
-- ``fused_linear``: ``rlsd_kernels.rlsd_linear_loss(h, W, ..., teacher_hidden=th)``: logits never materialised;
+- ``fused_linear``: ``rlsd_kernels.rlsd_linear_loss(h, W, ..., teacher_hidden=th)``: logits never materialised
+                   (the teacher's log-probs in a walk of their own, then the student's walk with the whole scratch);
+- ``fused_linear_stacked``: the same with that switched off (``chunked.TEACHER_WALK``): each chunk's student and
+                   teacher rows stacked in one GEMM, so half the rows per chunk and twice the chunks;
 - ``fused_linear_terms``: ``fused_linear`` with two section 2c terms, a KL penalty (k3, to reference log-probs)
                    and the entropy bonus: token-local, so one walk over the chunks (four GEMMs);
 - ``fused_linear_terms_2walk``: the same with the one walk switched off (``rlsd_kernels.linear.ONE_WALK_TERMS``):
@@ -45,8 +48,12 @@ import sys
 import time
 from pathlib import Path
 
-ROWS = ("gemm", "eager", "logits_op", "fused_linear", "fused_linear_terms", "fused_linear_terms_2walk",
-        "fused_linear_grpo", "liger_grpo")
+ROWS = ("gemm", "eager", "logits_op", "fused_linear", "fused_linear_stacked", "fused_linear_terms",
+        "fused_linear_terms_2walk", "fused_linear_grpo", "liger_grpo")
+# the A/B pairs: each row's fwd+bwd over its partner's ("vs A/B")
+AB = {"fused_linear": "fused_linear_stacked", "fused_linear_terms": "fused_linear_terms_2walk"}
+# rows whose chunks hold student and teacher rows together (the others: one stream per chunk)
+TWO_STREAMS = ("fused_linear_stacked", "fused_linear_terms_2walk")
 TERMS = dict(kl_coef=0.1, kl_type="k3", entropy_coef=0.01)  # the fused_linear_terms rows' section 2c terms
 SEQ_LEN = 512  # tokens per sequence of the GRPO rows (N must be a multiple)
 CPU_SHAPES = ["2048x256x32000", "512x128x151936"]
@@ -97,8 +104,14 @@ def _case(row: str, shape: str, dtype_name: str, device: str, reps: int) -> dict
         def loss():
             if row == "gemm":  # into a buffer allocated once: the product alone, no first-touch of fresh memory
                 return torch.mm(h, w.T, out=out_buf)
-            if row == "fused_linear":
-                return rlsd_kernels.rlsd_linear_loss(h, w, labels, adv, teacher_hidden=th, **kw).loss
+            if row in ("fused_linear", "fused_linear_stacked"):
+                from rlsd_kernels.backends.linear import chunked
+
+                saved, chunked.TEACHER_WALK = chunked.TEACHER_WALK, row == "fused_linear"
+                try:
+                    return rlsd_kernels.rlsd_linear_loss(h, w, labels, adv, teacher_hidden=th, **kw).loss
+                finally:
+                    chunked.TEACHER_WALK = saved
             if row.startswith("fused_linear_terms"):
                 import rlsd_kernels.linear as lin
 
@@ -183,7 +196,7 @@ def _case(row: str, shape: str, dtype_name: str, device: str, reps: int) -> dict
                fwd_ms=t_fwd * 1e3, fwd_bwd_ms=t_fb * 1e3, peak_mem_mib=peak / 2 ** 20,
                logits_mib=N * V * torch.tensor([], dtype=dt).element_size() / 2 ** 20,
                logits_backend=select_backend(dev), linear_backend=linear_backend(dev),
-               chunk_rows=rows_per_chunk(N, V, 2 if row.startswith("fused_linear") and row != "fused_linear_grpo" else 1, torch.tensor([], dtype=dt).element_size()))
+               chunk_rows=rows_per_chunk(N, V, 2 if row in TWO_STREAMS else 1, torch.tensor([], dtype=dt).element_size()))
     if not cuda:  # ru_maxrss never decreases: a case peaking below this floor is over-estimated, never under-
         out["rss_floor_mib"] = max(0, floor - base) / 2 ** 20
     elif row in ("fused_linear", "logits_op"):  # where the time goes (results JSON only)
@@ -237,7 +250,7 @@ def _device_slug(device: str) -> str:
     return "cpu"
 
 
-GEMM_PRODUCTS = {"fused_linear": 4, "logits_op": 4, "eager": 4, "fused_linear_terms": 4, "fused_linear_terms_2walk": 5,
+GEMM_PRODUCTS = {"fused_linear": 4, "fused_linear_stacked": 4, "logits_op": 4, "eager": 4, "fused_linear_terms": 4, "fused_linear_terms_2walk": 5,
                  "fused_linear_grpo": 3, "liger_grpo": 3}
 TARGET_VS_LOGITS_OP = {"cpu": 1.2, "cuda": 1.15}  # docs/math.md section 8 / the fused-linear targets
 
@@ -257,9 +270,9 @@ def derived(results: list) -> list:
             base = by.get((r["shape"], "logits_op"))
             if base and r["row"] == "fused_linear":
                 r["vs_logits_op"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
-            two = by.get((r["shape"], "fused_linear_terms_2walk"))
-            if two and r["row"] == "fused_linear_terms":
-                r["vs_two_walk"] = r["fwd_bwd_ms"] / two["fwd_bwd_ms"]
+            partner = by.get((r["shape"], AB.get(r["row"])))
+            if partner:
+                r["vs_ab"] = r["fwd_bwd_ms"] / partner["fwd_bwd_ms"]
             liger = by.get((r["shape"], "liger_grpo"))
             if liger and r["row"] == "fused_linear_grpo":
                 r["vs_liger"] = r["fwd_bwd_ms"] / liger["fwd_bwd_ms"]
@@ -274,7 +287,7 @@ def _ratio(r, key):
 def _markdown(results: list, device: str, slug: str, command: str) -> str:
     lines = [f"# Fused linear RLSD benchmark ({slug})", "",
              f"`{command}`; {platform.platform()}; torch threads as default.", "",
-             "N x H x V | dtype | row | fwd ms | fwd+bwd ms | vs logits_op | GEMM floor | vs liger | vs 2 walks | "
+             "N x H x V | dtype | row | fwd ms | fwd+bwd ms | vs logits_op | GEMM floor | vs liger | vs A/B | "
              "peak extra MiB | N x V logits MiB | chunk rows | backends",
              "---|---|---|---|---|---|---|---|---|---|---|---|---"]
     for r in derived(results):
@@ -286,14 +299,15 @@ def _markdown(results: list, device: str, slug: str, command: str) -> str:
         lines.append(f"{r['shape']} | {r['dtype']} | {r['row']} | {r['fwd_ms']:.1f} | {fb} | "
                      f"{_ratio(r, 'vs_logits_op')} | "
                      + (f"{100 * r['gemm_floor_frac']:.0f}%" if "gemm_floor_frac" in r else "-")
-                     + f" | {_ratio(r, 'vs_liger')} | {_ratio(r, 'vs_two_walk')} | {r['peak_mem_mib']:.0f} | "
+                     + f" | {_ratio(r, 'vs_liger')} | {_ratio(r, 'vs_ab')} | {r['peak_mem_mib']:.0f} | "
                      f"{r['logits_mib']:.0f} | "
                      f"{r.get('chunk_rows', '-')} | logits={r['logits_backend']}, linear chunks={r['linear_backend']}")
     lines += ["", "vs logits_op: fused_linear fwd+bwd over `h @ W.T` + our logits op (target <= "
               f"{TARGET_VS_LOGITS_OP['cpu']} on CPU, <= {TARGET_VS_LOGITS_OP['cuda']} on CUDA). GEMM floor: 4 (RLSD) or "
               "3 (GRPO; 5 for the two walks) times the `gemm` row's one product, over the row's fwd+bwd. vs liger: fused_linear_grpo over "
-              "Liger's fused linear GRPO loss on the same GRPO work. vs 2 walks: fused_linear_terms (KL k3 + entropy bonus, "
-              "one walk) over fused_linear_terms_2walk (the same terms in two walks). peak extra: CPU = growth of peak RSS over the "
+              "Liger's fused linear GRPO loss on the same GRPO work. vs A/B: fused_linear over fused_linear_stacked (student and "
+              "teacher rows stacked per chunk), fused_linear_terms (KL k3 + entropy bonus, one walk) over "
+              "fused_linear_terms_2walk (the same terms in two walks). peak extra: CPU = growth of peak RSS over the "
               "RSS with the inputs allocated (one fwd+bwd); GPU = max_memory_allocated over the allocation with the "
               "inputs.", ""]
     return "\n".join(lines)

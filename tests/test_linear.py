@@ -229,13 +229,36 @@ def test_chunked_many_chunks(monkeypatch):
                 _close(got, want)
 
 
+@pytest.mark.parametrize("teacher_walk", [True, False], ids=["teacher_walk", "stacked"])
+def test_teacher_walk_and_stacked_chunks_agree(monkeypatch, teacher_walk):
+    """With teacher hidden states the teacher's log-probs come from a walk of their own before the student's
+    (``chunked.TEACHER_WALK``, twice the student rows per chunk) or, switched off (the bench's A/B row, and always
+    with a distillation divergence), from the student's GEMM with the rows stacked: both match the float64
+    reference, over several chunks, the section 2c token-local terms included."""
+    monkeypatch.setattr(chunked, "TEACHER_WALK", teacher_walk)
+    monkeypatch.setattr(chunked, "CHUNK_BUDGET_BYTES", 4 * 4 * V)  # 4 rows of one stream per chunk
+    host = linear_params(BACKENDS)[0]
+    with running_on(host):
+        inp = _inputs(host.device, seed=5)
+        ref_lp = reference.token_logprobs_eager(inp["h"] @ inp["w"].T + inp["b"], inp["labels"])
+        for kw in (dict(lam=0.6, return_entropy=True), dict(lam=0.6, kl_coef=0.1, ref_logprobs=ref_lp + 0.2,
+                                                            entropy_coef=0.01)):
+            ref, ref_g = _truth(inp, **kw)
+            out, g = _fused(inp, torch.float32, **kw)
+            _close(out.loss, ref.loss)
+            _close(out.teacher_logprobs, ref.teacher_logprobs)
+            _close(out.weights, ref.weights)
+            for got, want in zip(g, ref_g):
+                _close(got, want)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_weight_gradient_over_many_chunks(monkeypatch, dtype):
     """A bf16/fp16 weight gradient summed over 20 chunks stays within eager's error (one GEMM) + 1e-3: the chunk
     products are summed in float32 (summing them in bf16 measured ~3x eager's error)."""
     g = torch.Generator().manual_seed(11)
     N_, H_, V_ = 400, 64, 517
-    monkeypatch.setattr(chunked, "CHUNK_BUDGET_BYTES", 20 * 2 * V_ * 2)  # 20 rows per chunk, student + teacher
+    monkeypatch.setattr(chunked, "CHUNK_BUDGET_BYTES", 20 * V_ * 2)  # 20 student rows per chunk (teacher walk first)
     h = torch.randn(N_, H_, generator=g, dtype=torch.float64).to(dtype)
     th = torch.randn(N_, H_, generator=g, dtype=torch.float64).to(dtype)
     w = (torch.randn(V_, H_, generator=g, dtype=torch.float64) * 0.3).to(dtype)
@@ -251,7 +274,7 @@ def test_low_precision_weight_gradient_over_many_chunks(monkeypatch, dtype):
     with running_on(host):
         hf, wf = _leaf(h), _leaf(w)
         rlsd_linear_loss(hf, wf, labels, adv, teacher_hidden=th, lam=0.5).loss.backward()
-    assert chunked.rows_per_chunk(N_, V_, 2, 2) == 20
+    assert chunked.rows_per_chunk(N_, V_, 1, 2) == 20
     for got, ea, ref_g in zip((hf.grad, wf.grad), eager, want):
         assert got.dtype == dtype
         err = (got.double() - ref_g).abs().max().item()
@@ -438,8 +461,9 @@ def test_terms_match_reference(path, case, many_chunks, monkeypatch):
 @pytest.mark.parametrize("case,walks", [("k3", 1), ("is_seq_mask", 1), ("entropy", 1), ("forward_kl", 1),
                                         ("jsd_clip", 1), ("gspo", 2), ("all", 2)])
 def test_terms_take_one_walk_where_token_local(case, walks, monkeypatch):
-    """The token-local terms run in one walk over the chunks (the fused rows: four GEMMs), GSPO in two; the
-    gradients formed in the forward scale with grad_output and serve one backward only."""
+    """The token-local terms run in one walk over the chunks (the fused rows: four GEMMs, every student and teacher
+    row projected once), GSPO in two; the gradients formed in the forward scale with grad_output and serve one
+    backward only."""
     from test_reference_terms import _kwargs
 
     host = linear_params(BACKENDS)[0]
@@ -448,7 +472,7 @@ def test_terms_take_one_walk_where_token_local(case, walks, monkeypatch):
     one_walk, gemms = [], []
     real_walk, real_project = chunked.fused_walk, chunked._project
     monkeypatch.setattr(chunked, "fused_walk", lambda *a, **k: one_walk.append(1) or real_walk(*a, **k))
-    monkeypatch.setattr(chunked, "_project", lambda *a, **k: gemms.append(1) or real_project(*a, **k))
+    monkeypatch.setattr(chunked, "_project", lambda x, *a: gemms.append(x.shape[0]) or real_project(x, *a))
     monkeypatch.setattr(chunked, "CHUNK_BUDGET_BYTES", 2 * 5 * V * 4)  # 5 rows per chunk with a teacher: 3 chunks
     with running_on(host):
         inp = _inputs(host.device, seed=13)
@@ -467,7 +491,11 @@ def test_terms_take_one_walk_where_token_local(case, walks, monkeypatch):
         (2.5 * out.loss).backward(retain_graph=True)
     assert len(one_walk) == (walks == 1)
     if walks == 1:
-        assert len(gemms) == 3  # one per chunk: the student and teacher logits in one GEMM, never recomputed
+        assert sum(gemms) == 2 * B * T  # every student and teacher row projected once: nothing recomputed
+        # 10 rows per GEMM: a chunk's 5 student and 5 teacher rows stacked where a divergence's gradient sweep reads
+        # the teacher's rows, else the teacher's walk and then the student's, 10 rows of one stream per chunk
+        stacked = case in ("forward_kl", "jsd_clip")
+        assert gemms == ([10, 10, 10] if stacked else [10, 5, 10, 5]), gemms
         with pytest.raises(RuntimeError, match="one backward only"):
             out.loss.backward()
     _close(out.loss, ref.loss)

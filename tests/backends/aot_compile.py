@@ -113,7 +113,11 @@ def compile_fused_loss():
                ("fp32", 1, True, False, True, True, True, False, "*fp64", (3, True, True, 2)),
                ("bf16", 1, True, True, True, False, False, False, "*fp64", (1, False, False, 2)),
                ("bf16", 1, True, True, True, False, True, False, "*fp64", (3, True, True, 3)),
-               ("fp32", 1, True, False, False, True, False, False, "*fp64", (0, False, False, 3))]
+               ("fp32", 1, True, False, False, True, False, False, "*fp64", (0, False, False, 3)),
+               # the fused linear op's plain chunks (float64 per-token inputs, terms off): the student's walk after
+               # the teacher's (TEACHER 2: its log-probs), and stacked student and teacher rows (TEACHER 1)
+               ("bf16", 2, True, False, False, False, True, False, "*fp64", off),
+               ("bf16", 1, True, True, True, False, True, False, "*fp64", off)]
     for dt, teacher, write_grad, has_old, want_ent, cispo, contig, in_regs, tok, (kl, wis, ent_grad, div) in combos:
         sig = {"S": PTR[dt], "TCH": PTR[dt], "GRAD": PTR[dt], "LABELS": "*i64", "AGG": tok, "ADV": tok,
                "OLD": tok, "TLP": tok, "REF": tok, "WIS": tok, "INMASK": "*i1", "LOGP_S": "*fp32", "LOGP_T": "*fp32",

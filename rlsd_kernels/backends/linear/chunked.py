@@ -1,8 +1,8 @@
 """The fused linear path: row chunks of ``hidden @ weight^T (+ bias)`` through the logits-level ops, on every device.
 
-Each chunk's logits come from one GEMM (cuBLAS on CUDA, MKL/oneDNN on CPU; student and teacher rows stacked so
-that the chunk reads the weight once for both) into a scratch buffer reused by every chunk, and go through the
-logits backend that ``dispatch.chunk_backend`` picks (Triton on CUDA, C++ or the reference on CPU). The logits
+Each chunk's logits come from one GEMM (cuBLAS on CUDA, MKL/oneDNN on CPU) into a scratch buffer reused by every
+chunk (with teacher hidden states, the teacher's log-probs first come from a walk of their own: ``TEACHER_WALK``),
+and go through the logits backend that ``dispatch.chunk_backend`` picks (Triton on CUDA, C++ or the reference on CPU). The logits
 never exist whole: the scratch is at most ``SCRATCH_FRACTION`` of one ``N x V`` logits tensor (and at most
 ``CHUNK_BUDGET_BYTES``).
 
@@ -42,6 +42,14 @@ MIN_CHUNK_ROWS = 16
 # in the input dtype (one rounding, as eager autograd's single GEMM) and then added, so the temporary is
 # 1/WEIGHT_BLOCKS of the weight. The float32 sums are released block by block as they are cast back.
 WEIGHT_BLOCKS = 8
+# With teacher hidden states and no distillation term, the teacher's log-probs come first, from a walk of their own
+# (``teacher_walk``: per chunk its GEMM and the statistics pass), and the student's walk then gets the whole scratch
+# for its own rows: twice the rows per chunk, so half the chunks, each of which costs a read and a write of the
+# float32 weight-gradient sums (a bf16 weight) or of the weight gradient itself (float32), beyond its GEMMs. The
+# GEMMs are the same four. False: the student and teacher rows of a chunk stacked in one GEMM (the A/B switch of
+# ``python -m bench.linear``'s fused_linear_stacked row). A distillation divergence reads the teacher's whole rows
+# in the gradient sweep, so it keeps them stacked.
+TEACHER_WALK = True
 
 
 def rows_per_chunk(N: int, V: int, streams: int = 1, elem_bytes: int = 4) -> int:
@@ -206,10 +214,15 @@ def loss_forward(hidden, weight, bias, teacher_hidden, labels, valid, advantages
     any_grad = need_hidden or need_weight or (need_bias and bias is not None)
     if any_grad and takes_fused_rows(dev):
         # statistics, gradient factor and gradient in one visit of each row, into the chunk's logits
-        tlp = teacher_logprobs if teacher_hidden is None else None
-        logp_s, logp_t, ent, _, *grads = fused_walk(
-            hidden, weight, bias, teacher_hidden, labels, h, want_entropy, need_hidden, need_weight, need_bias,
-            lambda r0, r1: fused_rows.token_slice(r0, r1, advantages, agg, old, tlp))
+        tlp, th, logp_t, scratch = (teacher_logprobs if teacher_hidden is None else None), teacher_hidden, None, None
+        if uses_teacher_walk(teacher_hidden):  # the teacher's log-probs first: the student's chunks get the scratch
+            logp_t, scratch = teacher_walk(teacher_hidden, weight, bias, labels, h)
+            tlp, th = logp_t.to(acc), None
+        logp_s, lt, ent, _, *grads = fused_walk(
+            hidden, weight, bias, th, labels, h, want_entropy, need_hidden, need_weight, need_bias,
+            lambda r0, r1: fused_rows.token_slice(r0, r1, advantages, agg, old, tlp), scratch=scratch)
+        del scratch
+        logp_t = lt if th is not None else logp_t
     else:
         streams = 2 if teacher_hidden is not None else 1
         step = rows_per_chunk(N, V, streams, hidden.element_size())
@@ -261,14 +274,47 @@ def _chunk_logits(hidden, teacher_hidden, weight, bias, scratch, r0: int, r1: in
     return z[:r], (z[r:] if teacher_hidden is not None else None)
 
 
+def _scratch(buf, rows: int, V: int, like):
+    """A ``[rows, V]`` logits scratch in ``like``'s dtype: a view of ``buf`` where that is large enough (one buffer
+    for the teacher's walk and the student's: on CPU a fresh one would be faulted in page by page again)."""
+    if buf is not None and buf.dtype == like.dtype and buf.numel() >= rows * V:
+        return buf.view(-1)[:rows * V].view(rows, V)
+    return torch.empty((rows, V), dtype=like.dtype, device=like.device)
+
+
+def uses_teacher_walk(teacher_hidden, x=None) -> bool:
+    """Whether the loss takes the teacher's log-probs from ``teacher_walk`` first (``TEACHER_WALK``): teacher hidden
+    states and no distillation divergence (``x``: the section 2c terms, None for the plain loss)."""
+    return TEACHER_WALK and teacher_hidden is not None and (x is None or x.distill_coef <= 0)
+
+
+def teacher_walk(teacher_hidden, weight, bias, labels, h):
+    """The teacher's log-probs (float32 ``[N]``, 0 at ``ignore_index``) from a walk of their own: per chunk one GEMM
+    into the scratch and the statistics pass (no gradient). Returns ``(logp_t, scratch)``: the scratch, one chunk
+    of ``rows_per_chunk(N, V, 1)`` rows, for the student's walk to reuse."""
+    from ... import ops
+
+    N, V = teacher_hidden.shape[0], weight.shape[0]
+    step = rows_per_chunk(N, V, 1, teacher_hidden.element_size())
+    logp_t = torch.empty(N, dtype=torch.float32, device=teacher_hidden.device)
+    scratch = torch.empty((min(step, N), V), dtype=teacher_hidden.dtype, device=teacher_hidden.device)
+    with torch.no_grad(), _logits_backend(teacher_hidden.device):
+        for r0, r1 in _chunks(N, step):
+            z_t = _project(teacher_hidden[r0:r1], weight, bias, scratch[:r1 - r0])
+            logp_t[r0:r1] = ops.fused_logprobs(z_t, None, labels[r0:r1], h.temperature, h.ignore_index, False,
+                                               False)[0]
+    return logp_t, scratch
+
+
 def fused_walk(hidden, weight, bias, teacher_hidden, labels, h, want_entropy, need_hidden, need_weight, need_bias,
-               tokens_of, x=None):
+               tokens_of, x=None, scratch=None):
     """One walk over the row chunks: per chunk one GEMM (student and teacher stacked), the backend's fused rows
     (statistics, each row's gradient factor, and the gradient written into the chunk's logits:
     ``ops/fused_rows.py``), then ``d hidden`` / ``d weight`` / ``d bias``. Four GEMMs in all, for the plain loss
     and for its token-local section 2c terms ``x`` alike. ``tokens_of(r0, r1)``: the fused rows' per-token inputs of
-    the chunk. Returns ``(logp_s, logp_t | None, entropy | None, div | None, d_hidden | None, d_weight | None,
-    d_bias | None)``, the per-token outputs flat ``[N]``."""
+    the chunk. ``scratch``: a buffer of at least one chunk's logits to reuse (``teacher_walk``'s), or None.
+    Returns ``(logp_s, logp_t | None, entropy | None, div | None, d_hidden | None, d_weight | None, d_bias | None)``,
+    the per-token outputs flat ``[N]``."""
     from ...ops import fused_rows
     from ...loss_terms import Terms
 
@@ -282,7 +328,7 @@ def fused_walk(hidden, weight, bias, teacher_hidden, labels, h, want_entropy, ne
                                                    bool(want_entropy) or x.entropy_coef > 0)
     div = torch.empty(N, dtype=torch.float32, device=dev) if x.distill_coef > 0 else None
     grads = _Contraction(hidden, weight, bias, len(chunks), need_hidden, need_weight, need_bias and bias is not None)
-    scratch = torch.empty((streams * min(step, N), V), dtype=hidden.dtype, device=dev)
+    scratch = _scratch(scratch, streams * min(step, N), V, hidden)
     with torch.no_grad(), _logits_backend(dev):
         for r0, r1 in chunks:
             z_s, z_t = _chunk_logits(hidden, teacher_hidden, weight, bias, scratch, r0, r1)
