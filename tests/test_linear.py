@@ -71,6 +71,14 @@ def _close(a, b, rtol=1e-5, atol=1e-6):
     torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
 
 
+def _matches(out, grads, ref, ref_grads, *fields):
+    """``out``'s ``fields`` and the gradients ``grads`` (hidden, weight, bias) against the float64 ``ref``'s."""
+    for f in fields:
+        _close(getattr(out, f), getattr(ref, f))
+    for got, want in zip(grads, ref_grads):
+        _close(got, want)
+
+
 def test_chunks_never_run_in_the_interpreter():
     if DEVICE.type == "cpu":
         host = linear_params(BACKENDS)[0]
@@ -90,14 +98,8 @@ def test_float32_matches_float64_reference(path, teacher):
         inp = dict(inp, th=None)
         kw["teacher_logprobs"] = ref.teacher_logprobs
     out, g = _fused(inp, torch.float32, **kw)
-    _close(out.loss, ref.loss)
-    _close(out.logprobs, ref.logprobs)
-    _close(out.entropy, ref.entropy)
-    _close(out.weights, ref.weights)
-    if teacher is not None:
-        _close(out.teacher_logprobs, ref.teacher_logprobs)
-    for got, want in zip(g, ref_g):
-        _close(got, want)
+    _matches(out, g, ref, ref_g, "loss", "logprobs", "entropy", "weights",
+             *(("teacher_logprobs",) if teacher is not None else ()))
     for k, v in ref.metrics.items():
         assert abs(out.metrics[k] - v) <= 1e-5 + 1e-5 * abs(v), k
 
@@ -116,10 +118,7 @@ def test_loss_variants_with_old_logprobs(path, kw):
     inp["old"] = (cur + randn(*cur.shape, generator=g, dtype=cur.dtype, device=path.device, scale=0.3)).float()
     ref, ref_g = _truth(inp, **kw)
     out, got_g = _fused(inp, torch.float32, **kw)
-    _close(out.loss, ref.loss)
-    _close(out.logprobs, ref.logprobs)
-    for got, want in zip(got_g, ref_g):
-        _close(got, want)
+    _matches(out, got_g, ref, ref_g, "loss", "logprobs")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -222,11 +221,7 @@ def test_chunked_many_chunks(monkeypatch):
         for kw in (dict(lam=0.6, return_entropy=True), dict(lam=0.6, loss_agg_mode="seq")):
             ref, ref_g = _truth(inp, **kw)
             out, g = _fused(inp, torch.float32, **kw)
-            _close(out.loss, ref.loss)
-            if "return_entropy" in kw:
-                _close(out.entropy, ref.entropy)
-            for got, want in zip(g, ref_g):
-                _close(got, want)
+            _matches(out, g, ref, ref_g, "loss", *(("entropy",) if "return_entropy" in kw else ()))
 
 
 @pytest.mark.parametrize("teacher_walk", [True, False], ids=["teacher_walk", "stacked"])
@@ -245,11 +240,7 @@ def test_teacher_walk_and_stacked_chunks_agree(monkeypatch, teacher_walk):
                                                             entropy_coef=0.01)):
             ref, ref_g = _truth(inp, **kw)
             out, g = _fused(inp, torch.float32, **kw)
-            _close(out.loss, ref.loss)
-            _close(out.teacher_logprobs, ref.teacher_logprobs)
-            _close(out.weights, ref.weights)
-            for got, want in zip(g, ref_g):
-                _close(got, want)
+            _matches(out, g, ref, ref_g, "loss", "teacher_logprobs", "weights")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -448,11 +439,7 @@ def test_terms_match_reference(path, case, many_chunks, monkeypatch):
     kw = dict(kw, return_entropy=True)
     ref, ref_g = _truth(inp, **kw)
     out, got_g = _fused(inp, torch.float32, **kw)
-    _close(out.loss, ref.loss)
-    _close(out.logprobs, ref.logprobs)
-    _close(out.entropy, ref.entropy)
-    for got, want in zip(got_g, ref_g):
-        _close(got, want)
+    _matches(out, got_g, ref, ref_g, "loss", "logprobs", "entropy")
     assert set(names) <= set(out.metrics)
     for k, v in ref.metrics.items():
         assert abs(out.metrics[k] - v) <= 1e-5 + 1e-5 * abs(v), k
