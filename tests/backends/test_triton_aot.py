@@ -24,7 +24,7 @@ def test_all_triton_kernels_compile_for_sm90():
     if r.returncode == 77:
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    # scoring fwd 16 + bwd 4, fused loss: prologue 6 + rows 18 + 3 (row in registers) + 5 (the fused rows' token-local
-    # terms) + finalize 2 + scale 2, row terms: fwd 20 + bwd 18 (the fused linear op runs these same kernels on its
-    # row chunks)
-    assert r.stdout.count("ok ") == 16 + 4 + 6 + 18 + 3 + 10 + 2 + 2 + 20 + 18
+    # scoring fwd 16 + bwd 4, fused loss: prologue 6 + rows 18 + 3 (row in registers) + 10 (the fused rows' token-local
+    # terms) + 2 (the fused linear op's plain chunks) + finalize 2 + scale 2, row terms: fwd 20 + bwd 18 (the fused
+    # linear op runs these same kernels on its row chunks)
+    assert r.stdout.count("ok ") == 16 + 4 + 6 + 18 + 3 + 10 + 2 + 2 + 2 + 20 + 18
