@@ -16,7 +16,8 @@ Cases (the bench contenders' own calls, ``bench/contenders.py``, GPU-check workl
 log-probs, ``lam = 0.5``): ``rlsd`` (``rlsd[triton]``: with teacher logits), ``grpo`` (``grpo[triton]``: no teacher),
 ``token_logprobs`` (scoring: forward + ``autograd.grad`` of the log-probs), and ``rlsd_kl_entropy`` /
 ``rlsd_kl_entropy_composed``: ``rlsd_loss`` with a KL penalty (k3) and the entropy bonus through the Triton fused
-rows (``backends/logits/triton_rows.py``) and, with them hidden, through the composed path they replaced. ``aten ops``: the aten ops
+rows (``backends/logits/triton_rows.py``) and, with them hidden, through the composed path they replaced;
+``rlsd_gspo``: ``loss_type="gspo"``, which keeps the composed path (its sequence ratio is not token-local). ``aten ops``: the aten ops
 dispatched in one forward+backward (outermost ``aten::`` events of ``torch.profiler``, those run inside the
 custom ops included).
 
@@ -34,7 +35,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CASES = ("rlsd", "grpo", "token_logprobs", "rlsd_kl_entropy", "rlsd_kl_entropy_composed")
+CASES = ("rlsd", "grpo", "token_logprobs", "rlsd_kl_entropy", "rlsd_kl_entropy_composed", "rlsd_gspo")
 
 
 def _stub_kernels():
@@ -99,8 +100,17 @@ def _runners(device, N: int, V: int, dtype):
             out.loss.backward()
         return out
 
+    def gspo_step():
+        x = inp.student.detach().requires_grad_(True)
+        with force_backend("triton"):
+            out = rlsd_kernels.rlsd_loss(x, inp.teacher, inp.labels, adv, inp.old_logprobs, lam=0.5,
+                                         loss_type="gspo")
+            out.loss.backward()
+        return out
+
     steps["rlsd_kl_entropy"] = lambda: terms_step(False)
     steps["rlsd_kl_entropy_composed"] = lambda: terms_step(True)
+    steps["rlsd_gspo"] = gspo_step
     return steps
 
 
