@@ -77,7 +77,9 @@ def _table(header: List[str], rows: List[List[str]]) -> List[str]:
 
 
 def _md_table(header: List[str], rows: List[List[str]]) -> List[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    cell = lambda x: " ".join(str(x).split())  # noqa: E731  (an error message's newline would end the row)
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows])
 
 
 def _checks_line(res: dict) -> str:
@@ -236,6 +238,12 @@ def gpu_markdown(res: dict) -> str:
                            if "logits_backend" in r else "-"] for r in derived(res["linear"])])
         out += ["", "vs A/B: fused_linear over fused_linear_stacked (each chunk's student and teacher rows in one "
                 "GEMM instead of the teacher's walk first), fused_linear_terms over fused_linear_terms_2walk."]
+        for r in res["linear"]:  # where the time goes: the device kernels of one forward+backward
+            if r.get("kernels"):
+                out += ["", f"Device kernels of one {r['row']} forward+backward at {r['shape']} (top by time):", ""]
+                out += _md_table(["kernel", "calls", "ms"],
+                                 [[k["name"][:90].replace("|", "/"), k["calls"], f"{k['ms']:.2f}"]
+                                  for k in r["kernels"]])
     if res.get("terms"):
         out += ["", "## Loss terms (section 2c) over plain RLSD, and OPSD alone", ""]
         out += _md_table(["shape", "row", "fwd+bwd ms", "vs plain", "vs eager (OPSD rows)"],

@@ -199,7 +199,7 @@ def _case(row: str, shape: str, dtype_name: str, device: str, reps: int) -> dict
                chunk_rows=rows_per_chunk(N, V, 2 if row in TWO_STREAMS else 1, torch.tensor([], dtype=dt).element_size()))
     if not cuda:  # ru_maxrss never decreases: a case peaking below this floor is over-estimated, never under-
         out["rss_floor_mib"] = max(0, floor - base) / 2 ** 20
-    elif row in ("fused_linear", "logits_op"):  # where the time goes (results JSON only)
+    elif row in ("fused_linear", "fused_linear_stacked", "logits_op"):  # where the time goes (results JSON only)
         try:
             from .probes import kernel_breakdown
 
