@@ -121,18 +121,12 @@ def _terms_one_walk(h, x, prep, hidden, weight, bias, teacher_hidden, teacher_lo
     scales them by ``grad_output``."""
     n, acc = prep.labels.numel(), prep.advantages.dtype
     flat = lambda t: None if t is None else t.detach().reshape(n).to(acc)  # noqa: E731
-    detached = [None if t is None else t.detach() for t in (hidden, weight, bias)]
-    tlp, walked_t, scratch = prep.teacher_logprobs, None, None
-    if chunked.uses_teacher_walk(teacher_hidden, x):  # teacher log-probs first: the student chunks get the scratch
-        walked_t, scratch = chunked.teacher_walk(teacher_hidden, detached[1], detached[2], prep.labels, h)
-        tlp, teacher_hidden = walked_t.to(acc), None
     tokens = fused_rows.token_inputs(prep.valid, prep.seq_ids, prep.num_seqs, prep.advantages, prep.old_logprobs,
-                                     tlp, h, x, flat(ref_logprobs), flat(rollout_logprobs))
+                                     prep.teacher_logprobs, h, x, flat(ref_logprobs), flat(rollout_logprobs))
     chunk = lambda r0, r1: {k: None if t is None else t[r0:r1] for k, t in tokens.items()}  # noqa: E731
+    detached = [None if t is None else t.detach() for t in (hidden, weight, bias)]
     logp_s, logp_t, ent, div, *grads = chunked.fused_walk(*detached, teacher_hidden, prep.labels, h,
-                                                           bool(return_entropy), *need, chunk, x, scratch=scratch)
-    del scratch
-    logp_t = walked_t if walked_t is not None else logp_t
+                                                           bool(return_entropy), *need, chunk, x)
     with torch.no_grad():
         out = terms_output(h, x, prep, logp_s, logp_t, ent, div, teacher_logprobs, ref_logprobs, rollout_logprobs,
                            return_entropy, V)

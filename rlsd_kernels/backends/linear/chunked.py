@@ -2,8 +2,8 @@
 
 Each chunk's logits come from one GEMM (cuBLAS on CUDA, MKL/oneDNN on CPU) into a scratch buffer reused by every
 chunk (with teacher hidden states, the teacher's log-probs first come from a walk of their own: ``TEACHER_WALK``),
-and go through the logits backend that ``dispatch.chunk_backend`` picks (Triton on CUDA, C++ or the reference on CPU). The logits
-never exist whole: the scratch is at most ``SCRATCH_FRACTION`` of one ``N x V`` logits tensor (and at most
+and go through the logits backend that ``dispatch.chunk_backend`` picks (Triton on CUDA, C++ or the reference on
+CPU). The logits never exist whole: the scratch is at most ``SCRATCH_FRACTION`` of one ``N x V`` logits tensor (and at most
 ``CHUNK_BUDGET_BYTES``).
 
 Two entry points:
@@ -214,15 +214,10 @@ def loss_forward(hidden, weight, bias, teacher_hidden, labels, valid, advantages
     any_grad = need_hidden or need_weight or (need_bias and bias is not None)
     if any_grad and takes_fused_rows(dev):
         # statistics, gradient factor and gradient in one visit of each row, into the chunk's logits
-        tlp, th, logp_t, scratch = (teacher_logprobs if teacher_hidden is None else None), teacher_hidden, None, None
-        if uses_teacher_walk(teacher_hidden):  # the teacher's log-probs first: the student's chunks get the scratch
-            logp_t, scratch = teacher_walk(teacher_hidden, weight, bias, labels, h)
-            tlp, th = logp_t.to(acc), None
-        logp_s, lt, ent, _, *grads = fused_walk(
-            hidden, weight, bias, th, labels, h, want_entropy, need_hidden, need_weight, need_bias,
-            lambda r0, r1: fused_rows.token_slice(r0, r1, advantages, agg, old, tlp), scratch=scratch)
-        del scratch
-        logp_t = lt if th is not None else logp_t
+        tlp = teacher_logprobs if teacher_hidden is None else None
+        logp_s, logp_t, ent, _, *grads = fused_walk(
+            hidden, weight, bias, teacher_hidden, labels, h, want_entropy, need_hidden, need_weight, need_bias,
+            lambda r0, r1: fused_rows.token_slice(r0, r1, advantages, agg, old, tlp))
     else:
         streams = 2 if teacher_hidden is not None else 1
         step = rows_per_chunk(N, V, streams, hidden.element_size())
@@ -274,14 +269,6 @@ def _chunk_logits(hidden, teacher_hidden, weight, bias, scratch, r0: int, r1: in
     return z[:r], (z[r:] if teacher_hidden is not None else None)
 
 
-def _scratch(buf, rows: int, V: int, like):
-    """A ``[rows, V]`` logits scratch in ``like``'s dtype: a view of ``buf`` where that is large enough (one buffer
-    for the teacher's walk and the student's: on CPU a fresh one would be faulted in page by page again)."""
-    if buf is not None and buf.dtype == like.dtype and buf.numel() >= rows * V:
-        return buf.view(-1)[:rows * V].view(rows, V)
-    return torch.empty((rows, V), dtype=like.dtype, device=like.device)
-
-
 def uses_teacher_walk(teacher_hidden, x=None) -> bool:
     """Whether the loss takes the teacher's log-probs from ``teacher_walk`` first (``TEACHER_WALK``): teacher hidden
     states and no distillation divergence (``x``: the section 2c terms, None for the plain loss)."""
@@ -307,20 +294,25 @@ def teacher_walk(teacher_hidden, weight, bias, labels, h):
 
 
 def fused_walk(hidden, weight, bias, teacher_hidden, labels, h, want_entropy, need_hidden, need_weight, need_bias,
-               tokens_of, x=None, scratch=None):
-    """One walk over the row chunks: per chunk one GEMM (student and teacher stacked), the backend's fused rows
-    (statistics, each row's gradient factor, and the gradient written into the chunk's logits:
-    ``ops/fused_rows.py``), then ``d hidden`` / ``d weight`` / ``d bias``. Four GEMMs in all, for the plain loss
-    and for its token-local section 2c terms ``x`` alike. ``tokens_of(r0, r1)``: the fused rows' per-token inputs of
-    the chunk. ``scratch``: a buffer of at least one chunk's logits to reuse (``teacher_walk``'s), or None.
-    Returns ``(logp_s, logp_t | None, entropy | None, div | None, d_hidden | None, d_weight | None, d_bias | None)``,
-    the per-token outputs flat ``[N]``."""
+               tokens_of, x=None):
+    """One walk over the row chunks: per chunk one GEMM, the backend's fused rows (statistics, each row's gradient
+    factor, and the gradient written into the chunk's logits: ``ops/fused_rows.py``), then ``d hidden`` /
+    ``d weight`` / ``d bias``. Four GEMMs in all, for the plain loss and for its token-local section 2c terms ``x``
+    alike. With ``teacher_hidden`` the teacher's log-probs come from ``teacher_walk`` first (``uses_teacher_walk``)
+    and enter each chunk as its ``teacher_lp``, or else the chunk's teacher rows are stacked into its GEMM.
+    ``tokens_of(r0, r1)``: the fused rows' per-token inputs of the chunk. Returns ``(logp_s, logp_t | None,
+    entropy | None, div | None, d_hidden | None, d_weight | None, d_bias | None)``, the per-token outputs flat
+    ``[N]``."""
     from ...ops import fused_rows
     from ...loss_terms import Terms
 
     x = Terms() if x is None else x
     N, V = hidden.shape[0], weight.shape[0]
     dev = hidden.device
+    walked, scratch = None, None
+    if uses_teacher_walk(teacher_hidden, x):  # the student's chunks then get the whole scratch (TEACHER_WALK)
+        walked, scratch = teacher_walk(teacher_hidden, weight, bias, labels, h)
+        teacher_hidden = None
     streams = 2 if teacher_hidden is not None else 1
     step = rows_per_chunk(N, V, streams, hidden.element_size())
     chunks = list(_chunks(N, step))
@@ -328,16 +320,20 @@ def fused_walk(hidden, weight, bias, teacher_hidden, labels, h, want_entropy, ne
                                                    bool(want_entropy) or x.entropy_coef > 0)
     div = torch.empty(N, dtype=torch.float32, device=dev) if x.distill_coef > 0 else None
     grads = _Contraction(hidden, weight, bias, len(chunks), need_hidden, need_weight, need_bias and bias is not None)
-    scratch = _scratch(scratch, streams * min(step, N), V, hidden)
+    if scratch is None:  # (the teacher's walk leaves one of the same size: on CPU a fresh one faults in again)
+        scratch = torch.empty((streams * min(step, N), V), dtype=hidden.dtype, device=dev)
     with torch.no_grad(), _logits_backend(dev):
         for r0, r1 in chunks:
             z_s, z_t = _chunk_logits(hidden, teacher_hidden, weight, bias, scratch, r0, r1)
-            (ls, lt, lse, e, _, d, _), _ = fused_rows.forward_and_grad(z_s, z_t, labels[r0:r1], h, tokens_of(r0, r1),
+            tokens = tokens_of(r0, r1)
+            if walked is not None:
+                tokens = dict(tokens, teacher_lp=walked[r0:r1].to(torch.float64))
+            (ls, lt, lse, e, _, d, _), _ = fused_rows.forward_and_grad(z_s, z_t, labels[r0:r1], h, tokens,
                                                                       want_entropy, x, out=z_s)
             _store((logp_s, logp_t, lse_s, ent, div), r0, r1, ls, lt, lse, e, d)
             grads.add(z_s, hidden[r0:r1], r0, r1)  # z_s is now d logits
         del scratch
-    return (logp_s, logp_t, ent, div) + grads.result()
+    return (logp_s, logp_t if walked is None else walked, ent, div) + grads.result()
 
 
 # ------------------------------------------------------------------------------- scoring (token_logprobs_linear)
