@@ -174,6 +174,9 @@ void backward(const at::Tensor& grad_logp, const at::Tensor& student, const at::
   const float* l = lse.data_ptr<float>();
   const int64_t* lab = labels.data_ptr<int64_t>();
   const int64_t V = s.V;
+  // float32 rows of unit stride in and out at temperature 1: whole chunks go straight from the row to the output
+  // (grad_chunk_f32)
+  const bool direct = s.dt == DT::F32 && o.dt == DT::F32 && s.sv == 1 && o.sv == 1 && inv_temp == 1.0f;
   at::parallel_for(0, n, grain_rows(V), [&](int64_t r0, int64_t r1) {
     alignas(64) float buf[kChunk];
     for (int64_t r = r0; r < r1; ++r) {
@@ -198,6 +201,12 @@ void backward(const at::Tensor& grad_logp, const at::Tensor& student, const at::
       float others = 0.0f, p_tgt = 0.0f;
       for (int64_t start = 0; start < V; start += kChunk) {
         const int64_t cn = std::min(kChunk, V - start);
+        if (direct && cn % kLanes == 0 && (label < start || label >= start + cn)) {
+          others += grad_chunk_f32(reinterpret_cast<const float*>(srow) + start,
+                                   reinterpret_cast<float*>(orow) + start, cn, shift, log_d, neg_coef,
+                                   s.next_chunk(r, start, r1));
+          continue;
+        }
         // the whole chunk is read into buf before any of it is written: safe when out aliases student
         load_chunk<false>(srow + start * s.sv * s.esize, s.dt, s.sv, cn, inv_temp, buf);
         const int64_t padded = (cn + kLanes - 1) / kLanes * kLanes;

@@ -159,6 +159,32 @@ def test_target_on_minus_inf_entry_and_all_minus_inf_row():
     assert out[0, 5] == 1.0  # onehot - p with p = 0 at the -inf target
 
 
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_backward_float32_chunks_straight_to_the_output(temperature):
+    """At temperature 1 whole float32 chunks of unit stride go from the row straight to the output
+    (``grad_chunk_f32``); the target's chunk, a ragged last chunk, strided views and other temperatures go through
+    the chunk buffer. Every way gives the float64 gradient and the same bits, in place too (the output aliasing the
+    logits), with a row at |lse| > 32 (exact statistics) and an ignored row."""
+    V = 2 * 2048 + 48  # two whole chunks and a last one of 48 (a multiple of the 16 lanes: straight too)
+    s = _gen(1, 6, V)
+    s[0, 1] += 100.0  # lse ~ 100: the backward recomputes the row's (max, sum)
+    lab = torch.tensor([[3, 2100, IGN, V - 1, 4100, 0]])  # the target in each chunk in turn
+    g = torch.tensor([0.5, -1.0, 0.0, 1.5, -0.25, 1.0])  # (the op gives ignored rows a zero coefficient)
+    lse = _run_backend(s, None, lab, temperature)[2]
+    ref = _ref_grad(s, lab, g, temperature)
+    out = torch.empty(as_rows3d(s).shape)
+    cpp.backward(g, as_rows3d(s), lab.view(-1), lse, temperature, out)
+    _close(out.view_as(s), ref, torch.float32)
+    strided = torch.empty(1, 6, V, 2)[..., 0].copy_(s)  # vocabulary stride 2: every chunk through the buffer
+    out_strided = torch.empty(as_rows3d(s).shape)
+    cpp.backward(g, as_rows3d(strided), lab.view(-1), lse, temperature, out_strided)
+    assert torch.equal(out, out_strided)
+    inplace = as_rows3d(s.clone())
+    cpp.backward(g, inplace, lab.view(-1), lse, temperature, inplace)
+    assert torch.equal(inplace, out)
+    assert (out[0, 2] == 0).all()  # the ignored row
+
 def test_nan_logit_makes_its_row_nan():
     # the max reductions must propagate nan: a row whose other entries are all -inf (one chunk, or a nan alone in a
     # later chunk) would otherwise get max = -inf, skip its sums and look like an all--inf row (lse = -inf, zero grad)
