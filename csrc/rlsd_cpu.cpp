@@ -17,8 +17,9 @@
 //
 // Rows are split over threads with at::parallel_for. Each row is walked in chunks of kChunk elements that are
 // converted to float32 (and scaled by 1/T) into a small per-thread buffer, so the arithmetic loops run on
-// contiguous float32 data whatever the input dtype and strides; the next chunk is software-prefetched while the
-// current one is processed. The conversion loops are auto-vectorised (`#pragma omp simd`); the exp/sum loops use
+// contiguous float32 data whatever the input dtype and strides (the gradient sweeps at temperature 1 take float32
+// rows of unit stride straight to the output instead: grad_chunk_f32, the same values without the two copies); the
+// next chunk is software-prefetched while the current one is processed. The conversion loops are auto-vectorised (`#pragma omp simd`); the exp/sum loops use
 // explicit 16-lane vectors (GCC/Clang vector extensions) and a branch-free polynomial exp. No -ffast-math, so -inf
 // and nan keep IEEE semantics. Inputs may be float32, bfloat16, float16 or float64 (float64 is computed in float32),
 // student and teacher dtypes may differ, and any strides are accepted (fast path for unit vocabulary stride).
@@ -174,9 +175,7 @@ void backward(const at::Tensor& grad_logp, const at::Tensor& student, const at::
   const float* l = lse.data_ptr<float>();
   const int64_t* lab = labels.data_ptr<int64_t>();
   const int64_t V = s.V;
-  // float32 rows of unit stride in and out at temperature 1: whole chunks go straight from the row to the output
-  // (grad_chunk_f32)
-  const bool direct = s.dt == DT::F32 && o.dt == DT::F32 && s.sv == 1 && o.sv == 1 && inv_temp == 1.0f;
+  const bool direct = straight_chunks(s, o, inv_temp);  // whole chunks then go through grad_chunk_f32
   at::parallel_for(0, n, grain_rows(V), [&](int64_t r0, int64_t r1) {
     alignas(64) float buf[kChunk];
     for (int64_t r = r0; r < r1; ++r) {
@@ -203,7 +202,7 @@ void backward(const at::Tensor& grad_logp, const at::Tensor& student, const at::
         const int64_t cn = std::min(kChunk, V - start);
         if (direct && cn % kLanes == 0 && (label < start || label >= start + cn)) {
           others += grad_chunk_f32(reinterpret_cast<const float*>(srow) + start,
-                                   reinterpret_cast<float*>(orow) + start, cn, shift, log_d, neg_coef,
+                                   reinterpret_cast<float*>(orow) + start, cn, shift, log_d, 1.0f, neg_coef,
                                    s.next_chunk(r, start, r1));
           continue;
         }

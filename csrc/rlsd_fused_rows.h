@@ -182,6 +182,7 @@ inline void with_fused(bool ent_stat, bool ent_grad, int div_mode, bool teacher,
 inline void fused_inplace_rows(View3& s, const FusedIn& in, const float* logp_s, const float* stats,
                                const TokenHyper& hp, float inv_temp, int64_t n_rows) {
   const int64_t V = s.V;
+  const bool direct = straight_chunks(s, s, inv_temp);  // whole live chunks then go through grad_chunk_f32
   at::parallel_for(0, n_rows, grain_rows(V), [&](int64_t r0, int64_t r1) {
     alignas(64) float buf[kChunk];
     for (int64_t r = r0; r < r1; ++r) {
@@ -205,10 +206,16 @@ inline void fused_inplace_rows(View3& s, const FusedIn& in, const float* logp_s,
       for (int64_t start = 0; start < V; start += kChunk) {
         const int64_t cn = std::min(kChunk, V - start);
         const int64_t padded = (cn + kLanes - 1) / kLanes * kLanes;
-        load_chunk<false>(srow + start * s.sv * s.esize, s.dt, s.sv, cn, inv_temp, buf);
         const float mc = st[2 + start / kChunk];
         const bool live = mc != kNegInf;  // else u = 0 (the statistics sweep stores 0 while its max is -inf)
         const vf vmc = vsplat(mc), as = vsplat(live ? std::exp(mc - m) * inv_d : 0.0f);
+        if (direct && live && cn % kLanes == 0 && (label < start || label >= start + cn)) {
+          others += grad_chunk_f32(reinterpret_cast<const float*>(srow) + start,
+                                   reinterpret_cast<float*>(orow) + start, cn, mc, 0.0f, as[0], -coef,
+                                   s.next_chunk(r, start, r1));
+          continue;
+        }
+        load_chunk<false>(srow + start * s.sv * s.esize, s.dt, s.sv, cn, inv_temp, buf);
         if (label >= start && label < start + cn) {
           const int64_t i0 = (label - start) / kLanes * kLanes;
           const float u = live ? exp_neg(vload(buf + i0) - vmc)[(label - start) - i0] : 0.0f;

@@ -150,26 +150,33 @@ inline void exact_split(const View3& s, int64_t r, int64_t r_end, float inv_temp
   *log_d = std::log(st.d);
 }
 
-// One chunk of `backward`'s gradient at temperature 1, straight from a float32 row x to a float32 output o (both of
-// unit stride; o may be x itself: each vector is read before it is written), n a multiple of kLanes, the target not
-// in the chunk: o = neg_coef * p with p = exp((x - shift) - log_d), bit for bit what the buffered path computes (at
-// another temperature its stored x / T would differ from a contracted x * (1 / T) - shift in the last bit), without
-// its two copies through the chunk buffer: on a 2-core CPU the backward then runs at about a plain copy's time.
-// pf: the next chunk, prefetched as `accumulate` does. Returns the chunk's sum of p.
-inline float grad_chunk_f32(const float* x, float* o, int64_t n, float shift, float log_d, float neg_coef,
-                            const char* pf) {
-  const vf vshift = vsplat(shift), vlog_d = vsplat(log_d);
+// One chunk of a gradient sweep at temperature 1, straight from a float32 row x to a float32 output o (both of unit
+// stride; o may be x itself: each vector is read before it is written), n a multiple of kLanes, the target not in
+// the chunk: o = neg_coef * p with p = exp((x - shift) - log_d) * scale, bit for bit what the buffered sweeps
+// (`backward`: scale 1; `fused_inplace_rows`: shift m_c, log_d 0) compute, without their two copies through the
+// chunk buffer: on a 2-core CPU the sweep then runs at about a plain copy's time. (At another temperature the
+// buffer's stored x / T would differ from a contracted x * (1 / T) - shift in the last bit.) pf: the next chunk,
+// prefetched as `accumulate` does. Returns the chunk's sum of p.
+inline float grad_chunk_f32(const float* x, float* o, int64_t n, float shift, float log_d, float scale,
+                            float neg_coef, const char* pf) {
+  const vf vshift = vsplat(shift), vlog_d = vsplat(log_d), vscale = vsplat(scale);
   vf vo{};
   for (int64_t i = 0; i < n; i += kLanes) {
     if (pf) __builtin_prefetch(pf + i * static_cast<int64_t>(sizeof(float)));
     vf v;
     std::memcpy(&v, x + i, sizeof v);  // (unaligned loads and stores: rows start anywhere)
-    const vf p = exp_neg((v - vshift) - vlog_d);
+    const vf p = exp_neg((v - vshift) - vlog_d) * vscale;
     vo += p;
     const vf out = p * neg_coef;
     std::memcpy(o + i, &out, sizeof out);
   }
   return hsum(vo);
+}
+
+// Whether a gradient sweep may take grad_chunk_f32 for its chunks: float32 rows of unit stride in and out, at
+// temperature 1.
+inline bool straight_chunks(const View3& s, const View3& o, float inv_temp) {
+  return s.dt == DT::F32 && o.dt == DT::F32 && s.sv == 1 && o.sv == 1 && inv_temp == 1.0f;
 }
 
 // `out` (a gradient) has the rows, vocabulary and dtype of `student`.
