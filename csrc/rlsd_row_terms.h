@@ -198,8 +198,14 @@ void backward_terms_row(const View3& s, const View3* t, View3& o, const RowTerms
   float shift = row_lse, log_d = 0.0f;
   if (std::fabs(row_lse) > kPreciseLse) exact_split(s, r, r_end, inv_temp, buf, &shift, &log_d);
   float others = 0.0f, p_tgt = 0.0f, extra_tgt = 0.0f;
+  const bool direct = !kEnt && kDiv == kNoDiv && straight_chunks(s, o, inv_temp);  // the policy gradient alone
   for (int64_t start = 0; start < V; start += kChunk) {
     const int64_t cn = std::min(kChunk, V - start);
+    if (direct && cn % kLanes == 0 && (label < start || label >= start + cn)) {
+      others += grad_chunk_f32(reinterpret_cast<const float*>(srow) + start, reinterpret_cast<float*>(orow) + start,
+                               cn, shift, log_d, 1.0f, -coef, s.next_chunk(r, start, r_end));
+      continue;
+    }
     load_chunk<false>(srow + start * s.sv * s.esize, s.dt, s.sv, cn, inv_temp, buf);
     if (read_teacher) load_chunk<false>(trow + start * t->sv * t->esize, t->dt, t->sv, cn, inv_temp, bt);
     if (label >= start && label < start + cn) {  // the target element is finished after the row

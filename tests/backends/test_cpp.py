@@ -165,7 +165,7 @@ def test_backward_float32_chunks_straight_to_the_output(temperature):
     """At temperature 1 whole float32 chunks of unit stride go from the row straight to the output
     (``grad_chunk_f32``); the target's chunk, a ragged last chunk, strided views and other temperatures go through
     the chunk buffer. Every way gives the float64 gradient and the same bits, in place too (the output aliasing the
-    logits), with a row at |lse| > 32 (exact statistics) and an ignored row."""
+    logits) and through the row terms' sweep, with a row at |lse| > 32 (exact statistics) and an ignored row."""
     V = 2 * 2048 + 48  # two whole chunks and a last one of 48 (a multiple of the 16 lanes: straight too)
     s = _gen(1, 6, V)
     s[0, 1] += 100.0  # lse ~ 100: the backward recomputes the row's (max, sum)
@@ -184,6 +184,12 @@ def test_backward_float32_chunks_straight_to_the_output(temperature):
     cpp.backward(g, inplace, lab.view(-1), lse, temperature, inplace)
     assert torch.equal(inplace, out)
     assert (out[0, 2] == 0).all()  # the ignored row
+    # the row terms' sweep with no term on (GSPO's chunks in the fused linear op) takes the same chunks
+    for x in (s, strided):
+        out_terms = torch.empty(as_rows3d(s).shape)
+        cpp.backward_terms(g, None, None, as_rows3d(x), None, lab.view(-1), lse.double(), None, None, None, None,
+                           temperature, 0, 0.5, out_terms)
+        assert torch.equal(out_terms, out)
 
 def test_nan_logit_makes_its_row_nan():
     # the max reductions must propagate nan: a row whose other entries are all -inf (one chunk, or a nan alone in a
