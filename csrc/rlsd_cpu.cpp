@@ -19,9 +19,9 @@
 // converted to float32 (and scaled by 1/T) into a small per-thread buffer, so the arithmetic loops run on
 // contiguous float32 data whatever the input dtype and strides (the gradient sweeps at temperature 1 take float32
 // rows of unit stride straight to the output instead: grad_chunk_f32, the same values without the two copies); the
-// next chunk is software-prefetched while the current one is processed. The conversion loops are auto-vectorised (`#pragma omp simd`); the exp/sum loops use
-// explicit 16-lane vectors (GCC/Clang vector extensions) and a branch-free polynomial exp. No -ffast-math, so -inf
-// and nan keep IEEE semantics. Inputs may be float32, bfloat16, float16 or float64 (float64 is computed in float32),
+// next chunk is software-prefetched while the current one is processed. The conversion loops are auto-vectorised
+// (`#pragma omp simd`); the exp/sum loops use explicit 16-lane vectors (GCC/Clang vector extensions) and a
+// branch-free polynomial exp. No -ffast-math, so -inf and nan keep IEEE semantics. Inputs may be float32, bfloat16, float16 or float64 (float64 is computed in float32),
 // student and teacher dtypes may differ, and any strides are accepted (fast path for unit vocabulary stride).
 // Accuracy details: log-probs are (x_y - max) - log(sum), entropy is accumulated relative to the running max, and
 // the backward's target term 1 - p_y is sum_{v != y} p_v / sum_v p_v (no cancellation near p_y = 1).
@@ -200,7 +200,7 @@ void backward(const at::Tensor& grad_logp, const at::Tensor& student, const at::
       float others = 0.0f, p_tgt = 0.0f;
       for (int64_t start = 0; start < V; start += kChunk) {
         const int64_t cn = std::min(kChunk, V - start);
-        if (direct && cn % kLanes == 0 && (label < start || label >= start + cn)) {
+        if (straight_chunk(direct, start, cn, label)) {
           others += grad_chunk_f32(reinterpret_cast<const float*>(srow) + start,
                                    reinterpret_cast<float*>(orow) + start, cn, shift, log_d, 1.0f, neg_coef,
                                    s.next_chunk(r, start, r1));

@@ -209,7 +209,7 @@ inline void fused_inplace_rows(View3& s, const FusedIn& in, const float* logp_s,
         const float mc = st[2 + start / kChunk];
         const bool live = mc != kNegInf;  // else u = 0 (the statistics sweep stores 0 while its max is -inf)
         const vf vmc = vsplat(mc), as = vsplat(live ? std::exp(mc - m) * inv_d : 0.0f);
-        if (direct && live && cn % kLanes == 0 && (label < start || label >= start + cn)) {
+        if (straight_chunk(direct && live, start, cn, label)) {
           others += grad_chunk_f32(reinterpret_cast<const float*>(srow) + start,
                                    reinterpret_cast<float*>(orow) + start, cn, mc, 0.0f, as[0], -coef,
                                    s.next_chunk(r, start, r1));

@@ -201,7 +201,7 @@ void backward_terms_row(const View3& s, const View3* t, View3& o, const RowTerms
   const bool direct = !kEnt && kDiv == kNoDiv && straight_chunks(s, o, inv_temp);  // the policy gradient alone
   for (int64_t start = 0; start < V; start += kChunk) {
     const int64_t cn = std::min(kChunk, V - start);
-    if (direct && cn % kLanes == 0 && (label < start || label >= start + cn)) {
+    if (straight_chunk(direct, start, cn, label)) {
       others += grad_chunk_f32(reinterpret_cast<const float*>(srow) + start, reinterpret_cast<float*>(orow) + start,
                                cn, shift, log_d, 1.0f, -coef, s.next_chunk(r, start, r_end));
       continue;

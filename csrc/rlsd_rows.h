@@ -179,6 +179,12 @@ inline bool straight_chunks(const View3& s, const View3& o, float inv_temp) {
   return s.dt == DT::F32 && o.dt == DT::F32 && s.sv == 1 && o.sv == 1 && inv_temp == 1.0f;
 }
 
+// Whether the chunk [start, start + n) of such a sweep goes through grad_chunk_f32: whole vectors, and the target
+// (whose term the sweeps form apart) elsewhere.
+inline bool straight_chunk(bool straight, int64_t start, int64_t n, int64_t label) {
+  return straight && n % kLanes == 0 && (label < start || label >= start + n);
+}
+
 // `out` (a gradient) has the rows, vocabulary and dtype of `student`.
 inline void check_out(const at::Tensor& student, const at::Tensor& out) {
   TORCH_CHECK(out.dim() == 3 && out.size(0) * out.size(1) == student.size(0) * student.size(1) &&
