@@ -43,7 +43,7 @@ MIN_CHUNK_ROWS = 16
 # 1/WEIGHT_BLOCKS of the weight. The float32 sums are released block by block as they are cast back.
 WEIGHT_BLOCKS = 8
 # With teacher hidden states and no distillation term, the teacher's log-probs come first, from a walk of their own
-# (``teacher_walk``: per chunk its GEMM and the statistics pass), and the student's walk then gets the whole scratch
+# (``forward``: per chunk its GEMM and the statistics pass), and the student's walk then gets the whole scratch
 # for its own rows: twice the rows per chunk, so half the chunks, each of which costs a read and a write of the
 # float32 weight-gradient sums (a bf16 weight) or of the weight gradient itself (float32), beyond its GEMMs. The
 # GEMMs are the same four. False: the student and teacher rows of a chunk stacked in one GEMM (the A/B switch of
@@ -275,30 +275,12 @@ def uses_teacher_walk(teacher_hidden, x=None) -> bool:
     return TEACHER_WALK and teacher_hidden is not None and (x is None or x.distill_coef <= 0)
 
 
-def teacher_walk(teacher_hidden, weight, bias, labels, h):
-    """The teacher's log-probs (float32 ``[N]``, 0 at ``ignore_index``) from a walk of their own: per chunk one GEMM
-    into the scratch and the statistics pass (no gradient). Returns ``(logp_t, scratch)``: the scratch, one chunk
-    of ``rows_per_chunk(N, V, 1)`` rows, for the student's walk to reuse."""
-    from ... import ops
-
-    N, V = teacher_hidden.shape[0], weight.shape[0]
-    step = rows_per_chunk(N, V, 1, teacher_hidden.element_size())
-    logp_t = torch.empty(N, dtype=torch.float32, device=teacher_hidden.device)
-    scratch = torch.empty((min(step, N), V), dtype=teacher_hidden.dtype, device=teacher_hidden.device)
-    with torch.no_grad(), _logits_backend(teacher_hidden.device):
-        for r0, r1 in _chunks(N, step):
-            z_t = _project(teacher_hidden[r0:r1], weight, bias, scratch[:r1 - r0])
-            logp_t[r0:r1] = ops.fused_logprobs(z_t, None, labels[r0:r1], h.temperature, h.ignore_index, False,
-                                               False)[0]
-    return logp_t, scratch
-
-
 def fused_walk(hidden, weight, bias, teacher_hidden, labels, h, want_entropy, need_hidden, need_weight, need_bias,
                tokens_of, x=None):
     """One walk over the row chunks: per chunk one GEMM, the backend's fused rows (statistics, each row's gradient
     factor, and the gradient written into the chunk's logits: ``ops/fused_rows.py``), then ``d hidden`` /
     ``d weight`` / ``d bias``. Four GEMMs in all, for the plain loss and for its token-local section 2c terms ``x``
-    alike. With ``teacher_hidden`` the teacher's log-probs come from ``teacher_walk`` first (``uses_teacher_walk``)
+    alike. With ``teacher_hidden`` the teacher's log-probs come from ``forward`` first (``uses_teacher_walk``)
     and enter each chunk as its ``teacher_lp``, or else the chunk's teacher rows are stacked into its GEMM.
     ``tokens_of(r0, r1)``: the fused rows' per-token inputs of the chunk. Returns ``(logp_s, logp_t | None,
     entropy | None, div | None, d_hidden | None, d_weight | None, d_bias | None)``, the per-token outputs flat
@@ -309,10 +291,9 @@ def fused_walk(hidden, weight, bias, teacher_hidden, labels, h, want_entropy, ne
     x = Terms() if x is None else x
     N, V = hidden.shape[0], weight.shape[0]
     dev = hidden.device
-    walked, scratch = None, None
+    walked_from = None
     if uses_teacher_walk(teacher_hidden, x):  # the student's chunks then get the whole scratch (TEACHER_WALK)
-        walked, scratch = teacher_walk(teacher_hidden, weight, bias, labels, h)
-        teacher_hidden = None
+        walked_from, teacher_hidden = teacher_hidden, None
     streams = 2 if teacher_hidden is not None else 1
     step = rows_per_chunk(N, V, streams, hidden.element_size())
     chunks = list(_chunks(N, step))
@@ -320,8 +301,10 @@ def fused_walk(hidden, weight, bias, teacher_hidden, labels, h, want_entropy, ne
                                                    bool(want_entropy) or x.entropy_coef > 0)
     div = torch.empty(N, dtype=torch.float32, device=dev) if x.distill_coef > 0 else None
     grads = _Contraction(hidden, weight, bias, len(chunks), need_hidden, need_weight, need_bias and bias is not None)
-    if scratch is None:  # (the teacher's walk leaves one of the same size: on CPU a fresh one faults in again)
-        scratch = torch.empty((streams * min(step, N), V), dtype=hidden.dtype, device=dev)
+    scratch = torch.empty((streams * min(step, N), V), dtype=hidden.dtype, device=dev)
+    walked = None
+    if walked_from is not None:  # the teacher's walk: its log-probs, chunk by chunk in the same scratch
+        walked = forward(walked_from, weight, bias, None, labels, h.temperature, h.ignore_index, False, scratch)[0]
     with torch.no_grad(), _logits_backend(dev):
         for r0, r1 in chunks:
             z_s, z_t = _chunk_logits(hidden, teacher_hidden, weight, bias, scratch, r0, r1)
@@ -337,20 +320,24 @@ def fused_walk(hidden, weight, bias, teacher_hidden, labels, h, want_entropy, ne
 
 
 # ------------------------------------------------------------------------------- scoring (token_logprobs_linear)
-def forward(hidden, weight, bias, teacher, labels, temperature, ignore_index, want_entropy):
+def forward(hidden, weight, bias, teacher, labels, temperature, ignore_index, want_entropy, scratch=None):
+    """The statistics of every row (``(logp_s, logp_t | None, lse_s, entropy | None)``, flat ``[N]``): per chunk one
+    GEMM (the teacher's rows stacked) into a scratch buffer, then the statistics pass. ``scratch``: a buffer of at
+    least one chunk's logits to project into (``fused_walk``'s, for the teacher's walk), or None."""
     from ... import ops
 
     N, V = hidden.shape[0], weight.shape[0]
     dev = hidden.device
-    step = rows_per_chunk(N, V, 1, hidden.element_size())
+    streams = 2 if teacher is not None else 1
+    step = rows_per_chunk(N, V, streams, hidden.element_size())
+    if scratch is None:
+        scratch = torch.empty((streams * min(step, N), V), dtype=hidden.dtype, device=dev)
     logp_s, logp_t, lse_s, ent = alloc_row_outputs(N, dev, teacher is not None, want_entropy)
     with torch.no_grad(), _logits_backend(dev):
         for r0, r1 in _chunks(N, step):
-            z_s = F.linear(hidden[r0:r1], weight, bias)
-            z_t = F.linear(teacher[r0:r1], weight, bias) if teacher is not None else None
+            z_s, z_t = _chunk_logits(hidden, teacher, weight, bias, scratch, r0, r1)
             ls, lt, lse, e = ops.fused_logprobs(z_s, z_t, labels[r0:r1], temperature, ignore_index, want_entropy,
                                                 False)
-            del z_s, z_t
             _store((logp_s, logp_t, lse_s, ent), r0, r1, ls, lt, lse, e)
     return logp_s, logp_t, lse_s, ent
 
